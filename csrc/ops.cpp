@@ -1,0 +1,42 @@
+// Operator schemas of landscape_kernels and their per-device registrations. This is the only file
+// that includes the torch/library and Python headers; kernel files include ATen headers only.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "persample.h"
+
+extern "C" {
+// `import landscape_kernels._C` loads this shared library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "landscape_kernels compiled operators", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace landscape_kernels {
+
+TORCH_LIBRARY(landscape_kernels, m) {
+  m.def("per_sample_sq_norms(Tensor A, Tensor D) -> Tensor");
+  m.def("per_sample_gram(Tensor A, Tensor D) -> Tensor");
+  m.def("per_sample_moments(Tensor A, Tensor D) -> (Tensor, Tensor)");
+  m.def("per_sample_project(Tensor A, Tensor D, Tensor V) -> Tensor");
+  m.def("per_sample_cov_matvec(Tensor A, Tensor D, Tensor V) -> Tensor");
+  m.def("per_sample_weighted_sum(Tensor A, Tensor D, Tensor W) -> Tensor");
+}
+
+#define LK_REGISTER_PERSAMPLE(NS)                                    \
+  m.impl("per_sample_sq_norms", &NS::per_sample_sq_norms);          \
+  m.impl("per_sample_gram", &NS::per_sample_gram);                  \
+  m.impl("per_sample_moments", &NS::per_sample_moments);            \
+  m.impl("per_sample_project", &NS::per_sample_project);            \
+  m.impl("per_sample_cov_matvec", &NS::per_sample_cov_matvec);      \
+  m.impl("per_sample_weighted_sum", &NS::per_sample_weighted_sum);
+
+TORCH_LIBRARY_IMPL(landscape_kernels, CPU, m) { LK_REGISTER_PERSAMPLE(cpu) }
+
+#ifdef LANDSCAPE_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(landscape_kernels, CUDA, m) { LK_REGISTER_PERSAMPLE(cuda) }
+#endif
+
+}  // namespace landscape_kernels

@@ -1,0 +1,15 @@
+"""landscape_kernels: fused kernels for SGD gradient noise and loss-landscape curvature.
+
+Public API (small and explicit):
+    PerSampleGradients   per-sample gradient statistics of a model from one backward pass
+    ops                  the compiled ops (torch.ops.landscape_kernels.<name>) with validation
+    reference            the pure-torch reference of every op
+    info()               which backends are active
+"""
+__version__ = "0.1.0"
+
+from . import ops, reference  # noqa: E402  (ops registers the operators)
+from ._info import info  # noqa: E402
+from .persample import PerSampleGradients  # noqa: E402
+
+__all__ = ["PerSampleGradients", "ops", "reference", "info", "__version__"]

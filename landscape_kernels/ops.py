@@ -1,0 +1,205 @@
+"""Python entry to every op: the compiled kernels when they are built, else the pure-torch reference.
+
+The ops always exist as ``torch.ops.landscape_kernels.<name>``: the C++ extension defines them when it
+loads; otherwise this module defines the same schemas and registers the reference as their kernel, and
+it registers the reference for any device the build has no kernels for (e.g. CUDA tensors with a
+CPU-only build). ``LANDSCAPE_KERNELS_BACKEND=reference`` (or ``use_backend("reference")``) makes the
+wrappers below skip the compiled kernels at run time; ``compiled`` makes a missing kernel an error.
+
+The wrappers validate their arguments (shape, dtype, device, finiteness) with errors that name the
+argument; the raw ``torch.ops`` entries only check shapes, dtypes and devices. The ops are not
+differentiable: they compute statistics of gradients already taken.
+"""
+import contextlib
+import os
+import threading
+
+import torch
+
+from . import reference
+from ._checks import check_directions, check_layer_pair, check_weights
+from ._checks import check_finite as _check_finite
+
+NAMESPACE = "landscape_kernels"
+SCHEMAS = {
+    "per_sample_sq_norms": "(Tensor A, Tensor D) -> Tensor",
+    "per_sample_gram": "(Tensor A, Tensor D) -> Tensor",
+    "per_sample_moments": "(Tensor A, Tensor D) -> (Tensor, Tensor)",
+    "per_sample_project": "(Tensor A, Tensor D, Tensor V) -> Tensor",
+    "per_sample_cov_matvec": "(Tensor A, Tensor D, Tensor V) -> Tensor",
+    "per_sample_weighted_sum": "(Tensor A, Tensor D, Tensor W) -> Tensor",
+}
+BACKENDS = ("auto", "compiled", "reference")
+_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the compiled ops)
+
+    EXTENSION_ERROR = None
+except Exception as exc:  # a missing or broken build must not break the package
+    _C = None
+    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _has_compiled_kernel(name, device_key):
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", device_key)
+
+
+# Which (op, device key) pairs the C++ build provides, read before the reference is registered anywhere.
+_COMPILED = {(name, key) for name in SCHEMAS for key in _DEVICE_KEYS.values() if _has_compiled_kernel(name, key)}
+
+
+def _register():
+    libs = []
+    if _C is None:
+        lib = torch.library.Library(NAMESPACE, "DEF")
+        for name, schema in SCHEMAS.items():
+            lib.define(name + schema)
+            lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+        libs.append(lib)
+    else:
+        lib = torch.library.Library(NAMESPACE, "IMPL")
+        for name in SCHEMAS:
+            for key in _DEVICE_KEYS.values():
+                if (name, key) not in _COMPILED:
+                    lib.impl(name, getattr(reference, name), key)
+        libs.append(lib)
+    return libs
+
+
+_LIBS = _register()  # kept alive: dropping a Library unregisters its kernels
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_sq_norms")
+def _(A, D):
+    return A.new_empty(A.shape[0])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_gram")
+def _(A, D):
+    return A.new_empty(A.shape[0], A.shape[0])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_moments")
+def _(A, D):
+    return A.new_empty(D.shape[-1], A.shape[-1]), A.new_empty(D.shape[-1], A.shape[-1])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_project")
+def _(A, D, V):
+    return A.new_empty(A.shape[0], V.shape[0])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_cov_matvec")
+def _(A, D, V):
+    return A.new_empty(V.shape[0], D.shape[-1], A.shape[-1])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_weighted_sum")
+def _(A, D, W):
+    return A.new_empty(W.shape[1], D.shape[-1], A.shape[-1])
+
+
+_override = threading.local()
+
+
+def backend_setting():
+    """The requested backend: ``use_backend`` if active, else $LANDSCAPE_KERNELS_BACKEND, else 'auto'."""
+    value = getattr(_override, "value", None) or os.environ.get("LANDSCAPE_KERNELS_BACKEND", "auto")
+    value = value.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"LANDSCAPE_KERNELS_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force 'reference', 'compiled' or 'auto' inside a ``with`` block (this thread only)."""
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    previous = getattr(_override, "value", None)
+    _override.value = name
+    try:
+        yield
+    finally:
+        _override.value = previous
+
+
+def compiled_devices():
+    """Device types ('cpu', 'cuda') for which every op has a compiled kernel."""
+    return [d for d, key in _DEVICE_KEYS.items() if all((n, key) in _COMPILED for n in SCHEMAS)]
+
+
+def active_backend(device):
+    """'compiled' or 'reference': what the wrappers use for tensors on ``device`` right now."""
+    device = torch.device(device)
+    compiled = device.type in compiled_devices()
+    setting = backend_setting()
+    if setting == "compiled" and not compiled:
+        raise RuntimeError(
+            f"LANDSCAPE_KERNELS_BACKEND=compiled but there are no compiled kernels for {device.type} "
+            f"(extension: {EXTENSION_ERROR or 'built without ' + device.type.upper() + ' kernels'})"
+        )
+    return "compiled" if compiled and setting != "reference" else "reference"
+
+
+def _call(name, A, *args):
+    if active_backend(A.device) == "reference":
+        return getattr(reference, name)(A, *args)
+    return getattr(getattr(torch.ops, NAMESPACE), name)(A, *args)
+
+
+def _checked_pair(A, D, op, finite):
+    layout = check_layer_pair(A, D, op)
+    if finite:
+        _check_finite(A, "A", op)
+        _check_finite(D, "D", op)
+    return layout
+
+
+def _checked_directions(A, D, V, op, finite):
+    _, _, n_in, n_out = _checked_pair(A, D, op, finite)
+    check_directions(V, A, n_out, n_in, op)
+    if finite:
+        _check_finite(V, "V", op)
+
+
+def per_sample_sq_norms(A, D, *, check_finite=True):
+    """(B,) squared Frobenius norms ||G_b||^2 of the per-sample gradients G_b = sum_t D[b,t]^T A[b,t]."""
+    _checked_pair(A, D, "per_sample_sq_norms", check_finite)
+    return _call("per_sample_sq_norms", A, D)
+
+
+def per_sample_gram(A, D, *, check_finite=True):
+    """(B, B) Gram matrix <G_b, G_c> of the per-sample gradients."""
+    _checked_pair(A, D, "per_sample_gram", check_finite)
+    return _call("per_sample_gram", A, D)
+
+
+def per_sample_moments(A, D, *, check_finite=True):
+    """(mean, var), each (out, in): batch mean and population variance (divided by B) of each element of
+    G_b — the diagonal of the per-sample covariance C_1 (SPEC conventions). Computed in two passes."""
+    _checked_pair(A, D, "per_sample_moments", check_finite)
+    return _call("per_sample_moments", A, D)
+
+
+def per_sample_project(A, D, V, *, check_finite=True):
+    """(B, K) projections <G_b, V_k> on K directions V of shape (K, out, in)."""
+    _checked_directions(A, D, V, "per_sample_project", check_finite)
+    return _call("per_sample_project", A, D, V)
+
+
+def per_sample_cov_matvec(A, D, V, *, check_finite=True):
+    """(K, out, in) products C_1 V_k, C_1 = (1/B) sum_b (G_b - mean)(G_b - mean)^T (the per-sample
+    covariance; divide by the SGD batch size yourself for the minibatch-noise covariance C_B)."""
+    _checked_directions(A, D, V, "per_sample_cov_matvec", check_finite)
+    return _call("per_sample_cov_matvec", A, D, V)
+
+
+def per_sample_weighted_sum(A, D, W, *, check_finite=True):
+    """(K, out, in) weighted sums sum_b W[b, k] G_b of the per-sample gradients, W of shape (B, K)."""
+    B = _checked_pair(A, D, "per_sample_weighted_sum", check_finite)[0]
+    check_weights(W, A, B, "per_sample_weighted_sum")
+    if check_finite:
+        _check_finite(W, "W", "per_sample_weighted_sum")
+    return _call("per_sample_weighted_sum", A, D, W)

@@ -1,0 +1,418 @@
+"""Per-sample gradient statistics of a model from one ordinary backward pass.
+
+``PerSampleGradients`` hooks ``nn.Linear`` (inputs of any rank >= 2, with or without bias) and
+``nn.Conv2d`` (through input patches), records each layer's inputs A and output gradients D during one
+forward + backward, and computes statistics of the per-sample gradients G_b = sum_t D[b,t]^T A[b,t]
+with the fused ops, never holding the batch x parameters tensor.
+
+Scale convention: every statistic is of the per-sample *loss* gradients g_b = grad l_b, whatever the
+reduction of the batch loss. With ``loss_reduction="mean"`` (loss = (1/B) sum_b l_b) the recorded
+output gradients are multiplied by B; with ``"sum"`` they are used as they are. ``variance()`` is the
+population variance over the batch (the diagonal of C_1 in SPEC's conventions; ``correction=1`` gives
+the unbiased one), ``cov_matvec`` applies C_1 (divide by the SGD batch size for the noise covariance).
+
+A layer applied several times in one forward (weight sharing) is handled exactly: its calls are joined
+along the position axis T, since G_b sums over positions. Parameters of other modules are listed in an
+error, or, with ``fallback="vmap"``, handled by chunked ``torch.func`` per-sample gradients (which needs
+the loss, so statistics are then taken through ``compute(loss_fn, inputs, targets)``).
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from ._checks import check_finite
+
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class _Layer:
+    """A hooked module, its trainable parameters and what one forward/backward recorded."""
+
+    name: str
+    module: nn.Module
+    weight: str = None  # qualified parameter names, None when absent or frozen
+    bias: str = None
+    inputs: list = field(default_factory=list)
+    grads: dict = field(default_factory=dict)
+
+    def param_names(self):
+        return [n for n in (self.weight, self.bias) if n is not None]
+
+
+def _unsupported_reason(module):
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return "Conv2d with groups > 1"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r}"
+        return None
+    if isinstance(module, SUPPORTED_MODULES):
+        return None
+    return type(module).__name__
+
+
+class PerSampleGradients:
+    """Context manager giving per-sample gradient statistics of ``model``'s hooked parameters.
+
+    Usage::
+
+        ps = PerSampleGradients(model)            # all Linear / Conv2d layers
+        with ps:
+            loss = F.cross_entropy(model(x), y)   # reduction="mean", as loss_reduction says
+            loss.backward()
+        ps.sq_norms(), ps.gram(), ps.variance(), ps.project(V), ps.cov_matvec(V)
+
+    Args:
+        model: the ``nn.Module``.
+        layers: ``None`` (every module that has trainable parameters) or a list of module names or
+            modules to hook.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the batch loss reduces the per-sample losses.
+        fallback: ``"error"`` (parameters of unsupported modules raise a ``ValueError`` listing them) or
+            ``"vmap"`` (their per-sample gradients come from chunked ``torch.func``; use ``compute``).
+        vmap_chunk_size: samples per ``torch.func`` call in the fallback.
+    """
+
+    def __init__(self, model, layers=None, loss_reduction="mean", fallback="error", vmap_chunk_size=64):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PerSampleGradients: model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"PerSampleGradients: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if fallback not in ("error", "vmap"):
+            raise ValueError(f"PerSampleGradients: fallback must be 'error' or 'vmap', got {fallback!r}")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.fallback = fallback
+        self.vmap_chunk_size = int(vmap_chunk_size)
+        self._layers, self._fallback_params = self._resolve(layers)
+        self._handles = []
+        self._fallback_grads = None  # (B, P_fallback) after compute()
+        self._batch_size = None
+        self._cache = {}
+        names = [n for layer in self._layers for n in layer.param_names()] + list(self._fallback_params)
+        params = dict(model.named_parameters())
+        self.param_names = names
+        self.param_shapes = {n: tuple(params[n].shape) for n in names}
+        self.num_params = sum(params[n].numel() for n in names)
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _resolve(self, layers):
+        named = dict(self.model.named_modules())
+        if layers is None:
+            chosen = [(n, m) for n, m in named.items() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        else:
+            by_id = {id(m): n for n, m in named.items()}
+            chosen = []
+            for item in layers:
+                if isinstance(item, str):
+                    if item not in named:
+                        raise ValueError(f"PerSampleGradients: layers names {item!r}, which is not a module of the model")
+                    chosen.append((item, named[item]))
+                elif isinstance(item, nn.Module) and id(item) in by_id:
+                    chosen.append((by_id[id(item)], item))
+                else:
+                    raise ValueError(f"PerSampleGradients: layers must hold module names or modules of the model, got {item!r}")
+        hooked, fallback, unsupported = [], {}, []
+        for name, module in chosen:
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            qual = {pn: f"{name}.{pn}" if name else pn for pn, _ in own}
+            reason = _unsupported_reason(module)
+            if reason is None:
+                hooked.append(_Layer(name, module, weight=qual.get("weight"), bias=qual.get("bias")))
+            elif self.fallback == "vmap":
+                fallback.update({qual[pn]: p for pn, p in own})
+            else:
+                unsupported.append(f"{name or '<model>'} ({reason}: {', '.join(qual[pn] for pn, _ in own)})")
+        if unsupported:
+            raise ValueError(
+                "PerSampleGradients: no fused per-sample kernels for the parameters of "
+                + "; ".join(unsupported)
+                + ". Pass layers=[...] to leave them out, freeze them (requires_grad=False), "
+                "or use fallback='vmap' with compute(loss_fn, inputs, targets)."
+            )
+        if not hooked and not fallback:
+            raise ValueError("PerSampleGradients: the model has no trainable parameters in the chosen layers")
+        return hooked, fallback
+
+    def __enter__(self):
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                raise ValueError(
+                    "PerSampleGradients: BatchNorm in training mode mixes the samples of a batch, so per-sample "
+                    "gradients are not defined; call model.eval() first"
+                )
+        for layer in self._layers:
+            layer.inputs.clear()
+            layer.grads.clear()
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        self._cache.clear()
+        self._fallback_grads = None
+        self._batch_size = None
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    def _forward_hook(self, layer):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            index = len(layer.inputs)
+            layer.inputs.append(args[0].detach())
+
+            def store(grad):
+                layer.grads[index] = grad.detach()
+
+            output.register_hook(store)
+
+        return hook
+
+    # ---------------------------------------------------------------------------- capture helper
+    def compute(self, loss_fn, inputs, targets):
+        """Run forward and backward of ``loss_fn(model(inputs), targets)`` under the hooks (gradients are
+        taken with ``torch.autograd.grad``, so ``.grad`` is left alone) and, with ``fallback="vmap"``,
+        the per-sample gradients of the fallback parameters. Returns the batch loss."""
+        params = [p for n, p in self.model.named_parameters() if n in self.param_shapes]
+        with self:
+            loss = loss_fn(self.model(inputs), targets)
+            torch.autograd.grad(loss, params, allow_unused=True)
+        if self._fallback_params:
+            self._fallback_grads = self._vmap_gradients(loss_fn, inputs, targets)
+        return loss.detach()
+
+    def _vmap_gradients(self, loss_fn, inputs, targets):
+        from torch.func import functional_call, grad, vmap
+
+        names = list(self._fallback_params)
+        fixed = {n: t.detach() for n, t in self.model.named_parameters() if n not in self._fallback_params}
+        fixed.update(dict(self.model.named_buffers()))
+
+        def sample_loss(trainable, x, y):
+            out = functional_call(self.model, {**fixed, **trainable}, (x.unsqueeze(0),))
+            return loss_fn(out, y.unsqueeze(0))
+
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        trainable = {n: self._fallback_params[n].detach() for n in names}
+        rows = []
+        for start in range(0, inputs.shape[0], self.vmap_chunk_size):
+            g = per_sample(trainable, inputs[start : start + self.vmap_chunk_size], targets[start : start + self.vmap_chunk_size])
+            rows.append(torch.cat([g[n].flatten(1) for n in names], 1))
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------- recorded layer blocks
+    def _blocks(self):
+        """One ``_Block`` per hooked layer, plus one for the vmap-fallback parameters."""
+        if "blocks" in self._cache:
+            return self._cache["blocks"]
+        if self._handles:
+            raise RuntimeError("PerSampleGradients: statistics are available after the `with` block has ended")
+        blocks = [self._layer_block(layer) for layer in self._layers]
+        if self._fallback_params:
+            if self._fallback_grads is None:
+                raise RuntimeError(
+                    "PerSampleGradients: parameters " + ", ".join(self._fallback_params) + " use the vmap fallback, "
+                    "which needs the loss: take the statistics through compute(loss_fn, inputs, targets)"
+                )
+            G = self._fallback_grads  # per-sample gradients as A with D = 1: G_b = 1 (x) g_b
+            names = list(self._fallback_params)
+            shapes = [self.param_shapes[n] for n in names]
+            widths = [int(torch.Size(s).numel()) for s in shapes]
+            blocks.append(_Block(names, shapes, widths, G, G.new_ones(G.shape[0], 1)))
+        self._cache["blocks"] = blocks
+        return blocks
+
+    def _layer_block(self, layer):
+        if not layer.inputs:
+            raise RuntimeError(
+                f"PerSampleGradients: layer {layer.name!r} recorded no forward pass: run the model inside the `with` block"
+            )
+        if len(layer.grads) != len(layer.inputs):
+            raise RuntimeError(
+                f"PerSampleGradients: layer {layer.name!r} received no output gradient: call loss.backward() inside "
+                "the `with` block (and make sure the layer's output reaches the loss)"
+            )
+        pieces = [self._positions(layer, layer.inputs[i], layer.grads[i]) for i in range(len(layer.inputs))]
+        A = torch.cat([a for a, _ in pieces], 1)
+        D = torch.cat([d for _, d in pieces], 1)
+        B = A.shape[0]
+        if self._batch_size is None:
+            self._batch_size = B
+        elif B != self._batch_size:
+            raise ValueError(
+                f"PerSampleGradients: layer {layer.name!r} saw batch size {B}, other layers {self._batch_size}: "
+                "use one forward and one backward per `with` block"
+            )
+        check_finite(A, f"the inputs recorded at layer {layer.name!r}", "PerSampleGradients")
+        check_finite(D, f"the output gradients recorded at layer {layer.name!r}", "PerSampleGradients")
+        if self.loss_reduction == "mean":
+            D = D * B
+        columns, widths = [], []
+        if layer.weight is not None:
+            columns.append(A)
+            widths.append(A.shape[2])
+        if layer.bias is not None:  # a bias is a weight column on a constant input 1
+            columns.append(A.new_ones(A.shape[0], A.shape[1], 1))
+            widths.append(1)
+        A = torch.cat(columns, 2) if len(columns) > 1 else columns[0]
+        names = layer.param_names()
+        return _Block(names, [self.param_shapes[n] for n in names], widths, A, D)
+
+    @staticmethod
+    def _positions(layer, x, grad):
+        """(B, T, in) inputs and (B, T, out) output gradients of one call of the layer."""
+        module = layer.module
+        if isinstance(module, nn.Linear):
+            if x.dim() < 2:
+                raise ValueError(f"PerSampleGradients: layer {layer.name!r} got an unbatched input of shape {tuple(x.shape)}")
+            return x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        if x.dim() != 4:
+            raise ValueError(
+                f"PerSampleGradients: Conv2d layer {layer.name!r} needs a batched (B, C, H, W) input, got shape {tuple(x.shape)}"
+            )
+        padding = module.padding
+        if isinstance(padding, str):  # 'valid' or 'same' (stride 1); pad explicitly, possibly unevenly
+            pads = []
+            for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                total = d * (k - 1) if padding == "same" else 0
+                pads += [total // 2, total - total // 2]
+            x, padding = F.pad(x, pads), 0
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        return patches.transpose(1, 2), grad.flatten(2).transpose(1, 2)
+
+    def _selected(self, layer):
+        blocks = self._blocks()
+        if layer is None:
+            return blocks
+        hooked = {l.name: b for l, b in zip(self._layers, blocks)}
+        if layer not in hooked:
+            raise ValueError(f"PerSampleGradients: layer {layer!r} is not among the hooked layers {list(hooked)}")
+        return [hooked[layer]]
+
+    @property
+    def layer_names(self):
+        """Names of the hooked modules (the ``layer=`` argument of the statistics)."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def batch_size(self):
+        blocks = self._blocks()
+        return blocks[0].A.shape[0]
+
+    # -------------------------------------------------------------------------------- statistics
+    def sq_norms(self, layer=None):
+        """(B,) squared norms ||g_b||^2 of the per-sample gradients over all hooked parameters (or one layer)."""
+        return sum(ops.per_sample_sq_norms(b.A, b.D, check_finite=False) for b in self._selected(layer))
+
+    def gram(self, layer=None):
+        """(B, B) Gram matrix <g_b, g_c> of the per-sample gradients."""
+        return sum(ops.per_sample_gram(b.A, b.D, check_finite=False) for b in self._selected(layer))
+
+    def _moments(self):
+        if "moments" not in self._cache:
+            out = {}
+            for b in self._blocks():
+                mean, var = ops.per_sample_moments(b.A, b.D, check_finite=False)
+                out.update(zip(b.names, zip(b.split(mean), b.split(var))))
+            self._cache["moments"] = out
+        return self._cache["moments"]
+
+    def mean(self):
+        """dict name -> batch mean of the per-sample gradients (the gradient of the mean loss)."""
+        return {n: m for n, (m, _) in self._moments().items()}
+
+    def variance(self, correction=0):
+        """dict name -> per-element variance over the batch, sum_b (g_b - mean)^2 / (B - correction)."""
+        B = self.batch_size
+        if not 0 <= correction < B:
+            raise ValueError(f"variance: correction must be in [0, B) = [0, {B}), got {correction}")
+        scale = B / (B - correction)
+        return {n: v * scale for n, (_, v) in self._moments().items()}
+
+    def _as_dict(self, vectors, blocks, op):
+        """Normalise vectors (dict name -> (K, *shape), or flat (K, P) over the names) to (dict, K)."""
+        names = [n for b in blocks for n in b.names]
+        ref = blocks[0].A
+        if isinstance(vectors, torch.Tensor):
+            sizes = [int(torch.Size(self.param_shapes[n]).numel()) for n in names]
+            if vectors.dim() != 2 or vectors.shape[1] != sum(sizes):
+                raise ValueError(
+                    f"{op}: flat vectors must have shape (K, {sum(sizes)}) over {names}, got {tuple(vectors.shape)}"
+                )
+            parts = torch.split(vectors, sizes, 1)
+            vectors = {n: v.reshape(v.shape[0], *self.param_shapes[n]) for n, v in zip(names, parts)}
+        elif not isinstance(vectors, dict):
+            raise TypeError(f"{op}: vectors must be a dict name -> (K, *shape) tensor or a flat (K, P) tensor")
+        missing = [n for n in names if n not in vectors]
+        extra = [n for n in vectors if n not in names]
+        if missing or extra:
+            raise ValueError(f"{op}: vectors must have exactly the keys {names}; missing {missing}, unexpected {extra}")
+        K = None
+        for n in names:
+            v = vectors[n]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape[1:]) != self.param_shapes[n]:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(
+                    f"{op}: vectors[{n!r}] must have shape (K, {', '.join(map(str, self.param_shapes[n]))}), got {got}"
+                )
+            if K is None:
+                K = v.shape[0]
+            elif v.shape[0] != K:
+                raise ValueError(f"{op}: every vectors entry needs the same K, got {K} and {v.shape[0]} ({n!r})")
+            if v.dtype != ref.dtype or v.device != ref.device:
+                raise ValueError(f"{op}: vectors[{n!r}] must be {ref.dtype} on {ref.device}, got {v.dtype} on {v.device}")
+        return vectors, K
+
+    def project(self, vectors, layer=None):
+        """(B, K) projections <g_b, v_k> for K vectors (dict name -> (K, *shape), or flat (K, P))."""
+        blocks = self._selected(layer)
+        vecs, K = self._as_dict(vectors, blocks, "project")
+        return sum(ops.per_sample_project(b.A, b.D, b.directions(vecs, K), check_finite=False) for b in blocks)
+
+    def cov_matvec(self, vectors, layer=None):
+        """C_1 v_k for K vectors, in the format given (dict or flat (K, P)); C_1 = (1/B) sum_b (g_b - mean)
+        (g_b - mean)^T over all hooked parameters (or the block of one layer)."""
+        blocks = self._selected(layer)
+        vecs, K = self._as_dict(vectors, blocks, "cov_matvec")
+        directions = [b.directions(vecs, K) for b in blocks]
+        if len(blocks) == 1:
+            results = [ops.per_sample_cov_matvec(blocks[0].A, blocks[0].D, directions[0], check_finite=False)]
+        else:  # the centred projections couple the layers: block l gets (1/B) sum_b s_bk G_b^(l)
+            s = sum(ops.per_sample_project(b.A, b.D, V, check_finite=False) for b, V in zip(blocks, directions))
+            s = (s - s.mean(0)) / s.shape[0]
+            results = [ops.per_sample_weighted_sum(b.A, b.D, s, check_finite=False) for b in blocks]
+        out = {}
+        for b, res in zip(blocks, results):
+            out.update(zip(b.names, b.split(res)))
+        if isinstance(vectors, torch.Tensor):
+            return torch.cat([out[n].reshape(K, -1) for b in blocks for n in b.names], 1)
+        return out
+
+
+@dataclass
+class _Block:
+    """Per-sample gradients of some parameters as G_b = sum_t D[b,t]^T A[b,t]: the parameters' values sit
+    side by side in the columns of the (out, cols) matrix, ``widths`` columns each."""
+
+    names: list
+    shapes: list
+    widths: list
+    A: torch.Tensor
+    D: torch.Tensor
+
+    def split(self, mat):
+        """Cut (..., out, cols) into each parameter's shape (leading dims kept)."""
+        lead = mat.shape[:-2]
+        return [p.reshape(*lead, *s) for p, s in zip(torch.split(mat, self.widths, -1), self.shapes)]
+
+    def directions(self, vectors, K):
+        """(K, out, cols) directions from vectors name -> (K, *shape)."""
+        rows = self.D.shape[-1]
+        return torch.cat([vectors[n].reshape(K, rows, w) for n, w in zip(self.names, self.widths)], 2)
