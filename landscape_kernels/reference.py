@@ -39,11 +39,13 @@ def per_sample_gram(A, D):
 
 
 def per_sample_moments(A, D):
-    """Mean and population variance (divided by B) over the batch of every gradient element."""
+    """Mean and population variance (divided by B) over the batch of every gradient element; two
+    passes in float64 so that float32 input keeps its accuracy when the mean dwarfs the spread."""
     B = check_layer_pair(A, D, "per_sample_moments")[0]
-    mean = sum(G.sum(0) for _, G in _gradient_chunks(A, D)) / B
-    var = sum((G - mean).square().sum(0) for _, G in _gradient_chunks(A, D)) / B
-    return mean, var
+    A64, D64 = A.double(), D.double()
+    mean = sum(G.sum(0) for _, G in _gradient_chunks(A64, D64)) / B
+    var = sum((G - mean).square().sum(0) for _, G in _gradient_chunks(A64, D64)) / B
+    return mean.to(A.dtype), var.to(A.dtype)
 
 
 def per_sample_project(A, D, V):

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace landscape_kernels {
@@ -19,14 +20,15 @@ constexpr int64_t kCols = 256;
 // Rows of X summed in the input precision before being flushed into the float64 accumulators.
 constexpr int64_t kFlush = 64;
 
-// acc[j] += (d * x[j] - m[j])^2 for j < n. Compiled for AVX2+FMA and for the baseline ISA; the
-// loader picks the clone that the CPU supports.
+// acc[j] += (d * x[j] - m[j])^2 for j < n. d * x - m is one fused multiply-add (one rounding), so a
+// float32 deviation keeps full precision even when the mean is many times the spread. Compiled for
+// AVX2+FMA and for the baseline ISA; the loader picks the clone that the CPU supports.
 template <typename scalar_t>
 __attribute__((always_inline)) inline void centred_sq_row(scalar_t* __restrict acc, const scalar_t* __restrict x,
                                                           scalar_t d, const scalar_t* __restrict m, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t v = d * x[j] - m[j];
+    const scalar_t v = std::fma(d, x[j], -m[j]);
     acc[j] += v * v;
   }
 }

@@ -46,7 +46,7 @@ __global__ void centred_sq_sum_kernel(const scalar_t* __restrict__ X, const scal
 #pragma unroll
     for (int o = 0; o < kRows; ++o) {
       if (o < no) {
-        const scalar_t v = (d ? d[r * m + o0 + o] : scalar_t(1)) * x - mean[o];
+        const scalar_t v = fma(d ? d[r * m + o0 + o] : scalar_t(1), x, -mean[o]);  // one rounding
         part[o] += v * v;
       }
     }
