@@ -4,8 +4,9 @@
 // the B x out x in tensor: the GEMM-shaped parts go through ATen (BLAS / cuBLAS), the memory-bound
 // parts through two fused kernels that each device provides as a `Kernels` policy:
 //
-//   Kernels::centred_sq_sum(X (R, n), d (R, m) or undefined, M (m, n)) -> (m, n) float64
-//       S[o, j] = sum_r (d[r, o] * X[r, j] - M[o, j])^2      (d undefined means d == 1 and m == 1)
+//   Kernels::centred_sq_sum(X (R, n), d (R, m) or undefined, M (m, n), scale) -> (m, n), X's dtype
+//       S[o, j] = scale * sum_r (d[r, o] * X[r, j] - M[o, j])^2   (d undefined means d == 1, m == 1),
+//       accumulated in float64 and rounded once at the end
 //   Kernels::batched_dot(U (R, K, J), X (R, J), T) -> (R / T, K)
 //       out[b, k] = sum_{t < T} sum_j U[b*T + t, k, j] * X[b*T + t, j]
 //
@@ -168,20 +169,16 @@ std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& A, const at::Tensor
   const at::Tensor Af = flat(A, L), Df = flat(D, L);
   // Two passes: the mean by one GEMM, then centred squares (never E[G^2] - E[G]^2, which cancels).
   const at::Tensor mean = at::mm(Df.t(), Af).div_(double(L.B));
-  at::Tensor var;
-  if (L.T == 1) {
-    var = Kernels::centred_sq_sum(Af, Df, mean);
-  } else {
-    var = at::empty({L.out, L.in}, A.options().dtype(at::kDouble));
-    const at::Tensor A3 = A.contiguous(), D3 = D.contiguous();
-    for_each_gradient_tile(L, [&](int64_t o0, int64_t ot, int64_t i0, int64_t it) {
-      const at::Tensor g = gradient_tile(A3, D3, o0, ot, i0, it).reshape({L.B, ot * it});
-      const at::Tensor m = mean.narrow(0, o0, ot).narrow(1, i0, it).reshape({1, ot * it}).contiguous();
-      var.narrow(0, o0, ot).narrow(1, i0, it).copy_(
-          Kernels::centred_sq_sum(g, at::Tensor(), m).reshape({ot, it}));
-    });
-  }
-  return std::make_tuple(mean, var.div_(double(L.B)).to(A.scalar_type()));
+  const double inv_b = 1.0 / double(L.B);
+  if (L.T == 1) return std::make_tuple(mean, Kernels::centred_sq_sum(Af, Df, mean, inv_b));
+  at::Tensor var = at::empty({L.out, L.in}, A.options());
+  const at::Tensor A3 = A.contiguous(), D3 = D.contiguous();
+  for_each_gradient_tile(L, [&](int64_t o0, int64_t ot, int64_t i0, int64_t it) {
+    const at::Tensor g = gradient_tile(A3, D3, o0, ot, i0, it).reshape({L.B, ot * it});
+    const at::Tensor m = mean.narrow(0, o0, ot).narrow(1, i0, it).reshape({1, ot * it}).contiguous();
+    var.narrow(0, o0, ot).narrow(1, i0, it).copy_(Kernels::centred_sq_sum(g, at::Tensor(), m, inv_b).reshape({ot, it}));
+  });
+  return std::make_tuple(mean, var);
 }
 
 // P[b, k] = <G_b, V_k> computed as sum_t d_bt^T V_k a_bt through the smaller of in / out.

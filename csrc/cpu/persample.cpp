@@ -11,18 +11,29 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
+
 namespace landscape_kernels {
 namespace {
 
-// Tile of the (m, n) output handled by one task: kRows rows x kCols columns of accumulators (L1-sized).
-constexpr int64_t kRows = 4;
-constexpr int64_t kCols = 256;
-// Rows of X summed in the input precision before being flushed into the float64 accumulators.
+// Tile of the (m, n) output handled by one task: kRows rows x kCols columns. Tall and narrow, so that
+// the (R x kCols) strip of X a tile reads is reused from cache by every group of output rows.
+constexpr int64_t kRows = 64;
+constexpr int64_t kCols = 32;
+// Rows of X summed in the input precision before being flushed into the float64 totals.
 constexpr int64_t kFlush = 64;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LK_CPU_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define LK_CPU_CLONES
+#endif
 
 // acc[j] += (d * x[j] - m[j])^2 for j < n. d * x - m is one fused multiply-add (one rounding), so a
 // float32 deviation keeps full precision even when the mean is many times the spread. Compiled for
-// AVX2+FMA and for the baseline ISA; the loader picks the clone that the CPU supports.
+// AVX+FMA (selected by CPU feature, not model) and for the baseline ISA, picked at load time.
 template <typename scalar_t>
 __attribute__((always_inline)) inline void centred_sq_row(scalar_t* __restrict acc, const scalar_t* __restrict x,
                                                           scalar_t d, const scalar_t* __restrict m, int64_t n) {
@@ -32,12 +43,6 @@ __attribute__((always_inline)) inline void centred_sq_row(scalar_t* __restrict a
     acc[j] += v * v;
   }
 }
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LK_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define LK_CPU_CLONES
-#endif
 
 LK_CPU_CLONES void centred_sq_row_f(float* acc, const float* x, float d, const float* m, int64_t n) {
   centred_sq_row(acc, x, d, m, n);
@@ -51,6 +56,127 @@ inline void centred_sq_row_any(float* acc, const float* x, float d, const float*
 inline void centred_sq_row_any(double* acc, const double* x, double d, const double* m, int64_t n) {
   centred_sq_row_d(acc, x, d, m, n);
 }
+
+// One tile's view of the centred_sq_sum problem: S[o, j] = sum_r (d[r, o] X[r, j] - M[o, j])^2.
+template <typename scalar_t>
+struct CentredSqTile {
+  const scalar_t* x;  // X (R, n)
+  const scalar_t* dt;  // d transposed, (m, R) contiguous, or nullptr for d == 1
+  const scalar_t* mean;  // M (m, n)
+  int64_t R, n, m;
+  int64_t o0, no, j0;  // tile rows o0 .. o0 + no, columns from j0
+  double* total;       // (kRows, kCols) float64 totals of the tile
+  scalar_t dval(int64_t r, int64_t o) const { return dt ? dt[(o0 + o) * R + r] : scalar_t(1); }
+};
+
+// Portable path for columns [ja, jb) of a tile: rows of X stream through L1-resident accumulators.
+template <typename scalar_t>
+void centred_sq_columns_portable(const CentredSqTile<scalar_t>& t, int64_t ja, int64_t jb) {
+  if (jb <= ja) return;
+  std::vector<scalar_t> part_buffer(kRows * kCols);
+  scalar_t* part = part_buffer.data();
+  const int64_t nj = jb - ja;
+  for (int64_t r0 = 0; r0 < t.R; r0 += kFlush) {
+    std::fill(part, part + kRows * kCols, scalar_t(0));
+    for (int64_t r = r0; r < std::min(t.R, r0 + kFlush); ++r)
+      for (int64_t o = 0; o < t.no; ++o)
+        centred_sq_row_any(part + o * kCols, t.x + r * t.n + ja, t.dval(r, o), t.mean + (t.o0 + o) * t.n + ja, nj);
+    for (int64_t o = 0; o < t.no; ++o)
+      for (int64_t j = 0; j < nj; ++j) t.total[o * kCols + (ja - t.j0) + j] += double(part[o * kCols + j]);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LK_HAVE_AVX2_KERNEL 1
+#define LK_AVX2 __attribute__((target("avx2,fma")))
+
+// 256-bit AVX2/FMA operations for float (8 lanes) and double (4 lanes).
+struct Avx2Float {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+  LK_AVX2 static V load(const T* p) { return _mm256_loadu_ps(p); }
+  LK_AVX2 static V set1(T v) { return _mm256_set1_ps(v); }
+  LK_AVX2 static V zero() { return _mm256_setzero_ps(); }
+  LK_AVX2 static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  LK_AVX2 static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  LK_AVX2 static void add_to(double* t, V v) {
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    _mm256_storeu_pd(t, _mm256_add_pd(_mm256_loadu_pd(t), lo));
+    _mm256_storeu_pd(t + 4, _mm256_add_pd(_mm256_loadu_pd(t + 4), hi));
+  }
+};
+struct Avx2Double {
+  using T = double;
+  using V = __m256d;
+  static constexpr int W = 4;
+  LK_AVX2 static V load(const T* p) { return _mm256_loadu_pd(p); }
+  LK_AVX2 static V set1(T v) { return _mm256_set1_pd(v); }
+  LK_AVX2 static V zero() { return _mm256_setzero_pd(); }
+  LK_AVX2 static V fmsub(V a, V b, V c) { return _mm256_fmsub_pd(a, b, c); }
+  LK_AVX2 static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  LK_AVX2 static void add_to(double* t, V v) { _mm256_storeu_pd(t, _mm256_add_pd(_mm256_loadu_pd(t), v)); }
+};
+template <typename T> struct Avx2;
+template <> struct Avx2<float> : Avx2Float {};
+template <> struct Avx2<double> : Avx2Double {};
+
+// Register-blocked micro-kernel: ROWS output rows x VECS vectors of columns starting at column j, all
+// accumulators in registers while the R rows of X stream by (ROWS * VECS independent FMA chains). The
+// fixed-count loops are unrolled explicitly so that the small arrays live in registers at -O2.
+#define LK_UNROLL _Pragma("GCC unroll 8")
+template <class Ops, int ROWS, int VECS, bool HAS_D>
+LK_AVX2 void centred_sq_block_avx2(const CentredSqTile<typename Ops::T>& t, int64_t orow, int64_t j,
+                                   const typename Ops::T* x_col, int64_t ldx) {
+  using V = typename Ops::V;
+  V mean[ROWS][VECS], acc[ROWS][VECS];
+  const typename Ops::T* d_rows = HAS_D ? t.dt + (t.o0 + orow) * t.R : nullptr;
+  LK_UNROLL for (int o = 0; o < ROWS; ++o)
+    LK_UNROLL for (int v = 0; v < VECS; ++v) mean[o][v] = Ops::load(t.mean + (t.o0 + orow + o) * t.n + j + v * Ops::W);
+  for (int64_t r0 = 0; r0 < t.R; r0 += kFlush) {
+    LK_UNROLL for (int o = 0; o < ROWS; ++o)
+      LK_UNROLL for (int v = 0; v < VECS; ++v) acc[o][v] = Ops::zero();
+    const int64_t r1 = std::min(t.R, r0 + kFlush);
+    for (int64_t r = r0; r < r1; ++r) {
+      V x[VECS];
+      LK_UNROLL for (int v = 0; v < VECS; ++v) x[v] = Ops::load(x_col + r * ldx + v * Ops::W);
+      LK_UNROLL for (int o = 0; o < ROWS; ++o) {
+        const V dv = Ops::set1(HAS_D ? d_rows[o * t.R + r] : typename Ops::T(1));
+        LK_UNROLL for (int v = 0; v < VECS; ++v) {
+          const V dev = Ops::fmsub(dv, x[v], mean[o][v]);  // one rounding, as in the portable path
+          acc[o][v] = Ops::fmadd(dev, dev, acc[o][v]);
+        }
+      }
+    }
+    LK_UNROLL for (int o = 0; o < ROWS; ++o)
+      LK_UNROLL for (int v = 0; v < VECS; ++v)
+        Ops::add_to(t.total + (orow + o) * kCols + (j - t.j0) + v * Ops::W, acc[o][v]);
+  }
+}
+
+const bool kCpuHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+// Columns [j0, j0 + nj) of a tile through the micro-kernels; returns the first column left undone.
+template <typename scalar_t>
+int64_t centred_sq_columns_avx2(const CentredSqTile<scalar_t>& t, int64_t nj) {
+  using Ops = Avx2<scalar_t>;
+  constexpr int VECS = 2;
+  constexpr int64_t step = Ops::W * VECS;
+  const int64_t done = nj - nj % step;
+  for (int64_t j = t.j0; j < t.j0 + done; j += step) {
+    const scalar_t* xs = t.x + j;
+    if (t.dt == nullptr) {  // d == 1: a single output row (the T > 1 tiles)
+      for (int64_t o = 0; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, VECS, false>(t, o, j, xs, t.n);
+      continue;
+    }
+    int64_t o = 0;
+    for (; o + 4 <= t.no; o += 4) centred_sq_block_avx2<Ops, 4, VECS, true>(t, o, j, xs, t.n);
+    for (; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, VECS, true>(t, o, j, xs, t.n);
+  }
+  return t.j0 + done;
+}
+#endif
 
 template <typename scalar_t>
 __attribute__((always_inline)) inline scalar_t dot(const scalar_t* __restrict u, const scalar_t* __restrict x,
@@ -66,36 +192,31 @@ inline float dot_any(const float* u, const float* x, int64_t n) { return dot_f(u
 inline double dot_any(const double* u, const double* x, int64_t n) { return dot_d(u, x, n); }
 
 struct CpuKernels {
-  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_) {
+  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale) {
     const at::Tensor X = X_.contiguous(), M = M_.contiguous();
-    const at::Tensor d = d_.defined() ? d_.contiguous() : d_;
+    // d is read down its columns: transposed once so that each output row reads a contiguous stream.
+    const at::Tensor dt = d_.defined() ? d_.t().contiguous() : d_;
     const int64_t R = X.size(0), n = X.size(1), m = M.size(0);
-    at::Tensor S = at::empty({m, n}, X.options().dtype(at::kDouble));
+    at::Tensor S = at::empty({m, n}, X.options());
     const int64_t row_tiles = (m + kRows - 1) / kRows, col_tiles = (n + kCols - 1) / kCols;
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "centred_sq_sum_cpu", [&] {
-      const scalar_t* x = X.data_ptr<scalar_t>();
-      const scalar_t* dp = d.defined() ? d.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* mp = M.data_ptr<scalar_t>();
-      double* s = S.data_ptr<double>();
+      scalar_t* s = S.data_ptr<scalar_t>();
       at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> part(kRows * kCols);
         std::vector<double> total(kRows * kCols);
         for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t o0 = (tile / col_tiles) * kRows, j0 = (tile % col_tiles) * kCols;
-          const int64_t no = std::min(kRows, m - o0), nj = std::min(kCols, n - j0);
+          CentredSqTile<scalar_t> t{X.data_ptr<scalar_t>(), dt.defined() ? dt.data_ptr<scalar_t>() : nullptr,
+                                    M.data_ptr<scalar_t>(), R, n, m, (tile / col_tiles) * kRows, 0,
+                                    (tile % col_tiles) * kCols, total.data()};
+          t.no = std::min(kRows, m - t.o0);
+          const int64_t nj = std::min(kCols, n - t.j0);
           std::fill(total.begin(), total.end(), 0.0);
-          for (int64_t r0 = 0; r0 < R; r0 += kFlush) {
-            std::fill(part.begin(), part.end(), scalar_t(0));
-            const int64_t r1 = std::min(R, r0 + kFlush);
-            for (int64_t r = r0; r < r1; ++r)
-              for (int64_t o = 0; o < no; ++o)
-                centred_sq_row_any(part.data() + o * kCols, x + r * n + j0, dp ? dp[r * m + o0 + o] : scalar_t(1),
-                                   mp + (o0 + o) * n + j0, nj);
-            for (int64_t o = 0; o < no; ++o)
-              for (int64_t j = 0; j < nj; ++j) total[o * kCols + j] += double(part[o * kCols + j]);
-          }
-          for (int64_t o = 0; o < no; ++o)
-            std::copy(total.begin() + o * kCols, total.begin() + o * kCols + nj, s + (o0 + o) * n + j0);
+          int64_t j = t.j0;
+#ifdef LK_HAVE_AVX2_KERNEL
+          if (kCpuHasAvx2Fma) j = centred_sq_columns_avx2(t, nj);
+#endif
+          centred_sq_columns_portable(t, j, t.j0 + nj);
+          for (int64_t o = 0; o < t.no; ++o)
+            for (int64_t jj = 0; jj < nj; ++jj) s[(t.o0 + o) * n + t.j0 + jj] = scalar_t(total[o * kCols + jj] * scale);
         }
       });
     });

@@ -85,7 +85,7 @@ __global__ void batched_dot_kernel(const scalar_t* __restrict__ U, const scalar_
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct CudaKernels {
-  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_) {
+  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale) {
     const at::Tensor X = X_.contiguous(), M = M_.contiguous();
     const at::Tensor d = d_.defined() ? d_.contiguous() : d_;
     const int64_t R = X.size(0), n = X.size(1), m = M.size(0);
@@ -105,7 +105,7 @@ struct CudaKernels {
           S.data_ptr<double>(), R, n, m, rows_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return S;
+    return S.mul_(scale).to(X.scalar_type());
   }
 
   static at::Tensor batched_dot(const at::Tensor& U_, const at::Tensor& X_, int64_t T) {
