@@ -25,10 +25,7 @@ def check_layer_pair(A, D, op):
         )
     if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: A must be float32 or float64, got {A.dtype}")
-    if D.dtype != A.dtype:
-        raise TypeError(f"{op}: D must have A's dtype {A.dtype}, got {D.dtype}")
-    if D.device != A.device:
-        raise ValueError(f"{op}: D must be on A's device {A.device}, got {D.device}")
+    _check_like_A(D, "D", A, op)
     if A.shape[0] != D.shape[0]:
         raise ValueError(
             f"{op}: A and D must have the same batch size, got A {tuple(A.shape)} and D {tuple(D.shape)}"
@@ -57,10 +54,14 @@ def check_directions(V, A, out_features, in_features, op):
         )
     if V.shape[0] == 0:
         raise ValueError(f"{op}: V holds no directions (K = 0)")
-    if V.dtype != A.dtype:
-        raise TypeError(f"{op}: V must have A's dtype {A.dtype}, got {V.dtype}")
-    if V.device != A.device:
-        raise ValueError(f"{op}: V must be on A's device {A.device}, got {V.device}")
+    _check_like_A(V, "V", A, op)
+
+
+def _check_like_A(x, name, A, op):
+    if x.dtype != A.dtype:
+        raise TypeError(f"{op}: {name} must have A's dtype {A.dtype}, got {x.dtype}")
+    if x.device != A.device:
+        raise ValueError(f"{op}: {name} must be on A's device {A.device}, got {x.device}")
 
 
 def check_finite(x, name, op):
@@ -79,7 +80,4 @@ def check_weights(W, A, batch, op):
         raise ValueError(f"{op}: W (weights) must have shape (B, K) = ({batch}, K), got shape {tuple(W.shape)}")
     if W.shape[1] == 0:
         raise ValueError(f"{op}: W holds no weight vectors (K = 0)")
-    if W.dtype != A.dtype:
-        raise TypeError(f"{op}: W must have A's dtype {A.dtype}, got {W.dtype}")
-    if W.device != A.device:
-        raise ValueError(f"{op}: W must be on A's device {A.device}, got {W.device}")
+    _check_like_A(W, "W", A, op)
