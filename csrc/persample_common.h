@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& A, const at::Tensor
   const Layout L = check_pair(A, D, "per_sample_moments");
   const at::Tensor Af = flat(A, L), Df = flat(D, L);
   // Two passes: the mean by one GEMM, then centred squares (never E[G^2] - E[G]^2, which cancels).
-  const at::Tensor mean = at::mm(Df.t(), Af).div_(double(L.B));
+  const at::Tensor mean = at::mm(Df.t().mul(1.0 / double(L.B)), Af);  // 1/B folded into the small factor
   const double inv_b = 1.0 / double(L.B);
   if (L.T == 1) return std::make_tuple(mean, Kernels::centred_sq_sum(Af, Df, mean, inv_b));
   at::Tensor var = at::empty({L.out, L.in}, A.options());

@@ -214,22 +214,27 @@ class PerSampleGradients:
             return self._cache["blocks"]
         if self._handles:
             raise RuntimeError("PerSampleGradients: statistics are available after the `with` block has ended")
-        blocks = [self._layer_block(layer) for layer in self._layers]
+        blocks = [b for layer in self._layers for b in self._layer_blocks(layer)]
         if self._fallback_params:
             if self._fallback_grads is None:
                 raise RuntimeError(
                     "PerSampleGradients: parameters " + ", ".join(self._fallback_params) + " use the vmap fallback, "
                     "which needs the loss: take the statistics through compute(loss_fn, inputs, targets)"
                 )
-            G = self._fallback_grads  # per-sample gradients as A with D = 1: G_b = 1 (x) g_b
-            names = list(self._fallback_params)
-            shapes = [self.param_shapes[n] for n in names]
-            widths = [int(torch.Size(s).numel()) for s in shapes]
-            blocks.append(_Block(names, shapes, widths, G, G.new_ones(G.shape[0], 1)))
+            # per-sample gradients as A with D = 1 (G_b = 1 x g_b), one block per parameter
+            G = self._fallback_grads
+            ones = G.new_ones(G.shape[0], 1)
+            start = 0
+            for name in self._fallback_params:
+                size = int(torch.Size(self.param_shapes[name]).numel())
+                blocks.append(_Block(name, self.param_shapes[name], None, G[:, start : start + size], ones))
+                start += size
         self._cache["blocks"] = blocks
         return blocks
 
-    def _layer_block(self, layer):
+    def _layer_blocks(self, layer):
+        """The weight and the bias of a hooked layer as two blocks: a bias is a weight on a constant
+        input 1, kept apart so that A keeps its BLAS-friendly width."""
         if not layer.inputs:
             raise RuntimeError(
                 f"PerSampleGradients: layer {layer.name!r} recorded no forward pass: run the model inside the `with` block"
@@ -240,8 +245,8 @@ class PerSampleGradients:
                 "the `with` block (and make sure the layer's output reaches the loss)"
             )
         pieces = [self._positions(layer, layer.inputs[i], layer.grads[i]) for i in range(len(layer.inputs))]
-        A = torch.cat([a for a, _ in pieces], 1)
-        D = torch.cat([d for _, d in pieces], 1)
+        A = torch.cat([a for a, _ in pieces], 1) if len(pieces) > 1 else pieces[0][0]
+        D = torch.cat([d for _, d in pieces], 1) if len(pieces) > 1 else pieces[0][1]
         B = A.shape[0]
         if self._batch_size is None:
             self._batch_size = B
@@ -254,16 +259,12 @@ class PerSampleGradients:
         check_finite(D, f"the output gradients recorded at layer {layer.name!r}", "PerSampleGradients")
         if self.loss_reduction == "mean":
             D = D * B
-        columns, widths = [], []
+        blocks = []
         if layer.weight is not None:
-            columns.append(A)
-            widths.append(A.shape[2])
-        if layer.bias is not None:  # a bias is a weight column on a constant input 1
-            columns.append(A.new_ones(A.shape[0], A.shape[1], 1))
-            widths.append(1)
-        A = torch.cat(columns, 2) if len(columns) > 1 else columns[0]
-        names = layer.param_names()
-        return _Block(names, [self.param_shapes[n] for n in names], widths, A, D)
+            blocks.append(_Block(layer.weight, self.param_shapes[layer.weight], layer.name, A, D))
+        if layer.bias is not None:
+            blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, A.new_ones(*A.shape[:-1], 1), D))
+        return blocks
 
     @staticmethod
     def _positions(layer, x, grad):
@@ -291,10 +292,10 @@ class PerSampleGradients:
         blocks = self._blocks()
         if layer is None:
             return blocks
-        hooked = {l.name: b for l, b in zip(self._layers, blocks)}
-        if layer not in hooked:
-            raise ValueError(f"PerSampleGradients: layer {layer!r} is not among the hooked layers {list(hooked)}")
-        return [hooked[layer]]
+        chosen = [b for b in blocks if b.layer == layer]
+        if not chosen:
+            raise ValueError(f"PerSampleGradients: layer {layer!r} is not among the hooked layers {self.layer_names}")
+        return chosen
 
     @property
     def layer_names(self):
@@ -303,8 +304,7 @@ class PerSampleGradients:
 
     @property
     def batch_size(self):
-        blocks = self._blocks()
-        return blocks[0].A.shape[0]
+        return self._blocks()[0].A.shape[0]
 
     # -------------------------------------------------------------------------------- statistics
     def sq_norms(self, layer=None):
@@ -320,7 +320,7 @@ class PerSampleGradients:
             out = {}
             for b in self._blocks():
                 mean, var = ops.per_sample_moments(b.A, b.D, check_finite=False)
-                out.update(zip(b.names, zip(b.split(mean), b.split(var))))
+                out[b.name] = (b.split(mean), b.split(var))
             self._cache["moments"] = out
         return self._cache["moments"]
 
@@ -334,11 +334,11 @@ class PerSampleGradients:
         if not 0 <= correction < B:
             raise ValueError(f"variance: correction must be in [0, B) = [0, {B}), got {correction}")
         scale = B / (B - correction)
-        return {n: v * scale for n, (_, v) in self._moments().items()}
+        return {n: v * scale if correction else v for n, (_, v) in self._moments().items()}
 
     def _as_dict(self, vectors, blocks, op):
         """Normalise vectors (dict name -> (K, *shape), or flat (K, P) over the names) to (dict, K)."""
-        names = [n for b in blocks for n in b.names]
+        names = [b.name for b in blocks]
         ref = blocks[0].A
         if isinstance(vectors, torch.Tensor):
             sizes = [int(torch.Size(self.param_shapes[n]).numel()) for n in names]
@@ -388,31 +388,28 @@ class PerSampleGradients:
             s = sum(ops.per_sample_project(b.A, b.D, V, check_finite=False) for b, V in zip(blocks, directions))
             s = (s - s.mean(0)) / s.shape[0]
             results = [ops.per_sample_weighted_sum(b.A, b.D, s, check_finite=False) for b in blocks]
-        out = {}
-        for b, res in zip(blocks, results):
-            out.update(zip(b.names, b.split(res)))
+        out = {b.name: b.split(res) for b, res in zip(blocks, results)}
         if isinstance(vectors, torch.Tensor):
-            return torch.cat([out[n].reshape(K, -1) for b in blocks for n in b.names], 1)
+            return torch.cat([out[b.name].reshape(K, -1) for b in blocks], 1)
         return out
 
 
 @dataclass
 class _Block:
-    """Per-sample gradients of some parameters as G_b = sum_t D[b,t]^T A[b,t]: the parameters' values sit
-    side by side in the columns of the (out, cols) matrix, ``widths`` columns each."""
+    """The per-sample gradients of one parameter as G_b = sum_t D[b,t]^T A[b,t], an (out, cols) matrix:
+    a weight (its trailing dims flattened into the columns), a bias (one column on a constant input 1),
+    or a fallback parameter (D = 1, its per-sample gradients as the columns of A)."""
 
-    names: list
-    shapes: list
-    widths: list
+    name: str
+    shape: tuple
+    layer: str  # the hooked module's name, None for the fallback
     A: torch.Tensor
     D: torch.Tensor
 
     def split(self, mat):
-        """Cut (..., out, cols) into each parameter's shape (leading dims kept)."""
-        lead = mat.shape[:-2]
-        return [p.reshape(*lead, *s) for p, s in zip(torch.split(mat, self.widths, -1), self.shapes)]
+        """(..., out, cols) in the parameter's shape (leading dims kept)."""
+        return mat.reshape(*mat.shape[:-2], *self.shape)
 
     def directions(self, vectors, K):
         """(K, out, cols) directions from vectors name -> (K, *shape)."""
-        rows = self.D.shape[-1]
-        return torch.cat([vectors[n].reshape(K, rows, w) for n, w in zip(self.names, self.widths)], 2)
+        return vectors[self.name].reshape(K, self.D.shape[-1], self.A.shape[-1])
