@@ -5,7 +5,7 @@
 set -euo pipefail
 py=${1:-python}
 nvcc=$(command -v nvcc || true)
-[ -n "$nvcc" ] || [ -x /usr/local/cuda/bin/nvcc ] && nvcc=${nvcc:-/usr/local/cuda/bin/nvcc}
+if [ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ]; then nvcc=/usr/local/cuda/bin/nvcc; fi
 if [ -z "$nvcc" ]; then echo "cuda compile-check: nvcc not found, skipped"; exit 0; fi
 top=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)

@@ -23,6 +23,7 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.def("per_sample_project(Tensor A, Tensor D, Tensor V) -> Tensor");
   m.def("per_sample_cov_matvec(Tensor A, Tensor D, Tensor V) -> Tensor");
   m.def("per_sample_weighted_sum(Tensor A, Tensor D, Tensor W) -> Tensor");
+  m.def("per_sample_stats(Tensor A, Tensor D) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define LK_REGISTER_PERSAMPLE(NS)                                    \
@@ -31,7 +32,8 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.impl("per_sample_moments", &NS::per_sample_moments);            \
   m.impl("per_sample_project", &NS::per_sample_project);            \
   m.impl("per_sample_cov_matvec", &NS::per_sample_cov_matvec);      \
-  m.impl("per_sample_weighted_sum", &NS::per_sample_weighted_sum);
+  m.impl("per_sample_weighted_sum", &NS::per_sample_weighted_sum);  \
+  m.impl("per_sample_stats", &NS::per_sample_stats);
 
 TORCH_LIBRARY_IMPL(landscape_kernels, CPU, m) { LK_REGISTER_PERSAMPLE(cpu) }
 

@@ -18,6 +18,8 @@ namespace landscape_kernels {
                                    const at::Tensor& V);                                 \
   at::Tensor per_sample_weighted_sum(const at::Tensor& A, const at::Tensor& D,           \
                                      const at::Tensor& W);                               \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_sample_stats(           \
+      const at::Tensor& A, const at::Tensor& D);                                         \
   }
 
 LK_DECLARE_PERSAMPLE_OPS(cpu)

@@ -125,6 +125,14 @@ at::Tensor sq_norms(const at::Tensor& A, const at::Tensor& D) {
   return result;
 }
 
+// T > 1: tiles of per-sample gradients (B T P + B^2 P) or blocks of sample pairs ((B T)^2 (in + out)).
+inline bool gram_direct_is_cheaper(const Layout& L) {
+  const double P = double(L.in) * double(L.out);
+  const double cost_gram_form = double(L.B * L.T) * double(L.B * L.T) * double(L.in + L.out);
+  const double cost_direct = double(L.B) * double(L.T) * P + double(L.B) * double(L.B) * P;
+  return cost_direct <= cost_gram_form;
+}
+
 template <class Kernels>
 at::Tensor gram(const at::Tensor& A, const at::Tensor& D) {
   const Layout L = check_pair(A, D, "per_sample_gram");
@@ -134,10 +142,7 @@ at::Tensor gram(const at::Tensor& A, const at::Tensor& D) {
     return at::mm(A2, A2.t()).mul_(at::mm(D2, D2.t()));
   }
   const at::Tensor A3 = A.contiguous(), D3 = D.contiguous();
-  const double P = double(L.in) * double(L.out);
-  const double cost_gram_form = double(L.B * L.T) * double(L.B * L.T) * double(L.in + L.out);
-  const double cost_direct = double(L.B) * double(L.T) * P + double(L.B) * double(L.B) * P;
-  if (cost_direct <= cost_gram_form) {
+  if (gram_direct_is_cheaper(L)) {
     at::Tensor result = at::zeros({L.B, L.B}, A.options());
     for_each_gradient_tile(L, [&](int64_t o0, int64_t ot, int64_t i0, int64_t it) {
       const at::Tensor g = gradient_tile(A3, D3, o0, ot, i0, it).reshape({L.B, ot * it});
@@ -163,22 +168,53 @@ at::Tensor gram(const at::Tensor& A, const at::Tensor& D) {
   return result;
 }
 
+// Mean of G_b over the batch by one GEMM (1/B folded into the small factor).
+inline at::Tensor batch_mean(const at::Tensor& A, const at::Tensor& D, const Layout& L) {
+  return at::mm(flat(D, L).t().mul(1.0 / double(L.B)), flat(A, L));
+}
+
+// One pass over (B, ot, it) tiles of per-sample gradients (T > 1): the variance of every element and,
+// when asked for, the squared norms and the Gram matrix from the same tiles.
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& A, const at::Tensor& D) {
-  const Layout L = check_pair(A, D, "per_sample_moments");
-  const at::Tensor Af = flat(A, L), Df = flat(D, L);
-  // Two passes: the mean by one GEMM, then centred squares (never E[G^2] - E[G]^2, which cancels).
-  const at::Tensor mean = at::mm(Df.t().mul(1.0 / double(L.B)), Af);  // 1/B folded into the small factor
-  const double inv_b = 1.0 / double(L.B);
-  if (L.T == 1) return std::make_tuple(mean, Kernels::centred_sq_sum(Af, Df, mean, inv_b));
+at::Tensor tile_pass(const at::Tensor& A, const at::Tensor& D, const Layout& L, const at::Tensor& mean,
+                     at::Tensor* sq_norms, at::Tensor* gram) {
   at::Tensor var = at::empty({L.out, L.in}, A.options());
   const at::Tensor A3 = A.contiguous(), D3 = D.contiguous();
+  const double inv_b = 1.0 / double(L.B);
   for_each_gradient_tile(L, [&](int64_t o0, int64_t ot, int64_t i0, int64_t it) {
     const at::Tensor g = gradient_tile(A3, D3, o0, ot, i0, it).reshape({L.B, ot * it});
     const at::Tensor m = mean.narrow(0, o0, ot).narrow(1, i0, it).reshape({1, ot * it}).contiguous();
     var.narrow(0, o0, ot).narrow(1, i0, it).copy_(Kernels::centred_sq_sum(g, at::Tensor(), m, inv_b).reshape({ot, it}));
+    if (sq_norms) sq_norms->add_(g.mul(g).sum(1));
+    if (gram) gram->addmm_(g, g.t());
   });
-  return std::make_tuple(mean, var);
+  return var;
+}
+
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& A, const at::Tensor& D) {
+  const Layout L = check_pair(A, D, "per_sample_moments");
+  // Two passes: the mean by one GEMM, then centred squares (never E[G^2] - E[G]^2, which cancels).
+  const at::Tensor mean = batch_mean(A, D, L);
+  if (L.T == 1) return std::make_tuple(mean, Kernels::centred_sq_sum(flat(A, L), flat(D, L), mean, 1.0 / double(L.B)));
+  return std::make_tuple(mean, tile_pass<Kernels>(A, D, L, mean, nullptr, nullptr));
+}
+
+// Squared norms, Gram matrix, mean and variance together: for T > 1 every tile of per-sample
+// gradients is built once and serves all four (the separate ops would build it up to three times).
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats(const at::Tensor& A, const at::Tensor& D) {
+  const Layout L = check_pair(A, D, "per_sample_stats");
+  if (L.T == 1) {
+    const auto mv = moments<Kernels>(A, D);
+    return std::make_tuple(sq_norms<Kernels>(A, D), gram<Kernels>(A, D), std::get<0>(mv), std::get<1>(mv));
+  }
+  const at::Tensor mean = batch_mean(A, D, L);
+  at::Tensor norms = at::zeros({L.B}, A.options());
+  const bool gram_from_tiles = gram_direct_is_cheaper(L);
+  at::Tensor g = gram_from_tiles ? at::zeros({L.B, L.B}, A.options()) : gram<Kernels>(A, D);
+  const at::Tensor var = tile_pass<Kernels>(A, D, L, mean, &norms, gram_from_tiles ? &g : nullptr);
+  return std::make_tuple(norms, g, mean, var);
 }
 
 // P[b, k] = <G_b, V_k> computed as sum_t d_bt^T V_k a_bt through the smaller of in / out.
@@ -294,5 +330,10 @@ at::Tensor cov_matvec(const at::Tensor& A, const at::Tensor& D, const at::Tensor
   at::Tensor per_sample_weighted_sum(const at::Tensor& A, const at::Tensor& D, const at::Tensor& W) {  \
     GUARD;                                                                                             \
     return detail::weighted_sum(A, D, W);                                                              \
+  }                                                                                                    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_sample_stats(const at::Tensor& A,     \
+                                                                              const at::Tensor& D) {   \
+    GUARD;                                                                                             \
+    return detail::stats<Kernels>(A, D);                                                               \
   }                                                                                                    \
   }

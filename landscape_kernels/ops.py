@@ -28,6 +28,7 @@ SCHEMAS = {
     "per_sample_project": "(Tensor A, Tensor D, Tensor V) -> Tensor",
     "per_sample_cov_matvec": "(Tensor A, Tensor D, Tensor V) -> Tensor",
     "per_sample_weighted_sum": "(Tensor A, Tensor D, Tensor W) -> Tensor",
+    "per_sample_stats": "(Tensor A, Tensor D) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 BACKENDS = ("auto", "compiled", "reference")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -98,6 +99,12 @@ def _(A, D, V):
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_weighted_sum")
 def _(A, D, W):
     return A.new_empty(W.shape[1], D.shape[-1], A.shape[-1])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_stats")
+def _(A, D):
+    B = A.shape[0]
+    return A.new_empty(B), A.new_empty(B, B), A.new_empty(D.shape[-1], A.shape[-1]), A.new_empty(D.shape[-1], A.shape[-1])
 
 
 _override = threading.local()
@@ -203,3 +210,10 @@ def per_sample_weighted_sum(A, D, W, *, check_finite=True):
     if check_finite:
         _check_finite(W, "W", "per_sample_weighted_sum")
     return _call("per_sample_weighted_sum", A, D, W)
+
+
+def per_sample_stats(A, D, *, check_finite=True):
+    """(sq_norms, gram, mean, var) in one call; for T > 1 each tile of per-sample gradients is built
+    once for all four (the separate ops would build it up to three times)."""
+    _checked_pair(A, D, "per_sample_stats", check_finite)
+    return _call("per_sample_stats", A, D)

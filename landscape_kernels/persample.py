@@ -262,8 +262,9 @@ class PerSampleGradients:
         blocks = []
         if layer.weight is not None:
             blocks.append(_Block(layer.weight, self.param_shapes[layer.weight], layer.name, A, D))
-        if layer.bias is not None:
-            blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, A.new_ones(*A.shape[:-1], 1), D))
+        if layer.bias is not None:  # sum_t D[b,t]^T 1 = (sum_t D[b,t])^T 1: one position suffices
+            D_bias = D.sum(1, keepdim=True) if D.shape[1] > 1 else D
+            blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, A.new_ones(A.shape[0], 1, 1), D_bias))
         return blocks
 
     @staticmethod
@@ -307,26 +308,41 @@ class PerSampleGradients:
         return self._blocks()[0].A.shape[0]
 
     # -------------------------------------------------------------------------------- statistics
+    def _block_stat(self, block, name):
+        """One statistic of one block, from the cache that ``stats()`` fills, else from its own op."""
+        cached = self._cache.get(("stats", block.name))
+        if cached is not None:
+            return cached[name]
+        if name == "sq_norms":
+            return ops.per_sample_sq_norms(block.A, block.D, check_finite=False)
+        if name == "gram":
+            return ops.per_sample_gram(block.A, block.D, check_finite=False)
+        key = ("moments", block.name)
+        if key not in self._cache:
+            self._cache[key] = ops.per_sample_moments(block.A, block.D, check_finite=False)
+        return self._cache[key][0 if name == "mean" else 1]
+
+    def stats(self):
+        """Squared norms (B,), Gram matrix (B, B), mean and variance (dicts) computed together: one pass
+        per layer, which for sequence inputs (T > 1) builds each tile of per-sample gradients once.
+        Later calls of sq_norms(), gram(), mean() and variance() reuse the results."""
+        for b in self._blocks():
+            if ("stats", b.name) not in self._cache:
+                sq, gram, mean, var = ops.per_sample_stats(b.A, b.D, check_finite=False)
+                self._cache[("stats", b.name)] = {"sq_norms": sq, "gram": gram, "mean": mean, "variance": var}
+        return {"sq_norms": self.sq_norms(), "gram": self.gram(), "mean": self.mean(), "variance": self.variance()}
+
     def sq_norms(self, layer=None):
         """(B,) squared norms ||g_b||^2 of the per-sample gradients over all hooked parameters (or one layer)."""
-        return sum(ops.per_sample_sq_norms(b.A, b.D, check_finite=False) for b in self._selected(layer))
+        return sum(self._block_stat(b, "sq_norms") for b in self._selected(layer))
 
     def gram(self, layer=None):
         """(B, B) Gram matrix <g_b, g_c> of the per-sample gradients."""
-        return sum(ops.per_sample_gram(b.A, b.D, check_finite=False) for b in self._selected(layer))
-
-    def _moments(self):
-        if "moments" not in self._cache:
-            out = {}
-            for b in self._blocks():
-                mean, var = ops.per_sample_moments(b.A, b.D, check_finite=False)
-                out[b.name] = (b.split(mean), b.split(var))
-            self._cache["moments"] = out
-        return self._cache["moments"]
+        return sum(self._block_stat(b, "gram") for b in self._selected(layer))
 
     def mean(self):
         """dict name -> batch mean of the per-sample gradients (the gradient of the mean loss)."""
-        return {n: m for n, (m, _) in self._moments().items()}
+        return {b.name: b.split(self._block_stat(b, "mean")) for b in self._blocks()}
 
     def variance(self, correction=0):
         """dict name -> per-element variance over the batch, sum_b (g_b - mean)^2 / (B - correction)."""
@@ -334,7 +350,8 @@ class PerSampleGradients:
         if not 0 <= correction < B:
             raise ValueError(f"variance: correction must be in [0, B) = [0, {B}), got {correction}")
         scale = B / (B - correction)
-        return {n: v * scale if correction else v for n, (_, v) in self._moments().items()}
+        out = {b.name: b.split(self._block_stat(b, "variance")) for b in self._blocks()}
+        return {n: v * scale for n, v in out.items()} if correction else out
 
     def _as_dict(self, vectors, blocks, op):
         """Normalise vectors (dict name -> (K, *shape), or flat (K, P) over the names) to (dict, K)."""

@@ -66,3 +66,9 @@ def per_sample_weighted_sum(A, D, W):
     for rows, G in _gradient_slices(A, D):
         out[:, rows] = torch.einsum("bk,boi->koi", W, G)
     return out
+
+
+def per_sample_stats(A, D):
+    """(sq_norms, gram, mean, var) together."""
+    check_layer_pair(A, D, "per_sample_stats")
+    return (per_sample_sq_norms(A, D), per_sample_gram(A, D)) + per_sample_moments(A, D)

@@ -6,7 +6,7 @@ from landscape_kernels import ops, reference
 from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, randn
 
 OPS = ["per_sample_sq_norms", "per_sample_gram", "per_sample_moments", "per_sample_project",
-       "per_sample_cov_matvec", "per_sample_weighted_sum"]
+       "per_sample_cov_matvec", "per_sample_weighted_sum", "per_sample_stats"]
 
 # (B, T, in, out); T None means 2-D inputs. Chosen to take every route of the kernels: T = 1, the Gram
 # and the direct forms for T > 1, projections through the smaller of in / out, scaling of A or of D.
@@ -56,7 +56,7 @@ def test_ops_match_float64_reference(shape, contiguous, dtype, device, backend, 
 def test_tiled_paths_large_layer(device, gen):
     # B * out * in above the kernels' tile budget: the T > 1 variance runs over several tiles.
     A, D, V, W = make_inputs((64, 3, 300, 300), 2, torch.float64, device, gen, True)
-    for name in ["per_sample_moments", "per_sample_sq_norms", "per_sample_gram", "per_sample_cov_matvec"]:
+    for name in ["per_sample_moments", "per_sample_sq_norms", "per_sample_gram", "per_sample_cov_matvec", "per_sample_stats"]:
         args = args_for(name, A, D, V, W)
         out = getattr(ops, name)(*args)
         for o, r in zip(out if isinstance(out, tuple) else (out,), oracle(name, args)):
@@ -125,6 +125,8 @@ def _bad_inputs():
         ("per_sample_cov_matvec", (A, D, V.reshape(2, 6)), ValueError, "V \\(directions\\)"),
         ("per_sample_weighted_sum", (A, D, W[:3]), ValueError, "W \\(weights\\) must have shape"),
         ("per_sample_weighted_sum", (A, D, W.double()), TypeError, "W must have A's dtype"),
+        ("per_sample_gram", (A, D.to("meta")), ValueError, "D must be on A's device cpu, got meta"),
+        ("per_sample_project", (A, D, V.to("meta")), ValueError, "V must be on A's device"),
     ]
 
 

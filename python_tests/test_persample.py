@@ -111,6 +111,13 @@ def test_statistics_match_vmap(model_name, reduction, device, backend, gen):
         out = ps.cov_matvec(as_dict)
         assert list(out) == ps.param_names
         assert_close(torch.cat([out[n].reshape(3, -1) for n in ps.param_names], 1), V @ C1, tol, what="cov_matvec (dict)")
+        # all four together, in one pass per layer, and the caches it fills
+        together = ps.stats()
+        assert_close(together["gram"], G @ G.T, tol, what="stats() gram")
+        assert_close(together["sq_norms"], G.square().sum(1), tol, what="stats() sq_norms")
+        var_t = torch.cat([together["variance"][n].flatten() for n in ps.param_names])
+        assert_close(var_t, G.var(0, unbiased=False), tol, what="stats() variance")
+        assert_close(ps.gram(), G @ G.T, tol, what="gram after stats()")
         # the parameter shapes are kept
         for n, p in model.named_parameters():
             assert ps.mean()[n].shape == p.shape and ps.variance()[n].shape == p.shape
