@@ -11,6 +11,7 @@ argument; the raw ``torch.ops`` entries only check shapes, dtypes and devices. T
 differentiable: they compute statistics of gradients already taken.
 """
 import contextlib
+import importlib.util
 import os
 import threading
 
@@ -33,13 +34,24 @@ SCHEMAS = {
 BACKENDS = ("auto", "compiled", "reference")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
-try:
-    from . import _C  # noqa: F401  (loading it registers the compiled ops)
+def _load_extension():
+    """(module, None) when the compiled extension loads, else (None, why): a missing or broken build
+    must not break the package."""
+    try:
+        from . import _C  # loading it registers the compiled ops
 
-    EXTENSION_ERROR = None
-except Exception as exc:  # a missing or broken build must not break the package
-    _C = None
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+        return _C, None
+    except Exception as exc:
+        try:
+            built = importlib.util.find_spec(f"{__package__}._C") is not None
+        except (ImportError, ValueError, AttributeError):
+            built = False
+        if not built:
+            return None, "not built (installed with LANDSCAPE_KERNELS_NO_EXT=1, or the build was skipped)"
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_C, EXTENSION_ERROR = _load_extension()
 
 
 def _has_compiled_kernel(name, device_key):
