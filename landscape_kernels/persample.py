@@ -209,7 +209,7 @@ class PerSampleGradients:
 
     # ------------------------------------------------------------------- recorded layer blocks
     def _blocks(self):
-        """One ``_Block`` per hooked layer, plus one for the vmap-fallback parameters."""
+        """One ``_Block`` per parameter: the weight and bias of each hooked layer, then the fallback ones."""
         if "blocks" in self._cache:
             return self._cache["blocks"]
         if self._handles:
