@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "lanczos.h"
 #include "persample.h"
 
 extern "C" {
@@ -24,6 +25,7 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.def("per_sample_cov_matvec(Tensor A, Tensor D, Tensor V) -> Tensor");
   m.def("per_sample_weighted_sum(Tensor A, Tensor D, Tensor W) -> Tensor");
   m.def("per_sample_stats(Tensor A, Tensor D) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lanczos_reorth(Tensor Q, Tensor W, int j) -> (Tensor, Tensor)");
 }
 
 #define LK_REGISTER_PERSAMPLE(NS)                                    \
@@ -33,7 +35,8 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.impl("per_sample_project", &NS::per_sample_project);            \
   m.impl("per_sample_cov_matvec", &NS::per_sample_cov_matvec);      \
   m.impl("per_sample_weighted_sum", &NS::per_sample_weighted_sum);  \
-  m.impl("per_sample_stats", &NS::per_sample_stats);
+  m.impl("per_sample_stats", &NS::per_sample_stats);                \
+  m.impl("lanczos_reorth", &NS::lanczos_reorth);
 
 TORCH_LIBRARY_IMPL(landscape_kernels, CPU, m) { LK_REGISTER_PERSAMPLE(cpu) }
 

@@ -4,12 +4,14 @@ Public API (small and explicit):
     PerSampleGradients   per-sample gradient statistics of a model from one backward pass
     ops                  the compiled ops (torch.ops.landscape_kernels.<name>) with validation
     reference            the pure-torch reference of every op
+    lanczos_eigs         extreme eigenpairs of a symmetric operator (block Lanczos, full reorthogonalisation)
     info()               which backends are active
 """
 __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402  (ops registers the operators)
 from ._info import info  # noqa: E402
+from .lanczos import EigenResult, lanczos_eigs  # noqa: E402
 from .persample import PerSampleGradients  # noqa: E402
 
-__all__ = ["PerSampleGradients", "ops", "reference", "info", "__version__"]
+__all__ = ["PerSampleGradients", "lanczos_eigs", "EigenResult", "ops", "reference", "info", "__version__"]

@@ -81,3 +81,24 @@ def check_weights(W, A, batch, op):
     if W.shape[1] == 0:
         raise ValueError(f"{op}: W holds no weight vectors (K = 0)")
     _check_like_A(W, "W", A, op)
+
+
+def check_reorth(Q, W, j, op="lanczos_reorth"):
+    check_tensor(Q, "Q", op)
+    check_tensor(W, "W", op)
+    if Q.dim() != 3:
+        raise ValueError(f"{op}: Q (bases) must have shape (C, m, P), got shape {tuple(Q.shape)}")
+    if W.dim() != 3:
+        raise ValueError(f"{op}: W (new vectors) must have shape (C, b, P), got shape {tuple(W.shape)}")
+    if Q.shape[0] != W.shape[0] or Q.shape[2] != W.shape[2]:
+        raise ValueError(f"{op}: Q (C, m, P) and W (C, b, P) must agree in C and P, got Q {tuple(Q.shape)} and W {tuple(W.shape)}")
+    if W.numel() == 0:
+        raise ValueError(f"{op}: W must be non-empty, got shape {tuple(W.shape)}")
+    if not isinstance(j, int) or not 0 <= j <= Q.shape[1]:
+        raise ValueError(f"{op}: j (basis vectors in use) must be an int in [0, m] = [0, {Q.shape[1]}], got {j!r}")
+    if Q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: Q must be float32 or float64, got {Q.dtype}")
+    if W.dtype != Q.dtype:
+        raise TypeError(f"{op}: W must have Q's dtype {Q.dtype}, got {W.dtype}")
+    if W.device != Q.device:
+        raise ValueError(f"{op}: W must be on Q's device {Q.device}, got {W.device}")

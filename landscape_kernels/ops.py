@@ -18,7 +18,7 @@ import threading
 import torch
 
 from . import reference
-from ._checks import check_directions, check_layer_pair, check_weights
+from ._checks import check_directions, check_layer_pair, check_reorth, check_weights
 from ._checks import check_finite as _check_finite
 
 NAMESPACE = "landscape_kernels"
@@ -30,6 +30,7 @@ SCHEMAS = {
     "per_sample_cov_matvec": "(Tensor A, Tensor D, Tensor V) -> Tensor",
     "per_sample_weighted_sum": "(Tensor A, Tensor D, Tensor W) -> Tensor",
     "per_sample_stats": "(Tensor A, Tensor D) -> (Tensor, Tensor, Tensor, Tensor)",
+    "lanczos_reorth": "(Tensor Q, Tensor W, int j) -> (Tensor, Tensor)",
 }
 BACKENDS = ("auto", "compiled", "reference")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -117,6 +118,11 @@ def _(A, D, W):
 def _(A, D):
     B = A.shape[0]
     return A.new_empty(B), A.new_empty(B, B), A.new_empty(D.shape[-1], A.shape[-1]), A.new_empty(D.shape[-1], A.shape[-1])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lanczos_reorth")
+def _(Q, W, j):
+    return W.new_empty(W.shape), W.new_empty(W.shape[:2])
 
 
 _override = threading.local()
@@ -229,3 +235,11 @@ def per_sample_stats(A, D, *, check_finite=True):
     once for all four (the separate ops would build it up to three times)."""
     _checked_pair(A, D, "per_sample_stats", check_finite)
     return _call("per_sample_stats", A, D)
+
+
+def lanczos_reorth(Q, W, j):
+    """Full reorthogonalisation for C Lanczos chains: each chain's new vectors W[c] (b, P) against the
+    first j vectors of its basis Q[c] (m, P), classical Gram-Schmidt applied twice. Returns (W', norms
+    (C, b)). Block Lanczos is C = 1, b = block size; independent chains (SLQ probes) are b = 1."""
+    check_reorth(Q, W, j)
+    return _call("lanczos_reorth", Q, W, j)

@@ -5,7 +5,7 @@ of output rows at a time, so memory stays bounded by ``_SLICE_ELEMENTS`` and eac
 """
 import torch
 
-from ._checks import check_directions, check_layer_pair, check_weights
+from ._checks import check_directions, check_layer_pair, check_reorth, check_weights
 
 _SLICE_ELEMENTS = 1 << 22
 
@@ -72,3 +72,15 @@ def per_sample_stats(A, D):
     """(sq_norms, gram, mean, var) together."""
     check_layer_pair(A, D, "per_sample_stats")
     return (per_sample_sq_norms(A, D), per_sample_gram(A, D)) + per_sample_moments(A, D)
+
+
+def lanczos_reorth(Q, W, j):
+    """Classical Gram-Schmidt, applied twice, of each chain's new vectors W[c] (b, P) against the first
+    j vectors of its basis Q[c] (m, P); returns the orthogonalised vectors and their norms (C, b)."""
+    check_reorth(Q, W, j)
+    w = W.clone()
+    if j:
+        q = Q[:, :j]
+        for _ in range(2):
+            w = w - (q @ w.transpose(1, 2)).transpose(1, 2) @ q
+    return w, w.norm(dim=2)

@@ -2,6 +2,7 @@
 // passes; the GEMM-shaped parts are shared with CUDA in persample_common.h.
 #include "../persample.h"
 #include "../persample_common.h"
+#include "simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,11 +26,6 @@ constexpr int64_t kCols = 32;
 // Rows of X summed in the input precision before being flushed into the float64 totals.
 constexpr int64_t kFlush = 64;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LK_CPU_CLONES __attribute__((target_clones("fma", "default")))
-#else
-#define LK_CPU_CLONES
-#endif
 
 // acc[j] += (d * x[j] - m[j])^2 for j < n. d * x - m is one fused multiply-add (one rounding), so a
 // float32 deviation keeps full precision even when the mean is many times the spread. Compiled for
@@ -177,19 +173,6 @@ int64_t centred_sq_columns_avx2(const CentredSqTile<scalar_t>& t, int64_t nj) {
   return t.j0 + done;
 }
 #endif
-
-template <typename scalar_t>
-__attribute__((always_inline)) inline scalar_t dot(const scalar_t* __restrict u, const scalar_t* __restrict x,
-                                                   int64_t n) {
-  scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += u[j] * x[j];
-  return s;
-}
-LK_CPU_CLONES float dot_f(const float* u, const float* x, int64_t n) { return dot(u, x, n); }
-LK_CPU_CLONES double dot_d(const double* u, const double* x, int64_t n) { return dot(u, x, n); }
-inline float dot_any(const float* u, const float* x, int64_t n) { return dot_f(u, x, n); }
-inline double dot_any(const double* u, const double* x, int64_t n) { return dot_d(u, x, n); }
 
 struct CpuKernels {
   static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale) {

@@ -1,0 +1,225 @@
+"""Block Lanczos with full reorthogonalisation: extreme eigenpairs of symmetric operators.
+
+An operator is anything with ``shape`` (P, P), ``dtype``, ``device`` and ``matmat(V)`` for V of shape
+(P, K) (one pass over the data for all K columns), or a dense symmetric tensor. The reorthogonalisation
+of every new block against the whole basis (classical Gram-Schmidt twice) is the compiled op
+``lanczos_reorth``; the block tridiagonal matrix is solved in float64.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+WHICH = ("LA", "SA", "LM", "BE")
+
+
+class DenseOperator:
+    """A dense symmetric matrix as an operator (tests, small problems)."""
+
+    def __init__(self, matrix):
+        if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"DenseOperator: matrix must be a square 2-D tensor, got {getattr(matrix, 'shape', matrix)}")
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    def matmat(self, V):
+        return self.matrix @ V
+
+
+def as_operator(op):
+    if isinstance(op, torch.Tensor):
+        return DenseOperator(op)
+    if not all(hasattr(op, a) for a in ("matmat", "shape", "dtype", "device")):
+        raise TypeError("lanczos: op must be a square tensor or an operator with shape, dtype, device and matmat(V)")
+    return op
+
+
+class _Counted:
+    """Counts operator products (columns) and checks what comes back."""
+
+    def __init__(self, op, name):
+        self.op, self.name, self.products = op, name, 0
+
+    def __call__(self, V, step):
+        out = self.op.matmat(V)
+        self.products += V.shape[1]
+        if out.shape != V.shape:
+            raise ValueError(f"{self.name}: op.matmat returned shape {tuple(out.shape)} for input {tuple(V.shape)}")
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError(f"{self.name}: the operator returned NaN/Inf at Lanczos step {step}")
+        return out
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs from ``lanczos_eigs``: eigenvalues (k,) float64 in the order ``which`` asks for,
+    eigenvectors (P, k) in the operator's dtype, true residual norms ||A v - lambda v|| (k,) float64."""
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: bool
+    num_steps: int
+    num_products: int
+
+    def to_dict(self):
+        return {
+            "eigenvalues": self.eigenvalues.tolist(),
+            "residuals": self.residuals.tolist(),
+            "converged": self.converged,
+            "num_steps": self.num_steps,
+            "num_products": self.num_products,
+        }
+
+
+def _select(theta, k, which):
+    """Indices of the k wanted Ritz values (theta ascending), in the order they are reported."""
+    n = theta.numel()
+    if which == "LA":
+        return torch.arange(n - 1, n - 1 - k, -1)
+    if which == "SA":
+        return torch.arange(k)
+    if which == "LM":
+        return torch.argsort(theta.abs(), descending=True)[:k]
+    high = (k + 1) // 2  # BE: half from each end, the extra one from the high end
+    return torch.cat([torch.arange(n - 1, n - 1 - high, -1), torch.arange(k - high)])
+
+
+def check_symmetric(op, seed=0, rtol=1e-6):
+    """Probe u^T A v against v^T A u for random u, v; raise ValueError if they differ."""
+    op = as_operator(op)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    UV = torch.randn(op.shape[0], 2, generator=g, dtype=torch.float64).to(op.device, op.dtype)
+    AUV = op.matmat(UV)
+    a, b = float(UV[:, 0] @ AUV[:, 1]), float(UV[:, 1] @ AUV[:, 0])
+    scale = float(AUV.norm() * UV.norm())
+    if abs(a - b) > rtol * max(scale, 1e-300):
+        raise ValueError(f"lanczos: the operator is not symmetric (u^T A v = {a:.6g}, v^T A u = {b:.6g})")
+
+
+def _extend_basis(Q, used, W, gen, tol, step):
+    """Orthonormalise the b rows of W (b, P) against Q[:used] and each other and store them as rows
+    used .. used + b of Q (views of Q are passed to the op: the basis is never copied). A row that
+    vanishes (an invariant subspace was found) is replaced by a random direction orthogonal to
+    everything so far, with a zero coupling. Returns the upper triangular coupling B (b, b) float64."""
+    b = W.shape[0]
+    B = torch.zeros(b, b, dtype=torch.float64)
+    for c in range(b):
+        n = used + c
+        basis = Q[:n].unsqueeze(0)
+        w, norm = ops.lanczos_reorth(basis, W[c : c + 1].unsqueeze(0), n)
+        if c:  # couplings with the block's earlier vectors
+            B[:c, c] = (Q[used:n].double() @ W[c].double()).cpu()
+        norm = float(norm)
+        if norm > tol:
+            B[c, c] = norm
+        else:  # breakdown: restart this direction at random in the orthogonal complement
+            for _ in range(3):
+                r = torch.randn(1, 1, W.shape[1], generator=gen, dtype=torch.float64).to(W.device, W.dtype)
+                w, norm = ops.lanczos_reorth(basis, r, n)
+                norm = float(norm)
+                if norm > 1e-3 * float(r.norm()):
+                    break
+            else:
+                raise RuntimeError(f"lanczos_eigs: could not extend the basis at step {step} (dimension exhausted?)")
+        Q[n] = w[0, 0] / norm
+    return B
+
+
+def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, block_size=1,
+                 check_symmetry=False):
+    """Extreme eigenpairs of a symmetric operator by block Lanczos with full reorthogonalisation.
+
+    Args:
+        op: square tensor or operator with ``matmat``.
+        k: number of eigenpairs.
+        which: "LA" largest algebraic, "SA" smallest, "LM" largest magnitude, "BE" both ends.
+        num_iter: maximum number of block steps (basis size num_iter * block_size); default grows with k.
+        tol: convergence when the residual estimate of every wanted pair is <= tol * ||A|| (the largest
+            Ritz magnitude).
+        v0: warm start: a (P,) vector or (P, r) earlier eigenvectors; their span seeds the first block
+            (with a small random part, so directions outside it stay reachable).
+        seed: seed of every random draw.
+        block_size: vectors per step; use at least the multiplicity of repeated wanted eigenvalues.
+        check_symmetry: probe the operator for symmetry first (two products).
+    Returns: ``EigenResult`` with true residual norms (one extra product per eigenpair).
+    """
+    op = as_operator(op)
+    P = op.shape[0]
+    if op.shape != (P, P):
+        raise ValueError(f"lanczos_eigs: op must be square, got shape {op.shape}")
+    if which not in WHICH:
+        raise ValueError(f"lanczos_eigs: which must be one of {WHICH}, got {which!r}")
+    if not isinstance(k, int) or not 1 <= k <= P:
+        raise ValueError(f"lanczos_eigs: k must be an int in [1, {P}] (the operator's dimension), got {k!r}")
+    b = int(block_size)
+    if not 1 <= b <= P:
+        raise ValueError(f"lanczos_eigs: block_size must be in [1, {P}], got {block_size!r}")
+    if check_symmetry:
+        check_symmetric(op, seed=seed)
+    max_steps = math.ceil(P / b)
+    if num_iter is None:
+        num_iter = max(math.ceil((4 * k + 40) / b), 10)
+    num_iter = min(int(num_iter), max_steps)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    apply = _Counted(op, "lanczos_eigs")
+    dtype, device = op.dtype, op.device
+
+    start = torch.randn(b, P, generator=gen, dtype=torch.float64)
+    if v0 is not None:
+        v0 = v0.reshape(P, -1).T.double().cpu()
+        if not bool(torch.isfinite(v0).all()):
+            raise ValueError("lanczos_eigs: v0 contains NaN/Inf")
+        seeds = v0 / v0.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        if seeds.shape[0] > b:  # fold the earlier vectors into the block
+            seeds = torch.stack([s.sum(0) for s in seeds.chunk(b)])
+        start[: seeds.shape[0]] = seeds + 1e-3 * start[: seeds.shape[0]] / math.sqrt(P)
+    Q = torch.zeros(num_iter * b + b, P, dtype=dtype, device=device)
+    _extend_basis(Q, 0, start.to(device, dtype), gen, 0.0, 0)
+
+    T = torch.zeros(num_iter * b, num_iter * b, dtype=torch.float64)
+    norm_estimate, converged, steps = 0.0, False, 0
+    theta = S = None
+    for j in range(num_iter):
+        steps = j + 1
+        lo, hi = j * b, (j + 1) * b
+        Qj = Q[lo:hi]
+        U = apply(Qj.T, j).T  # (b, P)
+        alpha = (Qj.double() @ U.double().T)
+        alpha = 0.5 * (alpha + alpha.T)
+        T[lo:hi, lo:hi] = alpha
+        m = hi  # basis size so far
+        theta, S = torch.linalg.eigh(T[:m, :m])
+        norm_estimate = max(norm_estimate, float(theta.abs().max()))
+        if m >= P:  # the whole space: exact
+            converged = True
+            break
+        W = U - (alpha.T.to(dtype).to(device) @ Qj)
+        if j > 0:
+            W = W - T[lo - b : lo, lo:hi].T.to(dtype).to(device) @ Q[lo - b : lo]
+        breakdown_tol = 1e-12 * max(norm_estimate, 1e-300) if dtype == torch.float64 else 1e-6 * max(norm_estimate, 1e-30)
+        Bj = _extend_basis(Q, hi, W, gen, breakdown_tol, j)
+        if hi < T.shape[0]:
+            T[hi : hi + b, lo:hi] = Bj
+            T[lo:hi, hi : hi + b] = Bj.T
+        # residual estimates of the wanted Ritz pairs: ||B_j S[last block, i]||
+        wanted = _select(theta, min(k, m), which)
+        if m >= k:
+            res = (Bj @ S[lo:hi][:, wanted]).norm(dim=0)
+            if bool((res <= tol * norm_estimate).all()):
+                converged = True
+                break
+    m = steps * b
+    theta, S = torch.linalg.eigh(T[:m, :m])
+    if m < k:
+        raise RuntimeError(f"lanczos_eigs: the basis has {m} vectors, fewer than k = {k}; raise num_iter")
+    wanted = _select(theta, k, which)
+    values = theta[wanted]
+    vectors = (S[:, wanted].T.to(dtype).to(device) @ Q[:m]).T  # (P, k)
+    AV = apply(vectors, steps)
+    residuals = (AV - vectors * values.to(dtype).to(device)).norm(dim=0).double().cpu()
+    return EigenResult(values, vectors, residuals, converged, steps, apply.products)

@@ -1,0 +1,176 @@
+"""lanczos_reorth against its reference, and lanczos_eigs on symmetric matrices with known spectra."""
+import pytest
+import torch
+
+from landscape_kernels import ops, reference
+from landscape_kernels.lanczos import DenseOperator, check_symmetric, lanczos_eigs
+from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, randn
+
+
+# ------------------------------------------------------------------------------- lanczos_reorth
+def orthonormal_bases(C, m, P, dtype, device, gen):
+    q = torch.linalg.qr(torch.randn(C, P, m, dtype=torch.float64, generator=gen))[0]
+    return q.transpose(1, 2).contiguous().to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C,m,P,b,j", [(1, 1, 1, 1, 0), (1, 5, 7, 1, 5), (3, 12, 3001, 2, 9), (2, 30, 1025, 3, 17),
+                                       (4, 8, 64, 1, 8)], ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+def test_reorth_matches_reference(C, m, P, b, j, contiguous, dtype, device, backend, gen):
+    Q = orthonormal_bases(C, m, P, dtype, device, gen) if P >= m else torch.zeros(C, m, P, dtype=dtype, device=device)
+    W = randn(C, b, P, dtype=dtype, device=device, generator=gen, contiguous=contiguous)
+    with ops.use_backend(backend):
+        w, norms = ops.lanczos_reorth(Q, W, j)
+    w_ref, n_ref = reference.lanczos_reorth(Q.double().cpu(), W.double().cpu(), j)
+    assert w.shape == W.shape and norms.shape == (C, b) and w.dtype == dtype
+    assert_close(w, w_ref, dtype, what="vectors")
+    assert_close(norms, n_ref, dtype, what="norms")
+    if j:  # orthogonal to the basis in use
+        overlap = (Q[:, :j].double() @ w.double().transpose(1, 2)).abs().max()
+        assert overlap <= (1e-12 if dtype == torch.float64 else 1e-5) * float(W.abs().max()) * P ** 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reorth_opcheck(device, gen):
+    Q = orthonormal_bases(2, 6, 40, torch.float64, device, gen)
+    W = torch.randn(2, 2, 40, dtype=torch.float64, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.landscape_kernels.lanczos_reorth.default, (Q, W, 4))
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.zeros(2, 3), torch.zeros(1, 1, 3), 0), ValueError, "Q \\(bases\\) must have shape"),
+    ((torch.zeros(1, 3, 5), torch.zeros(1, 1, 4), 0), ValueError, "agree in C and P"),
+    ((torch.zeros(1, 3, 5), torch.zeros(1, 1, 5), 4), ValueError, "j \\(basis vectors in use\\)"),
+    ((torch.zeros(1, 3, 5), torch.zeros(1, 1, 5).double(), 1), TypeError, "W must have Q's dtype"),
+    ((torch.zeros(1, 3, 5), torch.zeros(1, 0, 5), 1), ValueError, "W must be non-empty"),
+])
+def test_reorth_bad_input(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.lanczos_reorth(*args)
+
+
+# -------------------------------------------------------------------------------- lanczos_eigs
+def matrix_with_spectrum(eigenvalues, gen, dtype=torch.float64):
+    P = eigenvalues.numel()
+    V = torch.linalg.qr(torch.randn(P, P, dtype=torch.float64, generator=gen))[0]
+    return ((V * eigenvalues.double()) @ V.T).to(dtype), eigenvalues.double()
+
+
+def expected(eigenvalues, k, which):
+    lam = torch.sort(eigenvalues).values
+    if which == "LA":
+        return lam.flip(0)[:k]
+    if which == "SA":
+        return lam[:k]
+    if which == "LM":
+        return lam[torch.argsort(lam.abs(), descending=True)][:k]
+    high = (k + 1) // 2
+    return torch.cat([lam.flip(0)[:high], lam[: k - high]])
+
+
+def geometric(P, gen):  # a few outliers decaying geometrically over a bulk, as Hessians look
+    return torch.cat([10.0 * 0.7 ** torch.arange(12, dtype=torch.float64), 0.05 * torch.rand(P - 12, generator=gen, dtype=torch.float64)])
+
+
+def indefinite(P, gen):
+    head = torch.tensor([9.0, -7.0, 5.0, -4.0, 3.0, -2.5], dtype=torch.float64)
+    return torch.cat([head, 0.2 * (torch.rand(P - 6, generator=gen, dtype=torch.float64) - 0.5)])
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_eigs_indefinite_every_which(which, gen):
+    A, lam = matrix_with_spectrum(indefinite(300, gen), gen)
+    k = 3 if which in ("LA", "SA") else 4  # the wanted pairs are outliers, not the bulk's edge
+    r = lanczos_eigs(A, k, which=which, seed=1)
+    want = expected(lam, k, which)
+    assert r.converged
+    assert torch.allclose(r.eigenvalues, want, rtol=1e-8, atol=1e-8 * 9), (r.eigenvalues, want)
+    assert float(r.residuals.max()) <= 1e-7 * 9
+
+
+@pytest.mark.parametrize("name", ["geometric", "clustered", "ill_conditioned"])
+def test_eigs_top_k_known_spectra(name, gen):
+    P = 400
+    if name == "geometric":
+        lam = geometric(P, gen)
+    elif name == "clustered":
+        lam = torch.cat([torch.tensor([5.0, 5.0 + 1e-3, 5.0 + 2e-3]), torch.rand(P - 3, generator=gen, dtype=torch.float64)])
+    else:  # condition number 1e8
+        lam = torch.logspace(-8, 0, P, dtype=torch.float64)
+    A, lam = matrix_with_spectrum(lam, gen)
+    r = lanczos_eigs(A, 3, which="LA", num_iter=150, seed=2)
+    want = expected(lam, 3, "LA")
+    assert r.converged
+    assert float(((r.eigenvalues - want) / want).abs().max()) <= 1e-8
+    # residuals are the true ones
+    V = r.eigenvectors
+    true = (A @ V - V * r.eigenvalues).norm(dim=0)
+    assert torch.allclose(r.residuals, true, rtol=1e-6, atol=1e-14)
+
+
+def test_eigs_degenerate_with_block(gen):
+    lam = geometric(300, gen)
+    lam[:3] = 20.0  # a triple top eigenvalue
+    A, lam = matrix_with_spectrum(lam, gen)
+    r = lanczos_eigs(A, 4, block_size=3, num_iter=40, seed=3)
+    assert r.converged
+    assert torch.allclose(r.eigenvalues, expected(lam, 4, "LA"), rtol=1e-8)
+    assert float((r.eigenvectors.T @ r.eigenvectors - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-8
+
+
+def test_eigs_float32(gen):
+    A, lam = matrix_with_spectrum(geometric(300, gen), gen, dtype=torch.float32)
+    r = lanczos_eigs(A, 5, tol=1e-6, seed=4)
+    assert r.eigenvectors.dtype == torch.float32
+    assert float(((r.eigenvalues - lam.sort(descending=True).values[:5]) / lam.max()).abs().max()) <= 1e-4
+
+
+def test_warm_start_needs_fewer_products(gen):
+    A, lam = matrix_with_spectrum(geometric(400, gen), gen)
+    cold = lanczos_eigs(A, 5, seed=5)
+    E = torch.randn(400, 400, dtype=torch.float64, generator=gen)
+    A2 = A + 1e-4 * (E + E.T)  # the next step of training: a slightly different Hessian
+    warm = lanczos_eigs(A2, 5, v0=cold.eigenvectors, seed=5)
+    cold2 = lanczos_eigs(A2, 5, seed=6)
+    assert warm.converged and torch.allclose(warm.eigenvalues, cold2.eigenvalues, rtol=1e-8)
+    assert warm.num_products < cold2.num_products
+
+
+def test_breakdown_restarts_in_the_orthogonal_complement(gen):
+    lam = torch.arange(30, 0, -1, dtype=torch.float64)
+    A = torch.diag(lam)
+    v0 = torch.zeros(30, dtype=torch.float64)
+    v0[[5, 9, 20]] = 1.0  # the Krylov space of v0 is 3-dimensional: Lanczos breaks down at step 3
+    r = lanczos_eigs(A, 5, v0=v0, num_iter=30, seed=7)
+    assert torch.allclose(r.eigenvalues, lam[:5], rtol=1e-10)
+
+
+def test_exact_when_the_basis_fills_the_space(gen):
+    A, lam = matrix_with_spectrum(torch.linspace(-1, 1, 12, dtype=torch.float64), gen)
+    r = lanczos_eigs(A, 12, which="SA")
+    assert r.converged and torch.allclose(r.eigenvalues, lam.sort().values, atol=1e-12)
+
+
+def test_eigs_bad_input(gen):
+    A, _ = matrix_with_spectrum(geometric(20, gen), gen)
+    with pytest.raises(ValueError, match="k must be an int in \\[1, 20\\]"):
+        lanczos_eigs(A, 21)
+    with pytest.raises(ValueError, match="which must be one of"):
+        lanczos_eigs(A, 2, which="largest")
+    with pytest.raises(ValueError, match="not symmetric"):
+        lanczos_eigs(torch.triu(A), 2, check_symmetry=True)
+    check_symmetric(A)
+
+    class NaNAfterTwo(DenseOperator):
+        calls = 0
+
+        def matmat(self, V):
+            self.calls += 1
+            return V * float("nan") if self.calls > 2 else super().matmat(V)
+
+    with pytest.raises(FloatingPointError, match="NaN/Inf at Lanczos step 2"):
+        lanczos_eigs(NaNAfterTwo(A), 2)
+    with pytest.raises(TypeError, match="op must be a square tensor or an operator"):
+        lanczos_eigs([[1.0]], 1)
