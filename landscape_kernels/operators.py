@@ -1,0 +1,297 @@
+"""Matrix-free symmetric operators of a model's training loss over a fixed dataset (DESIGN §2.3).
+
+Every operator has ``shape`` (P, P), ``dtype``, ``device``, ``matmat(V)`` for V of shape (P, K) (one
+pass over the data serves all K columns), ``matvec``, ``@`` and ``to_scipy()``. P counts the chosen
+parameters (``params``: None for all trainable ones, or a list of names), flattened in model order.
+The loss is the mean over the dataset of ``loss_fn(model(x), y)``, which must itself be the mean over
+its batch; batches are weighted by their size. The model is put in eval mode for the products and
+restored afterwards.
+"""
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from .persample import PerSampleGradients
+from . import ops
+
+
+def _as_batches(data, batch_size):
+    """A list of (inputs, targets) batches from a (inputs, targets) pair of tensors or an iterable."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"data: inputs and targets differ in length: {x.shape[0]} and {y.shape[0]}")
+        if x.shape[0] == 0:
+            raise ValueError("data: no samples (an empty dataset)")
+        step = batch_size or x.shape[0]
+        batches = [(x[i : i + step], y[i : i + step]) for i in range(0, x.shape[0], step)]
+    else:
+        batches = [tuple(b) for b in data]
+    batches = [b for b in batches if b[0].shape[0] > 0]
+    if not batches:
+        raise ValueError("data: no samples (an empty dataset or only empty batches)")
+    return batches
+
+
+class Operator:
+    """Base of the symmetric operators: ``matmat`` is the one method a subclass provides."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, V):
+        raise NotImplementedError
+
+    def matvec(self, v):
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def __matmul__(self, x):
+        return self.matvec(x) if x.dim() == 1 else self.matmat(x)
+
+    def _check(self, V):
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ValueError(f"{type(self).__name__}.matmat: V must have shape ({self.shape[0]}, K), got "
+                             f"{tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__}")
+        if V.dtype != self.dtype or V.device != self.device:
+            raise ValueError(f"{type(self).__name__}.matmat: V must be {self.dtype} on {self.device}, got {V.dtype} on {V.device}")
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out), e.g. for ``eigsh``."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mm(X):
+            X = np.asarray(X, dtype=np.float64).reshape(self.shape[0], -1)
+            out = self.matmat(torch.from_numpy(X).to(self.device, self.dtype))
+            return out.detach().double().cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=lambda x: mm(x).reshape(-1), matmat=mm, dtype=np.float64)
+
+
+class _ModelOperator(Operator):
+    """Shared set-up of the operators of a model's loss: data, parameters, flattening, eval mode."""
+
+    def __init__(self, model, loss_fn, data, params=None, batch_size=None):
+        self.model, self.loss_fn = model, loss_fn
+        self.batches = _as_batches(data, batch_size)
+        self.num_samples = sum(b[0].shape[0] for b in self.batches)
+        named = dict(model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            names = list(params)
+            missing = [n for n in names if n not in named]
+            if missing:
+                raise ValueError(f"params: {missing} are not parameters of the model (it has {list(named)})")
+        if not names:
+            raise ValueError("params: no parameters chosen")
+        self.param_names = names
+        self.params = [named[n] for n in names]
+        self.sizes = [p.numel() for p in self.params]
+        P = sum(self.sizes)
+        self.shape = (P, P)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+
+    def _unflatten(self, V):
+        """(P, K) -> list of (K, *shape) per parameter."""
+        return [c.T.reshape(-1, *p.shape) for c, p in zip(torch.split(V, self.sizes), self.params)]
+
+    @staticmethod
+    def _flatten(parts):
+        """list of (K, *shape) -> (P, K)."""
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1).T
+
+    def _eval_mode(self):
+        model = self.model
+
+        class _Eval:
+            def __enter__(self_):
+                self_.was_training = model.training
+                model.eval()
+
+            def __exit__(self_, *exc):
+                model.train(self_.was_training)
+
+        return _Eval()
+
+    def _batch_loss(self, param_values, x, y):
+        values = dict(zip(self.param_names, param_values))
+        return self.loss_fn(functional_call(self.model, values, (x,), strict=False), y)
+
+    def _weight(self, x):
+        return x.shape[0] / self.num_samples
+
+
+class HessianOperator(_ModelOperator):
+    """Hessian of the mean training loss. ``method``: "double_backward" (default; with ``keep_graph``
+    the gradient graphs of all batches are kept across products, trading memory for one forward and
+    backward per product), "forward_over_reverse" (torch.func jvp of grad, vmapped over the K columns)
+    or "finite_difference" (central differences of gradients, for models without double backward)."""
+
+    METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
+
+    def __init__(self, model, loss_fn, data, params=None, method="double_backward", batch_size=None,
+                 keep_graph=False, fd_eps=None):
+        super().__init__(model, loss_fn, data, params, batch_size)
+        if method not in self.METHODS:
+            raise ValueError(f"HessianOperator: method must be one of {self.METHODS}, got {method!r}")
+        self.method, self.keep_graph, self.fd_eps = method, keep_graph, fd_eps
+        self._graphs = None
+
+    def matmat(self, V):
+        self._check(V)
+        with self._eval_mode():
+            product = getattr(self, "_" + self.method)
+            return product(V)
+
+    def _gradients_with_graph(self):
+        if self._graphs is not None:
+            return self._graphs
+        graphs = []
+        for x, y in self.batches:
+            values = [p.detach().requires_grad_(True) for p in self.params]
+            loss = self._batch_loss(values, x, y) * self._weight(x)
+            graphs.append((values, torch.autograd.grad(loss, values, create_graph=True)))
+        if self.keep_graph:
+            self._graphs = graphs
+        return graphs
+
+    def _double_backward(self, V):
+        vs = self._unflatten(V)
+        out = [torch.zeros_like(v) for v in vs]
+        for values, grads in self._gradients_with_graph():
+            hv = torch.autograd.grad(grads, values, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
+            for o, h in zip(out, hv):
+                o.add_(h)
+        return self._flatten(out)
+
+    def _forward_over_reverse(self, V):
+        vs = self._unflatten(V)
+        primals = tuple(p.detach() for p in self.params)
+        out = [torch.zeros_like(v) for v in vs]
+        for x, y in self.batches:
+            w = self._weight(x)
+
+            def grad_fn(*values, x=x, y=y, w=w):
+                return grad(lambda *vals: self._batch_loss(vals, x, y) * w, argnums=tuple(range(len(values))))(*values)
+
+            def hvp(*tangents):
+                return jvp(grad_fn, primals, tangents)[1]
+
+            for o, h in zip(out, vmap(hvp)(*vs)):
+                o.add_(h)
+        return self._flatten(out)
+
+    def _full_gradient(self, values):
+        total = [torch.zeros_like(v) for v in values]
+        for x, y in self.batches:
+            vals = [v.detach().requires_grad_(True) for v in values]
+            for t, g in zip(total, torch.autograd.grad(self._batch_loss(vals, x, y) * self._weight(x), vals)):
+                t.add_(g)
+        return total
+
+    def _finite_difference(self, V):
+        theta = [p.detach() for p in self.params]
+        scale = 1.0 + float(torch.sqrt(sum(t.double().pow(2).sum() for t in theta)))
+        eps0 = self.fd_eps or (torch.finfo(self.dtype).eps ** (1 / 3)) * scale
+        cols, vs = [], self._unflatten(V)
+        for k in range(V.shape[1]):
+            vk = [c[k] for c in vs]
+            norm = float(torch.sqrt(sum(c.double().pow(2).sum() for c in vk)))
+            if norm == 0:
+                cols.append(torch.zeros(self.shape[0], dtype=self.dtype, device=self.device))
+                continue
+            eps = eps0 / norm
+            plus = self._full_gradient([t + eps * c for t, c in zip(theta, vk)])
+            minus = self._full_gradient([t - eps * c for t, c in zip(theta, vk)])
+            cols.append(torch.cat([((a - b) / (2 * eps)).reshape(-1) for a, b in zip(plus, minus)]))
+        return torch.stack(cols, 1)
+
+
+class GGNOperator(_ModelOperator):
+    """Generalised Gauss-Newton J^T H_out J averaged over the data, H_out the Hessian of the loss in the
+    model outputs (exact for any loss: taken by double backward in output space, e.g. diag(s) - s s^T
+    per sample for cross-entropy)."""
+
+    def matmat(self, V):
+        self._check(V)
+        vs = self._unflatten(V)
+        primals = tuple(p.detach() for p in self.params)
+        out = [torch.zeros_like(v) for v in vs]
+        with self._eval_mode():
+            for x, y in self.batches:
+                w = self._weight(x)
+
+                def f(*values, x=x):
+                    return functional_call(self.model, dict(zip(self.param_names, values)), (x,), strict=False)
+
+                Jv = vmap(lambda *t: jvp(f, primals, t)[1])(*vs)  # (K, *output)
+                o = f(*primals).detach().requires_grad_(True)
+                g = torch.autograd.grad(self.loss_fn(o, y) * w, o, create_graph=True)[0]
+                HJv = torch.autograd.grad(g, o, grad_outputs=Jv, is_grads_batched=True)[0]
+                values = [p.detach().requires_grad_(True) for p in self.params]
+                outputs = f(*values)
+                JtHJv = torch.autograd.grad(outputs, values, grad_outputs=HJv, is_grads_batched=True)
+                for acc, h in zip(out, JtHJv):
+                    acc.add_(h)
+        return self._flatten(out)
+
+
+class NoiseCovarianceOperator(_ModelOperator):
+    """Per-sample gradient covariance over the dataset, C_1 = (1/N) sum_n (g_n - g)(g_n - g)^T (SPEC
+    conventions), applied through the fused per-sample kernels: layer inputs and output gradients are
+    recorded once (one forward and backward per batch) and every product is a projection and a weighted
+    sum over them, never an N x P matrix. ``sgd_batch_size`` B' returns the SGD noise covariance C_1 / B'
+    instead (times (N - B') / (N - 1) with ``without_replacement``). Supports the layers
+    ``PerSampleGradients`` supports."""
+
+    centred = True
+
+    def __init__(self, model, loss_fn, data, params=None, batch_size=None, sgd_batch_size=None,
+                 without_replacement=False):
+        super().__init__(model, loss_fn, data, params, batch_size)
+        modules = {n.rsplit(".", 1)[0] if "." in n else "" for n in self.param_names}
+        self.scale = 1.0
+        if sgd_batch_size is not None:
+            if not isinstance(sgd_batch_size, int) or not 1 <= sgd_batch_size <= self.num_samples:
+                raise ValueError(f"sgd_batch_size must be an int in [1, N = {self.num_samples}], got {sgd_batch_size!r}")
+            self.scale = 1.0 / sgd_batch_size
+            if without_replacement:
+                N = self.num_samples
+                self.scale *= (N - sgd_batch_size) / max(N - 1, 1)
+        self._recorded = []
+        with self._eval_mode():
+            for x, y in self.batches:
+                ps = PerSampleGradients(model, layers=sorted(modules), loss_reduction="mean")
+                values = [p for n, p in model.named_parameters() if n in ps.param_shapes]
+                with ps:
+                    torch.autograd.grad(loss_fn(model(x), y), values, allow_unused=True)
+                self._recorded.append(ps)
+        order = self._recorded[0].param_names
+        if sorted(order) != sorted(self.param_names):
+            raise ValueError(f"params: the per-sample kernels cover {order}, the operator was asked for {self.param_names}")
+
+    def matmat(self, V):
+        self._check(V)
+        vs = dict(zip(self.param_names, self._unflatten(V)))
+        K = V.shape[1]
+        projections = [ps.project({n: vs[n] for n in ps.param_names}) for ps in self._recorded]  # (B_i, K)
+        s = torch.cat(projections)
+        if self.centred:
+            s = s - s.mean(0)
+        s = s / self.num_samples
+        out = {n: torch.zeros_like(vs[n]) for n in self.param_names}
+        start = 0
+        for ps, proj in zip(self._recorded, projections):
+            weights = s[start : start + proj.shape[0]]
+            start += proj.shape[0]
+            for b in ps._blocks():
+                res = ops.per_sample_weighted_sum(b.A, b.D, weights, check_finite=False)
+                out[b.name] += b.split(res).reshape(K, *b.shape)
+        return self._flatten([out[n] for n in self.param_names]) * self.scale
+
+
+class FisherOperator(NoiseCovarianceOperator):
+    """Empirical Fisher, the uncentred second moment (1/N) sum_n g_n g_n^T of the per-sample gradients."""
+
+    centred = False

@@ -1,0 +1,150 @@
+"""Matrix-free operators against explicitly formed matrices of small models (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from landscape_kernels import lanczos_eigs
+from landscape_kernels.operators import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
+
+
+def problem(kind, gen, N=21):
+    torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=gen)))
+    model = mlp() if kind == "mlp" else cnn()
+    x = torch.randn(N, 6, dtype=torch.float64, generator=gen) if kind == "mlp" else \
+        torch.randn(N, 1, 5, 5, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (N,), generator=gen)
+    return model, x, y
+
+
+def flat_function(model, names, fn):
+    params = dict(model.named_parameters())
+    shapes, sizes = [params[n].shape for n in names], [params[n].numel() for n in names]
+
+    def f(theta):
+        values = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
+        return fn(functional_call(model, values, (X,)))
+
+    theta0 = torch.cat([params[n].detach().flatten() for n in names])
+    return f, theta0
+
+
+X = None
+
+
+def dense_hessian(model, x, y, names):
+    global X
+    X = x
+    f, theta0 = flat_function(model, names, lambda out: F.cross_entropy(out, y))
+    return torch.autograd.functional.hessian(f, theta0)
+
+
+def dense_ggn(model, x, y, names):
+    global X
+    X = x
+    f, theta0 = flat_function(model, names, lambda out: out)
+    J = torch.autograd.functional.jacobian(f, theta0)  # (N, C, P)
+    s = f(theta0).detach().softmax(1)
+    H_out = (torch.diag_embed(s) - s[:, :, None] * s[:, None, :]) / x.shape[0]
+    return torch.einsum("ncp,ncd,ndq->pq", J, H_out, J)
+
+
+def per_sample_gradients(model, x, y, names):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = vmap(grad(lambda p, xb, yb: F.cross_entropy(functional_call(model, p, (xb[None],)), yb[None])),
+             in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[n].flatten(1) for n in names], 1)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("method", HessianOperator.METHODS)
+def test_hessian_methods_match_the_dense_hessian(kind, method, gen):
+    model, x, y = problem(kind, gen)
+    model.train()
+    op = HessianOperator(model, F.cross_entropy, (x, y), method=method, batch_size=8)
+    H = dense_hessian(model, x, y, op.param_names)
+    V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=gen)
+    assert rel(op.matmat(V), H @ V) <= (1e-8 if method == "finite_difference" else 1e-12)
+    assert rel(op @ V[:, 0], H @ V[:, 0]) <= (1e-8 if method == "finite_difference" else 1e-12)
+    assert model.training  # the mode is restored
+
+
+def test_restricted_parameters_give_the_dense_sub_block(gen):
+    model, x, y = problem("mlp", gen)
+    names = [n for n, _ in model.named_parameters()]
+    H = dense_hessian(model, x, y, names)
+    op = HessianOperator(model, F.cross_entropy, (x, y), params=["2.weight"], keep_graph=True)
+    start = sum(p.numel() for n, p in model.named_parameters() if n in ("0.weight", "0.bias"))
+    block = H[start : start + 15, start : start + 15]
+    V = torch.randn(15, 2, dtype=torch.float64, generator=gen)
+    assert op.shape == (15, 15)
+    assert rel(op.matmat(V), block @ V) <= 1e-12
+    assert rel(op.matmat(V), block @ V) <= 1e-12  # with the kept graph, a second product too
+
+
+def test_ggn_matches_the_dense_gauss_newton(gen):
+    model, x, y = problem("cnn", gen)
+    op = GGNOperator(model, F.cross_entropy, (x, y), batch_size=5)
+    G = dense_ggn(model, x, y, op.param_names)
+    V = torch.randn(op.shape[0], 4, dtype=torch.float64, generator=gen)
+    assert rel(op.matmat(V), G @ V) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_noise_covariance_and_fisher_match_per_sample_gradients(kind, gen):
+    model, x, y = problem(kind, gen)
+    op = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=8)
+    G = per_sample_gradients(model, x, y, op.param_names)
+    C = (G - G.mean(0)).T @ (G - G.mean(0)) / G.shape[0]
+    V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=gen)
+    assert rel(op.matmat(V), C @ V) <= 1e-12
+    fisher = FisherOperator(model, F.cross_entropy, (x, y), batch_size=8)
+    assert rel(fisher.matmat(V), (G.T @ G / G.shape[0]) @ V) <= 1e-12
+    sgd = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), sgd_batch_size=4, without_replacement=True)
+    assert rel(sgd.matmat(V), C @ V / 4 * (21 - 4) / 20) <= 1e-12
+    # the noise spectrum from Lanczos is the spectrum of the dense covariance
+    top = lanczos_eigs(op, 3, seed=1)
+    assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(C).flip(0)[:3], rtol=1e-8)
+
+
+def test_lanczos_on_the_hessian_and_the_scipy_bridge(gen):
+    from scipy.sparse.linalg import eigsh
+
+    model, x, y = problem("mlp", gen)
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    H = dense_hessian(model, x, y, op.param_names)
+    want = torch.linalg.eigvalsh(H).flip(0)[:3]
+    got = lanczos_eigs(op, 3, seed=2)
+    assert torch.allclose(got.eigenvalues, want, rtol=1e-8)
+    vals = torch.from_numpy(eigsh(op.to_scipy(), k=3, which="LA", tol=1e-12)[0]).flip(0)
+    assert torch.allclose(vals, want, rtol=1e-8)
+
+
+def test_operator_bad_input(gen):
+    model, x, y = problem("mlp", gen)
+    with pytest.raises(ValueError, match="no samples"):
+        HessianOperator(model, F.cross_entropy, (x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"\['fc.weight'\] are not parameters of the model"):
+        HessianOperator(model, F.cross_entropy, (x, y), params=["fc.weight"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        HessianOperator(model, F.cross_entropy, (x, y), method="exact")
+    with pytest.raises(ValueError, match="inputs and targets differ in length"):
+        HessianOperator(model, F.cross_entropy, (x, y[:3]))
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    with pytest.raises(ValueError, match=r"V must have shape \(53, K\)"):
+        op.matmat(torch.zeros(5, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sgd_batch_size must be an int in"):
+        NoiseCovarianceOperator(model, F.cross_entropy, (x, y), sgd_batch_size=0)
