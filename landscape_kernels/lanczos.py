@@ -267,7 +267,8 @@ def lanczos_quadrature(op, probes, num_steps):
     length = torch.full((n,), steps, dtype=torch.long)  # steps each chain ran before it ended
     live = torch.ones(n, dtype=torch.bool)
     for j in range(steps):
-        idx = live.nonzero().flatten()
+        # while every chain is alive, slices are views; indexing by a tensor would copy all the bases
+        idx = slice(None) if bool(live.all()) else live.nonzero().flatten()
         U = apply(Q[idx, j].T, j).T  # (live, P)
         a = (Q[idx, j] * U).sum(1).double().cpu()
         alpha[idx, j] = a
@@ -282,7 +283,8 @@ def lanczos_quadrature(op, probes, num_steps):
         ended = norms <= (1e-12 if op.dtype == torch.float64 else 1e-6) * scale
         beta[idx, j] = torch.where(ended, torch.zeros_like(norms), norms)
         Q[idx, j + 1] = w[:, 0] / norms.clamp_min(1e-300).to(w.dtype).to(w.device)[:, None]
-        for c in idx[ended].tolist():  # an invariant subspace: this probe's quadrature is exact
+        live_ids = torch.arange(n)[idx]
+        for c in live_ids[ended].tolist():  # an invariant subspace: this probe's quadrature is exact
             live[c] = False
             length[c] = j + 1
         if not bool(live.any()):
