@@ -148,3 +148,12 @@ def test_operator_bad_input(gen):
         op.matmat(torch.zeros(5, 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="sgd_batch_size must be an int in"):
         NoiseCovarianceOperator(model, F.cross_entropy, (x, y), sgd_batch_size=0)
+
+
+def test_wide_products_are_split_into_column_chunks(gen):
+    model, x, y = problem("mlp", gen)
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    H = dense_hessian(model, x, y, op.param_names)
+    V = torch.randn(op.shape[0], 20, dtype=torch.float64, generator=gen)
+    assert op.column_chunk == 8
+    assert rel(op.matmat(V), H @ V) <= 1e-12
