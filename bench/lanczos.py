@@ -179,33 +179,54 @@ def torch_eig_shim():
     torch.eig = eig
 
 
-def density_and_trace(model, x, y, repeats, probes, steps):
-    ph = _pyhessian_module()
+def _optional(fn):
+    """Run a comparison library's part; a missing or failing library is reported, not fatal."""
+    try:
+        return fn()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
 
+
+def density_and_trace(model, x, y, repeats, probes, steps):
     out = {}
     H = lk.HessianOperator(model, F.cross_entropy, (x, y), keep_graph=True)
     V = lk_lanczos.rademacher(H.shape[0], probes, torch.Generator().manual_seed(0), torch.float32)
     H.matmat(V[:, :1])  # builds the kept gradient graph outside the timings
     _, t_batched = timed(lambda: lk_lanczos.lanczos_quadrature(H, V, steps), repeats)
     _, t_seq = timed(lambda: [lk_lanczos.lanczos_quadrature(H, V[:, c : c + 1], steps) for c in range(probes)], repeats)
-    torch_eig_shim()
-    h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-    _, t_ph = timed(lambda: h.density(iter=steps, n_v=probes), repeats)
+
+    def pyhessian_density():
+        torch_eig_shim()
+        h = _pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        return {"s": timed(lambda: h.density(iter=steps, n_v=probes), repeats)[1],
+                "note": "PyHessian density ran on a torch.eig shim (torch.linalg.eigh)"}
+
     out["slq"] = {"probes": probes, "steps": steps, "batched_s": t_batched, "sequential_s": t_seq,
-                  "pyhessian_density_s": t_ph, "note": "PyHessian density ran on a torch.eig shim (torch.linalg.eigh)"}
+                  "pyhessian": _optional(pyhessian_density)}
 
     n = 100
     (tr, se), t_ours = timed(lambda: lk.hutchinson_trace(H, num_probes=n, seed=0), repeats)
-    samples, t_ph_tr = timed(lambda: h.trace(maxIter=n, tol=0.0), repeats)
-    from curvlinops import HessianLinearOperator
-    from curvlinops.trace.hutchinson import hutchinson_trace as cl_hutchinson
 
-    cl = HessianLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), [(x, y)])
-    cl_est, t_cl = timed(lambda: float(cl_hutchinson(cl, n)), repeats)
+    def pyhessian_trace():
+        h = _pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        samples, t = timed(lambda: h.trace(maxIter=n, tol=0.0), repeats)
+        return {"estimate": float(np.mean(samples)), "s": t, "probes": len(samples)}
+
+    def curvlinops_trace():
+        from curvlinops import HessianLinearOperator
+        from curvlinops.trace.hutchinson import hutchinson_trace as cl_hutchinson
+
+        cl = HessianLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), [(x, y)])
+        est, t = timed(lambda: float(cl_hutchinson(cl, n)), repeats)
+        return {"estimate": est, "s": t}
+
     out["hutchinson"] = {"probes": n, "ours": {"estimate": tr, "stderr": se, "s": t_ours},
-                         "pyhessian": {"estimate": float(np.mean(samples)), "s": t_ph_tr, "probes": len(samples)},
-                         "curvlinops": {"estimate": cl_est, "s": t_cl}}
+                         "pyhessian": _optional(pyhessian_trace), "curvlinops": _optional(curvlinops_trace)}
     return out
+
+
+def _ratio(other, ours):
+    return f"{other['s'] / ours:.2f}" if "s" in other else other.get("error", "n/a")
 
 
 def main(argv=None):
@@ -236,7 +257,7 @@ def main(argv=None):
         for name, fn in TOPK.items():
             tol = 1e-6 if name.startswith("landscape") else (1e-5 if "PyHessian" in name else 1e-6)
             try:
-                (vals, n, extra), t = timed(lambda fn=fn: fn(model, x, y, k, tol), repeats)
+                (vals, n, extra), t = timed(lambda fn=fn, k=k, tol=tol: fn(model, x, y, k, tol), repeats)
                 rows[name] = {"s": t, "products": n, "max_rel_err": rel_err(vals, ref[:k]), **extra}
             except Exception as exc:  # reported, not hidden
                 rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
@@ -251,13 +272,13 @@ def main(argv=None):
                   + (f"  (reorthogonalisation {100 * r['reorth_share']:.1f} % of the time)" if "reorth_share" in r else ""))
         report["topk"][str(k)] = rows
     report.update(density_and_trace(model, x, y, repeats, probes=8, steps=80))
-    s = report["slq"]
-    print(f"\nSLQ 8 probes x 80 steps: batched chains {s['sequential_s'] / s['batched_s']:.2f}x faster than the same "
-          f"chains one after another; PyHessian density / ours = {s['pyhessian_density_s'] / s['batched_s']:.2f} ({s['note']})")
-    hu = report["hutchinson"]
-    print(f"Hutchinson 100 probes: PyHessian / ours = {hu['pyhessian']['s'] / hu['ours']['s']:.2f}, "
-          f"curvlinops / ours = {hu['curvlinops']['s'] / hu['ours']['s']:.2f}; estimates {hu['ours']['estimate']:.4f} "
-          f"+- {hu['ours']['stderr']:.4f}, {hu['pyhessian']['estimate']:.4f}, {hu['curvlinops']['estimate']:.4f}")
+    s, hu = report["slq"], report["hutchinson"]
+    print(f"\nSLQ {s['probes']} probes x {s['steps']} steps: batched chains {s['sequential_s'] / s['batched_s']:.2f}x "
+          f"faster than the same chains one after another; PyHessian density / ours = {_ratio(s['pyhessian'], s['batched_s'])}"
+          f" ({s['pyhessian'].get('note', '')})")
+    print(f"Hutchinson {hu['probes']} probes: PyHessian / ours = {_ratio(hu['pyhessian'], hu['ours']['s'])}, "
+          f"curvlinops / ours = {_ratio(hu['curvlinops'], hu['ours']['s'])}; our estimate {hu['ours']['estimate']:.4f} "
+          f"+- {hu['ours']['stderr']:.4f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

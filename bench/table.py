@@ -6,8 +6,38 @@ import json
 import sys
 
 
+def render_lanczos(report):
+    lines = [f"Measured {report['date']} on {report['device']} ({report['threads']} threads, torch {report['torch']}); "
+             f"{report['model']}; {report['samples']} MNIST images; {report['params']:,} parameters; median of "
+             f"{report['repeats']} runs. `x ours` = time / landscape_kernels; error = max relative error of the "
+             "eigenvalues against the tol-1e-12 reference.", ""]
+    for k, rows in report["topk"].items():
+        lines += [f"**top-{k} Hessian eigenvalues**", "", "| method | x ours | Hessian-vector products | max rel. error |",
+                  "|---|---:|---:|---:|"]
+        for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {name} | — | — | {r['error'][:80]} |")
+            else:
+                extra = f" (reorthogonalisation {100 * r['reorth_share']:.1f} % of the time)" if "reorth_share" in r else ""
+                lines.append(f"| {name}{extra} | {r['x_ours']:.2f} | {r['products']} | {r['max_rel_err']:.1e} |")
+        lines.append("")
+    s, h = report["slq"], report["hutchinson"]
+
+    def ratio(other, ours):
+        return f"{other['s'] / ours:.2f}" if "s" in other else other.get("error", "n/a")
+
+    lines.append(f"Spectral density, {s['probes']} probes × {s['steps']} steps: PyHessian `density` / ours = "
+                 f"{ratio(s['pyhessian'], s['batched_s'])}; batched chains vs the same chains one after another: "
+                 f"{s['sequential_s'] / s['batched_s']:.2f}× ({s['pyhessian'].get('note', '')}).  ")
+    lines.append(f"Hutchinson trace, {h['probes']} probes: PyHessian / ours = {ratio(h['pyhessian'], h['ours']['s'])}, "
+                 f"curvlinops / ours = {ratio(h['curvlinops'], h['ours']['s'])}.")
+    return "\n".join(lines)
+
+
 def render(path):
     report = json.load(open(path))
+    if report.get("benchmark") == "lanczos":
+        return render_lanczos(report)
     # On the shared CPU machines only ratios from one run mean something; absolute times only on a GPU.
     absolute = not report["device"].startswith("CPU")
     lines = [f"Measured {report['date']} on {report['device']} ({report['threads']} threads, torch {report['torch']}); "
