@@ -157,3 +157,19 @@ def test_wide_products_are_split_into_column_chunks(gen):
     V = torch.randn(op.shape[0], 20, dtype=torch.float64, generator=gen)
     assert op.column_chunk == 8
     assert rel(op.matmat(V), H @ V) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_top_eigenvalues_of_an_mlp_on_the_sklearn_digits(dtype, gen):
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.data[:300] / 16.0, dtype=dtype)
+    y = torch.tensor(digits.target[:300])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).to(dtype)
+    op = HessianOperator(model, F.cross_entropy, (x, y), batch_size=128)
+    model64 = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    want = torch.linalg.eigvalsh(dense_hessian(model64, x.double(), y, op.param_names)).flip(0)[:3]
+    got = lanczos_eigs(op, 3, tol=1e-10 if dtype == torch.float64 else 1e-5, seed=3)
+    assert float(((got.eigenvalues - want) / want).abs().max()) <= (1e-8 if dtype == torch.float64 else 1e-4)
