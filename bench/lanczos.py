@@ -12,7 +12,6 @@ PyHessian 0.1's density calls torch.eig, removed from torch; it runs here on a s
 torch.eig through torch.linalg.eigh (its input is a symmetric tridiagonal matrix), as the output says.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import landscape_kernels as lk  # noqa: E402
+from results_io import write_json  # noqa: E402
 from landscape_kernels import lanczos as lk_lanczos  # noqa: E402
 from landscape_kernels.data import load_mnist  # noqa: E402
 
@@ -280,9 +280,7 @@ def main(argv=None):
           f"curvlinops / ours = {_ratio(hu['curvlinops'], hu['ours']['s'])}; our estimate {hu['ours']['estimate']:.4f} "
           f"+- {hu['ours']['stderr']:.4f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report)
     return 0
 
 

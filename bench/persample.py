@@ -13,7 +13,6 @@ Opacus GradSampleModule. A library that is missing or fails on a model is report
 """
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from torch import nn
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import landscape_kernels as lk  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -310,9 +310,7 @@ def main(argv=None):
         report["cases"][name] = res
         print_table(name, res, device)
         if args.json:  # written after every case so an interrupted run keeps what it measured
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(args.json, report)
     return 0
 
 
