@@ -38,7 +38,7 @@ def as_operator(op):
     return op
 
 
-class _Counted:
+class CountedProducts:
     """Counts operator products (columns) and checks what comes back."""
 
     def __init__(self, op, name):
@@ -166,7 +166,7 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         num_iter = max(math.ceil((4 * k + 40) / b), 10)
     num_iter = min(int(num_iter), max_steps)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    apply = _Counted(op, "lanczos_eigs")
+    apply = CountedProducts(op, "lanczos_eigs")
     dtype, device = op.dtype, op.device
 
     start = torch.randn(b, P, generator=gen, dtype=torch.float64)
@@ -259,7 +259,7 @@ def lanczos_quadrature(op, probes, num_steps):
     op = as_operator(op)
     P, n = probes.shape
     steps = min(int(num_steps), P)
-    apply = _Counted(op, "spectral_density")
+    apply = CountedProducts(op, "spectral_density")
     Q = torch.zeros(n, steps + 1, P, dtype=op.dtype, device=op.device)
     Q[:, 0] = (probes / probes.norm(dim=0)).T.to(op.device, op.dtype)
     alpha = torch.zeros(n, steps, dtype=torch.float64)

@@ -11,7 +11,6 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from .persample import PerSampleGradients
-from . import ops
 
 
 def _as_batches(data, batch_size):
@@ -281,20 +280,15 @@ class NoiseCovarianceOperator(_ModelOperator):
 
     def _matmat(self, V):
         vs = dict(zip(self.param_names, self._unflatten(V)))
-        K = V.shape[1]
         projections = [ps.project({n: vs[n] for n in ps.param_names}) for ps in self._recorded]  # (B_i, K)
         s = torch.cat(projections)
         if self.centred:
             s = s - s.mean(0)
         s = s / self.num_samples
         out = {n: torch.zeros_like(vs[n]) for n in self.param_names}
-        start = 0
-        for ps, proj in zip(self._recorded, projections):
-            weights = s[start : start + proj.shape[0]]
-            start += proj.shape[0]
-            for b in ps._blocks():
-                res = ops.per_sample_weighted_sum(b.A, b.D, weights, check_finite=False)
-                out[b.name] += b.split(res).reshape(K, *b.shape)
+        for ps, weights in zip(self._recorded, s.split([p.shape[0] for p in projections])):
+            for name, part in ps.weighted_sum(weights).items():
+                out[name] += part
         return self._flatten([out[n] for n in self.param_names]) * self.scale
 
 

@@ -393,6 +393,11 @@ class PerSampleGradients:
         vecs, K = self._as_dict(vectors, blocks, "project")
         return sum(ops.per_sample_project(b.A, b.D, b.directions(vecs, K), check_finite=False) for b in blocks)
 
+    def weighted_sum(self, weights, layer=None):
+        """dict name -> (K, *shape): sum_b weights[b, k] g_b for weights of shape (B, K)."""
+        blocks = self._selected(layer)
+        return {b.name: b.split(ops.per_sample_weighted_sum(b.A, b.D, weights, check_finite=False)) for b in blocks}
+
     def cov_matvec(self, vectors, layer=None):
         """C_1 v_k for K vectors, in the format given (dict or flat (K, P)); C_1 = (1/B) sum_b (g_b - mean)
         (g_b - mean)^T over all hooked parameters (or the block of one layer)."""
@@ -400,12 +405,11 @@ class PerSampleGradients:
         vecs, K = self._as_dict(vectors, blocks, "cov_matvec")
         directions = [b.directions(vecs, K) for b in blocks]
         if len(blocks) == 1:
-            results = [ops.per_sample_cov_matvec(blocks[0].A, blocks[0].D, directions[0], check_finite=False)]
+            res = ops.per_sample_cov_matvec(blocks[0].A, blocks[0].D, directions[0], check_finite=False)
+            out = {blocks[0].name: blocks[0].split(res)}
         else:  # the centred projections couple the layers: block l gets (1/B) sum_b s_bk G_b^(l)
             s = sum(ops.per_sample_project(b.A, b.D, V, check_finite=False) for b, V in zip(blocks, directions))
-            s = (s - s.mean(0)) / s.shape[0]
-            results = [ops.per_sample_weighted_sum(b.A, b.D, s, check_finite=False) for b in blocks]
-        out = {b.name: b.split(res) for b, res in zip(blocks, results)}
+            out = self.weighted_sum((s - s.mean(0)) / s.shape[0], layer)
         if isinstance(vectors, torch.Tensor):
             return torch.cat([out[b.name].reshape(K, -1) for b in blocks], 1)
         return out

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .lanczos import _Counted, as_operator, rademacher
+from .lanczos import CountedProducts, as_operator, rademacher
 
 
 def _check_count(n, name, least=1):
@@ -18,7 +18,7 @@ def hutchinson_trace(op, num_probes=100, seed=0):
     op = as_operator(op)
     _check_count(num_probes, "hutchinson_trace: num_probes", 2)
     V = rademacher(op.shape[0], num_probes, torch.Generator().manual_seed(seed)).to(op.device, op.dtype)
-    samples = (V * _Counted(op, "hutchinson_trace")(V, 0)).sum(0).double()
+    samples = (V * CountedProducts(op, "hutchinson_trace")(V, 0)).sum(0).double()
     return float(samples.mean()), float(samples.std() / math.sqrt(num_probes))
 
 
@@ -28,7 +28,7 @@ def hutchpp_trace(op, num_products=99, seed=0):
     Hutchinson for the same accuracy when the spectrum decays."""
     op = as_operator(op)
     _check_count(num_products, "hutchpp_trace: num_products", 6)
-    apply = _Counted(op, "hutchpp_trace")
+    apply = CountedProducts(op, "hutchpp_trace")
     P, third = op.shape[0], num_products // 3
     gen = torch.Generator().manual_seed(seed)
     S = rademacher(P, third, gen).to(op.device, op.dtype)
@@ -46,6 +46,6 @@ def frobenius_norm(op, num_probes=50, seed=0):
     op = as_operator(op)
     _check_count(num_probes, "frobenius_norm: num_probes", 2)
     V = rademacher(op.shape[0], num_probes, torch.Generator().manual_seed(seed)).to(op.device, op.dtype)
-    samples = _Counted(op, "frobenius_norm")(V, 0).double().pow(2).sum(0)
+    samples = CountedProducts(op, "frobenius_norm")(V, 0).double().pow(2).sum(0)
     mean = float(samples.mean())
     return math.sqrt(mean), float(samples.std() / math.sqrt(num_probes)) / (2 * math.sqrt(max(mean, 1e-300)))

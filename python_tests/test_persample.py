@@ -105,6 +105,9 @@ def test_statistics_match_vmap(model_name, reduction, device, backend, gen):
         assert_close(ps.project(V), G @ V.T, tol, what="project")
         C1 = (G - G.mean(0)).T @ (G - G.mean(0)) / B
         assert_close(ps.cov_matvec(V), V @ C1, tol, what="cov_matvec (flat)")
+        W = torch.randn(B, 2, dtype=G.dtype, device=device)
+        ws = ps.weighted_sum(W)
+        assert_close(torch.cat([ws[n].reshape(2, -1) for n in ps.param_names], 1), W.T @ G, tol, what="weighted_sum")
         # dict in, dict out, same numbers
         as_dict = {n: v.reshape(3, *ps.param_shapes[n]) for n, v in zip(ps.param_names, V.split(
             [int(torch.Size(ps.param_shapes[n]).numel()) for n in ps.param_names], 1))}
