@@ -36,7 +36,11 @@ std::tuple<at::Tensor, at::Tensor> lanczos_reorth(const at::Tensor& Q, const at:
   check_reorth(Q, W, j);
   at::Tensor w = W.contiguous().clone();
   if (j > 0) {
-    const at::Tensor q = Q.narrow(1, 0, j).contiguous();  // (C, j, P)
+    // The first j vectors of each chain as a view: with C > 1 they are not contiguous (each chain's
+    // unused rows sit between them), but rows are, which is all bmm and the tile kernel need. Copying
+    // them would cost a full pass over the bases per call.
+    at::Tensor q = Q.narrow(1, 0, j);  // (C, j, P)
+    if (q.stride(2) != 1 || q.stride(1) != q.size(2)) q = q.contiguous();
     const at::Tensor h1 = at::bmm(q, w.transpose(1, 2));   // (C, j, b)
     const at::Tensor h2 = Kernels::update_and_project(q, w, h1);  // w -= h1^T q; returns q w^T
     w.baddbmm_(h2.transpose(1, 2), q, 1.0, -1.0);

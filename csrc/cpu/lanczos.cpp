@@ -18,9 +18,10 @@ namespace {
 constexpr int64_t kTile = 1024;  // elements of P per task: j tile rows of Q stay in L2
 
 struct CpuReorthKernels {
-  // w -= h1^T q (in place) and return h2 = q w^T, for q (C, j, P), w (C, b, P), h1 (C, j, b).
+  // w -= h1^T q (in place) and return h2 = q w^T, for q (C, j, P) with contiguous rows (any chain
+  // stride), w (C, b, P) contiguous, h1 (C, j, b).
   static at::Tensor update_and_project(const at::Tensor& q, at::Tensor& w, const at::Tensor& h1_) {
-    const int64_t C = q.size(0), j = q.size(1), P = q.size(2), b = w.size(1);
+    const int64_t C = q.size(0), j = q.size(1), P = q.size(2), b = w.size(1), chain_stride = q.stride(0);
     const int64_t tiles = (P + kTile - 1) / kTile;
     const at::Tensor h1 = h1_.contiguous();
     // One float64 partial of h2 per tile, summed in tile order afterwards (deterministic).
@@ -33,7 +34,7 @@ struct CpuReorthKernels {
       at::parallel_for(0, C * tiles, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / tiles, t = task % tiles, p0 = t * kTile, n = std::min(kTile, P - p0);
-          const scalar_t* qc = qp + c * j * P + p0;
+          const scalar_t* qc = qp + c * chain_stride + p0;
           scalar_t* wc = wp + c * b * P + p0;
           for (int64_t v = 0; v < b; ++v)
             for (int64_t i = 0; i < j; ++i) sub_scaled_any(wc + v * P, hp[(c * j + i) * b + v], qc + i * P, n);
