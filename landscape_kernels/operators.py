@@ -135,16 +135,25 @@ class HessianOperator(_ModelOperator):
     """Hessian of the mean training loss. ``method``: "double_backward" (default; with ``keep_graph``
     the gradient graphs of all batches are kept across products, trading memory for one forward and
     backward per product), "forward_over_reverse" (torch.func jvp of grad, vmapped over the K columns)
-    or "finite_difference" (central differences of gradients, for models without double backward)."""
+    or "finite_difference" (central differences of gradients, for models without double backward).
+    ``batched_backward`` (double backward only): True runs the K columns of a chunk as one vmapped
+    backward pass, False as K backward passes over the shared gradient graph; None (default) picks
+    False for models with convolutions, whose vmapped double backward is slower than the loop on
+    CPU (measured 1.5x on the MNIST SimpleCNN), and True otherwise (1.4x faster on the MNIST MLP)."""
 
     METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
 
     def __init__(self, model, loss_fn, data, params=None, method="double_backward", batch_size=None,
-                 keep_graph=False, fd_eps=None):
+                 keep_graph=False, fd_eps=None, batched_backward=None):
         super().__init__(model, loss_fn, data, params, batch_size)
         if method not in self.METHODS:
             raise ValueError(f"HessianOperator: method must be one of {self.METHODS}, got {method!r}")
+        if batched_backward not in (None, True, False):
+            raise ValueError(f"HessianOperator: batched_backward must be None, True or False, got {batched_backward!r}")
+        if batched_backward is None:
+            batched_backward = not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
         self.method, self.keep_graph, self.fd_eps = method, keep_graph, fd_eps
+        self.batched_backward = batched_backward
         self._graphs = None
 
     def _matmat(self, V):
@@ -167,9 +176,15 @@ class HessianOperator(_ModelOperator):
         vs = self._unflatten(V)
         out = [torch.zeros_like(v) for v in vs]
         for values, grads in self._gradients_with_graph():
-            hv = torch.autograd.grad(grads, values, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
-            for o, h in zip(out, hv):
-                o.add_(h)
+            if self.batched_backward:
+                hv = torch.autograd.grad(grads, values, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
+                for o, h in zip(out, hv):
+                    o.add_(h)
+                continue
+            for k in range(V.shape[1]):
+                hv = torch.autograd.grad(grads, values, grad_outputs=[v[k] for v in vs], retain_graph=True)
+                for o, h in zip(out, hv):
+                    o[k].add_(h)
         return self._flatten(out)
 
     def _forward_over_reverse(self, V):

@@ -82,6 +82,20 @@ def test_hessian_methods_match_the_dense_hessian(kind, method, gen):
     assert model.training  # the mode is restored
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_double_backward_batched_and_looped_columns_agree(kind, batched, gen):
+    model, x, y = problem(kind, gen)
+    default = HessianOperator(model, F.cross_entropy, (x, y))
+    assert default.batched_backward == (kind == "mlp")  # convolutions loop over the columns by default
+    op = HessianOperator(model, F.cross_entropy, (x, y), batch_size=8, keep_graph=True, batched_backward=batched)
+    H = dense_hessian(model, x, y, op.param_names)
+    V = torch.randn(op.shape[0], 4, dtype=torch.float64, generator=gen)
+    assert rel(op.matmat(V), H @ V) <= 1e-12
+    with pytest.raises(ValueError, match="batched_backward must be"):
+        HessianOperator(model, F.cross_entropy, (x, y), batched_backward="yes")
+
+
 def test_restricted_parameters_give_the_dense_sub_block(gen):
     model, x, y = problem("mlp", gen)
     names = [n for n, _ in model.named_parameters()]
