@@ -5,6 +5,7 @@
 
 #include "lanczos.h"
 #include "persample.h"
+#include "trajectory.h"
 
 extern "C" {
 // `import landscape_kernels._C` loads this shared library, which runs the registrations below.
@@ -26,9 +27,11 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.def("per_sample_weighted_sum(Tensor A, Tensor D, Tensor W) -> Tensor");
   m.def("per_sample_stats(Tensor A, Tensor D) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lanczos_reorth(Tensor Q, Tensor W, int j) -> (Tensor, Tensor)");
+  m.def("trajectory_cov_update(Tensor(a!) M2, Tensor(b!) mean, int count, Tensor X) -> ()");
+  m.def("trajectory_project(Tensor X, Tensor mean, Tensor basis) -> (Tensor, Tensor)");
 }
 
-#define LK_REGISTER_PERSAMPLE(NS)                                    \
+#define LK_REGISTER_OPS(NS)                                    \
   m.impl("per_sample_sq_norms", &NS::per_sample_sq_norms);          \
   m.impl("per_sample_gram", &NS::per_sample_gram);                  \
   m.impl("per_sample_moments", &NS::per_sample_moments);            \
@@ -36,12 +39,14 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.impl("per_sample_cov_matvec", &NS::per_sample_cov_matvec);      \
   m.impl("per_sample_weighted_sum", &NS::per_sample_weighted_sum);  \
   m.impl("per_sample_stats", &NS::per_sample_stats);                \
-  m.impl("lanczos_reorth", &NS::lanczos_reorth);
+  m.impl("lanczos_reorth", &NS::lanczos_reorth);                    \
+  m.impl("trajectory_cov_update", &NS::trajectory_cov_update);      \
+  m.impl("trajectory_project", &NS::trajectory_project);
 
-TORCH_LIBRARY_IMPL(landscape_kernels, CPU, m) { LK_REGISTER_PERSAMPLE(cpu) }
+TORCH_LIBRARY_IMPL(landscape_kernels, CPU, m) { LK_REGISTER_OPS(cpu) }
 
 #ifdef LANDSCAPE_KERNELS_WITH_CUDA
-TORCH_LIBRARY_IMPL(landscape_kernels, CUDA, m) { LK_REGISTER_PERSAMPLE(cuda) }
+TORCH_LIBRARY_IMPL(landscape_kernels, CUDA, m) { LK_REGISTER_OPS(cuda) }
 #endif
 
 }  // namespace landscape_kernels

@@ -71,7 +71,7 @@ def check_finite(x, name, op):
         return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{op}: {name} contains {bad} NaN/Inf value(s); per-sample statistics need finite input")
+        raise ValueError(f"{op}: {name} contains {bad} NaN/Inf value(s) (finite input is required)")
 
 
 def check_weights(W, A, batch, op):
@@ -102,3 +102,45 @@ def check_reorth(Q, W, j, op="lanczos_reorth"):
         raise TypeError(f"{op}: W must have Q's dtype {Q.dtype}, got {W.dtype}")
     if W.device != Q.device:
         raise ValueError(f"{op}: W must be on Q's device {Q.device}, got {W.device}")
+
+
+def check_snapshots(X, op):
+    """X (T, N) float32/float64 snapshots, T, N > 0."""
+    check_tensor(X, "X", op)
+    if X.dim() != 2:
+        raise ValueError(f"{op}: X (snapshots) must have shape (T, N), got shape {tuple(X.shape)}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{op}: X must have at least one snapshot and one parameter, got shape {tuple(X.shape)}")
+    if X.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: X must be float32 or float64, got {X.dtype}")
+
+
+def _check_float64_vector_like(t, name, shape, X, op):
+    check_tensor(t, name, op)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got shape {tuple(t.shape)}")
+    if t.dtype != torch.float64:
+        raise TypeError(f"{op}: {name} must be float64, got {t.dtype}")
+    if t.device != X.device:
+        raise ValueError(f"{op}: {name} must be on X's device {X.device}, got {t.device}")
+
+
+def check_cov_update(M2, mean, count, X, op="trajectory_cov_update"):
+    check_snapshots(X, op)
+    N = X.shape[1]
+    _check_float64_vector_like(M2, "M2", (N, N), X, op)
+    _check_float64_vector_like(mean, "mean", (N,), X, op)
+    if not (M2.is_contiguous() and mean.is_contiguous()):
+        raise ValueError(f"{op}: M2 and mean must be contiguous (they are updated in place)")
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"{op}: count (snapshots merged so far) must be an int >= 0, got {count!r}")
+
+
+def check_project(X, mean, basis, op="trajectory_project"):
+    check_snapshots(X, op)
+    N = X.shape[1]
+    _check_float64_vector_like(mean, "mean", (N,), X, op)
+    check_tensor(basis, "basis", op)
+    if basis.dim() != 2 or basis.shape[1] != N:
+        raise ValueError(f"{op}: basis must have shape (k, N) with N = {N}, got shape {tuple(basis.shape)}")
+    _check_float64_vector_like(basis, "basis", tuple(basis.shape), X, op)

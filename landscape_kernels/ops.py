@@ -18,7 +18,7 @@ import threading
 import torch
 
 from . import reference
-from ._checks import check_directions, check_layer_pair, check_reorth, check_weights
+from ._checks import check_cov_update, check_directions, check_layer_pair, check_project, check_reorth, check_weights
 from ._checks import check_finite as _check_finite
 
 NAMESPACE = "landscape_kernels"
@@ -31,6 +31,8 @@ SCHEMAS = {
     "per_sample_weighted_sum": "(Tensor A, Tensor D, Tensor W) -> Tensor",
     "per_sample_stats": "(Tensor A, Tensor D) -> (Tensor, Tensor, Tensor, Tensor)",
     "lanczos_reorth": "(Tensor Q, Tensor W, int j) -> (Tensor, Tensor)",
+    "trajectory_cov_update": "(Tensor(a!) M2, Tensor(b!) mean, int count, Tensor X) -> ()",
+    "trajectory_project": "(Tensor X, Tensor mean, Tensor basis) -> (Tensor, Tensor)",
 }
 BACKENDS = ("auto", "compiled", "reference")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -123,6 +125,16 @@ def _(A, D):
 @torch.library.register_fake(f"{NAMESPACE}::lanczos_reorth")
 def _(Q, W, j):
     return W.new_empty(W.shape), W.new_empty(W.shape[:2])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::trajectory_cov_update")
+def _(M2, mean, count, X):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::trajectory_project")
+def _(X, mean, basis):
+    return X.new_empty(X.shape[0], basis.shape[0], dtype=torch.float64), X.new_empty(X.shape[0], dtype=torch.float64)
 
 
 _override = threading.local()
@@ -243,3 +255,23 @@ def lanczos_reorth(Q, W, j):
     (C, b)). Block Lanczos is C = 1, b = block size; independent chains (SLQ probes) are b = 1."""
     check_reorth(Q, W, j)
     return _call("lanczos_reorth", Q, W, j)
+
+
+def trajectory_cov_update(M2, mean, count, X, *, check_finite=True):
+    """Merge the snapshots X (T, N) (float32 or float64) into running float64 statistics of ``count``
+    earlier snapshots, in place: ``mean`` (N,) and ``M2`` (N, N), the sum of (x - mean)(x - mean)^T
+    (Chan et al.'s parallel update, the mean shift as a rank-one correction; covariance = M2 / (n - 1))."""
+    check_cov_update(M2, mean, count, X)
+    if check_finite:
+        _check_finite(X, "X", "trajectory_cov_update")
+    _call("trajectory_cov_update", M2, mean, count, X)
+
+
+def trajectory_project(X, mean, basis, *, check_finite=True):
+    """(proj (T, k), residual (T,)), float64: the centred snapshots X - mean projected on the rows of
+    ``basis`` (k, N), taken as orthonormal, and the norm of the part of each the basis misses (formed
+    explicitly, accurate even when the basis captures almost everything)."""
+    check_project(X, mean, basis)
+    if check_finite:
+        _check_finite(X, "X", "trajectory_project")
+    return _call("trajectory_project", X, mean, basis)

@@ -5,7 +5,7 @@ of output rows at a time, so memory stays bounded by ``_SLICE_ELEMENTS`` and eac
 """
 import torch
 
-from ._checks import check_directions, check_layer_pair, check_reorth, check_weights
+from ._checks import check_cov_update, check_project, check_directions, check_layer_pair, check_reorth, check_weights
 
 _SLICE_ELEMENTS = 1 << 22
 
@@ -84,3 +84,26 @@ def lanczos_reorth(Q, W, j):
         for _ in range(2):
             w = w - (q @ w.transpose(1, 2)).transpose(1, 2) @ q
     return w, w.norm(dim=2)
+
+
+def trajectory_cov_update(M2, mean, count, X):
+    """Merge the snapshots X (T, N) into the float64 running statistics of ``count`` earlier ones, in
+    place: mean (N,) and M2 (N, N) = sum of (x - mean)(x - mean)^T (Chan et al.'s parallel update)."""
+    check_cov_update(M2, mean, count, X)
+    Xd = X.double()
+    T, n = X.shape[0], count + X.shape[0]
+    chunk_mean = Xd.mean(0)
+    d = chunk_mean - mean
+    centred = Xd - chunk_mean
+    scatter = centred.T @ centred
+    M2.add_((scatter + scatter.T) / 2 + (count * T / n) * torch.outer(d, d))  # kept exactly symmetric
+    mean.add_(d * (T / n))
+
+
+def trajectory_project(X, mean, basis):
+    """(proj (T, k), residual (T,)), float64: proj = (X - mean) basis^T and the norm of what the basis
+    leaves of each centred snapshot (basis rows taken as orthonormal)."""
+    check_project(X, mean, basis)
+    centred = X.double() - mean
+    proj = centred @ basis.T
+    return proj, (centred - proj @ basis).norm(dim=1)
