@@ -8,6 +8,9 @@ Public API (small and explicit):
     spectral_density     stochastic Lanczos quadrature, all probes advanced together
     hutchinson_trace, hutchpp_trace, frobenius_norm   randomised estimators with standard errors
     HessianOperator, GGNOperator, NoiseCovarianceOperator, FisherOperator   matrix-free operators
+    TrajectoryRecorder   weight snapshots along training, in memory or a crash-safe store on disk
+    StreamingPCA         trajectory PCA (exact / gram / sketch), scikit-learn's attribute names
+    loss_profiles, flatness   batched loss along directions; SPEC §1.3 flatness
     info()               which backends are active
 """
 __version__ = "0.1.0"
@@ -16,9 +19,13 @@ from . import ops, reference  # noqa: E402  (ops registers the operators)
 from ._info import info  # noqa: E402
 from .lanczos import EigenResult, SpectralDensity, lanczos_eigs, spectral_density  # noqa: E402
 from .operators import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator  # noqa: E402
+from .pca import StreamingPCA  # noqa: E402
 from .persample import PerSampleGradients  # noqa: E402
+from .profiles import FlatnessResult, flatness, loss_profiles  # noqa: E402
 from .traces import frobenius_norm, hutchinson_trace, hutchpp_trace  # noqa: E402
+from .trajectory import TrajectoryRecorder, open_trajectory  # noqa: E402
 
 __all__ = ["PerSampleGradients", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
            "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
-           "NoiseCovarianceOperator", "FisherOperator", "ops", "reference", "info", "__version__"]
+           "NoiseCovarianceOperator", "FisherOperator", "TrajectoryRecorder", "open_trajectory", "StreamingPCA",
+           "loss_profiles", "flatness", "FlatnessResult", "ops", "reference", "info", "__version__"]

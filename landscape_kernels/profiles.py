@@ -1,0 +1,206 @@
+"""Loss profiles along directions and the flatness of SPEC §1.3.
+
+``loss_profiles`` evaluates L(theta0 + delta * d_k) for K directions and G offsets, many points per
+pass over the data: the chosen parameters are stacked for M points and the model runs once for all of
+them (``torch.func.functional_call`` under ``vmap``). When only the weight of one ``nn.Linear`` inside
+an ``nn.Sequential`` moves (the SPEC §1.3 setting: W2 only), a fast path runs the layers before it once
+per batch, forms the layer's output for any point as z0 + delta * (a d_k^T) and runs only the layers
+after it. The model itself is never modified; it is put in eval mode and restored.
+
+``flatness`` is SPEC §1.3 exactly: per direction and side, the offset where ln L - ln L0 reaches
+``threshold`` (1: the loss is e * L0), bracketed in steps of ``step`` up to ``cap`` (then reported as
+saturated, at ``cap``) and bisected to ``tol``; all directions and both sides advance together.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .operators import _as_batches
+
+
+def _flat_directions(directions, names, shapes, sizes, P):
+    if isinstance(directions, dict):
+        missing = [n for n in names if n not in directions]
+        if missing or set(directions) - set(names):
+            raise ValueError(f"directions: the dict must have exactly the keys {names}, got {list(directions)}")
+        parts = []
+        for n, s in zip(names, shapes):
+            d = directions[n]
+            if d.dim() != len(s) + 1 or tuple(d.shape[1:]) != tuple(s):
+                raise ValueError(f"directions[{n!r}] must have shape (K, {', '.join(map(str, s))}), got {tuple(d.shape)}")
+            parts.append(d.reshape(d.shape[0], -1))
+        if len({p.shape[0] for p in parts}) != 1:
+            raise ValueError("directions: every entry must hold the same number K of directions")
+        directions = torch.cat(parts, 1)
+    if not isinstance(directions, torch.Tensor) or directions.dim() != 2 or directions.shape[1] != P:
+        got = tuple(directions.shape) if isinstance(directions, torch.Tensor) else type(directions).__name__
+        raise ValueError(f"directions must have shape (K, P) = (K, {P}) for the chosen parameters {names}, got {got}")
+    if directions.shape[0] == 0:
+        raise ValueError("directions: no directions (K = 0)")
+    if not bool(torch.isfinite(directions).all()):
+        raise ValueError("directions contain NaN/Inf")
+    return directions
+
+
+class LossEvaluator:
+    """Mean loss over a fixed dataset at theta0 + delta_m * d_{k_m} for lists of (k_m, delta_m)."""
+
+    def __init__(self, model, loss_fn, data, directions, params=None, batch_size=None, points_per_pass=32,
+                 fast_path=None):
+        self.model, self.loss_fn = model, loss_fn
+        self.batches = _as_batches(data, batch_size)
+        self.num_samples = sum(b[0].shape[0] for b in self.batches)
+        named = dict(model.named_parameters())
+        names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"params: {missing} are not parameters of the model (it has {list(named)})")
+        if not names:
+            raise ValueError("params: no parameters chosen")
+        self.names = names
+        self.theta0 = [named[n].detach() for n in names]
+        self.shapes = [tuple(p.shape) for p in self.theta0]
+        self.sizes = [p.numel() for p in self.theta0]
+        P = sum(self.sizes)
+        d = _flat_directions(directions, names, self.shapes, self.sizes, P)
+        self.directions = d.to(self.theta0[0].device, self.theta0[0].dtype)
+        self.points_per_pass = max(1, int(points_per_pass))
+        layer = self._single_linear_weight()
+        if fast_path is True and layer is None:
+            raise ValueError("fast_path=True needs params to be exactly one nn.Linear weight of an nn.Sequential model")
+        self.layer_index = layer if fast_path is not False else None
+
+    def _single_linear_weight(self):
+        if not isinstance(self.model, nn.Sequential) or len(self.names) != 1:
+            return None
+        index, _, leaf = self.names[0].partition(".")
+        if leaf != "weight" or not index.isdigit() or not isinstance(self.model[int(index)], nn.Linear):
+            return None
+        return int(index)
+
+    def losses(self, k, delta):
+        """(M,) float64 losses at theta0 + delta[m] * directions[k[m]]."""
+        k = torch.as_tensor(k, dtype=torch.long)
+        delta = torch.as_tensor(delta, dtype=torch.float64)
+        out = torch.zeros(k.numel(), dtype=torch.float64)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for x, y in self.batches:
+                    w = x.shape[0] / self.num_samples
+                    out += w * (self._fast(x, y, k, delta) if self.layer_index is not None else self._generic(x, y, k, delta))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _point_loss(self, outputs, y):
+        return vmap(lambda o: self.loss_fn(o, y))(outputs).double().cpu()
+
+    def _generic(self, x, y, k, delta):
+        res = []
+        dtype, device = self.theta0[0].dtype, self.theta0[0].device
+        for s in range(0, k.numel(), self.points_per_pass):
+            kk, dd = k[s : s + self.points_per_pass], delta[s : s + self.points_per_pass].to(device, dtype)
+            offsets = self.directions[kk.to(device)] * dd[:, None]  # (M, P)
+            stacked = {n: t0 + o.reshape(-1, *shape) for n, t0, o, shape in
+                       zip(self.names, self.theta0, offsets.split(self.sizes, 1), self.shapes)}
+
+            def run(values):
+                return functional_call(self.model, values, (x,), strict=False)
+
+            res.append(self._point_loss(vmap(run)(stacked), y))
+        return torch.cat(res)
+
+    def _fast(self, x, y, k, delta):
+        i = self.layer_index
+        a = self.model[:i](x)  # the layer's input, once per batch
+        layer = self.model[i]
+        z0 = layer(a)
+        used, inverse = torch.unique(k, return_inverse=True)
+        W = self.directions[used.to(a.device)].reshape(len(used), *self.shapes[0])  # (U, out, in)
+        zd = torch.einsum("...i,uoi->u...o", a, W)  # (U, *batch, out)
+        suffix = self.model[i + 1 :]
+        res = []
+        for s in range(0, k.numel(), self.points_per_pass):
+            idx, dd = inverse[s : s + self.points_per_pass], delta[s : s + self.points_per_pass].to(a.device, a.dtype)
+            z = z0 + dd.reshape(-1, *([1] * z0.dim())) * zd[idx.to(a.device)]  # (M, *batch, out)
+            outputs = suffix(z.reshape(-1, *z.shape[2:]))
+            res.append(self._point_loss(outputs.reshape(z.shape[0], z.shape[1], *outputs.shape[1:]), y))
+        return torch.cat(res)
+
+
+def loss_profiles(model, loss_fn, data, directions, deltas, params=None, batch_size=None, points_per_pass=32,
+                  fast_path=None):
+    """(K, G) float64 mean losses L(theta0 + deltas[g] * directions[k]) over ``data`` ((inputs, targets)
+    tensors or an iterable of batches; ``loss_fn`` must return the mean over its batch). ``directions``:
+    (K, P) over the chosen ``params`` (flattened in model order) or a dict name -> (K, *shape).
+    ``fast_path``: None (use it when only one nn.Linear weight of an nn.Sequential moves), True, False."""
+    deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
+    if deltas.numel() == 0:
+        raise ValueError("deltas: no offsets (G = 0)")
+    ev = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path)
+    K, G = ev.directions.shape[0], deltas.numel()
+    return ev.losses(torch.arange(K).repeat_interleave(G), deltas.repeat(K)).reshape(K, G)
+
+
+@dataclass
+class FlatnessResult:
+    """Per direction: F = right - left (the widths), the crossing offsets (left < 0 < right), whether a
+    side hit the cap (its offset is then the cap), and the loss at theta0."""
+
+    widths: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    saturated_left: torch.Tensor
+    saturated_right: torch.Tensor
+    loss0: float
+    threshold: float
+
+    def to_dict(self):
+        return {"widths": self.widths.tolist(), "left": self.left.tolist(), "right": self.right.tolist(),
+                "saturated_left": self.saturated_left.tolist(), "saturated_right": self.saturated_right.tolist(),
+                "loss0": self.loss0, "threshold": self.threshold}
+
+
+def flatness(model, loss_fn, data, directions, params=None, threshold=1.0, step=100.0, cap=1000.0, tol=0.01,
+             batch_size=None, points_per_pass=64, fast_path=None):
+    """SPEC §1.3 flatness along each direction (unit directions give widths in parameter units)."""
+    for name, v in (("threshold", threshold), ("step", step), ("cap", cap), ("tol", tol)):
+        if not float(v) > 0:
+            raise ValueError(f"flatness: {name} must be > 0, got {v!r}")
+    ev = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path)
+    K = ev.directions.shape[0]
+    loss0 = float(ev.losses([0], [0.0])[0])
+    if not loss0 > 0:
+        raise ValueError(f"flatness: the loss at theta0 is {loss0}; ln L needs a positive loss")
+    limit = torch.log(torch.tensor(loss0, dtype=torch.float64)) + threshold
+    rays = torch.arange(K).repeat(2)  # rays 0..K-1 go right (+), K..2K-1 go left (-)
+    sign = torch.cat([torch.ones(K), -torch.ones(K)]).double()
+    lo, hi = torch.zeros(2 * K, dtype=torch.float64), torch.full((2 * K,), float(step), dtype=torch.float64)
+    saturated = torch.zeros(2 * K, dtype=torch.bool)
+    searching = torch.ones(2 * K, dtype=torch.bool)
+    while bool(searching.any()):  # bracketing: step out until ln L exceeds the limit or the cap is passed
+        idx = searching.nonzero().flatten()
+        above = torch.log(ev.losses(rays[idx], sign[idx] * hi[idx])) > limit
+        grow = idx[~above]
+        lo[grow] = hi[grow]
+        hi[grow] += step
+        capped = grow[hi[grow] > cap]
+        saturated[capped] = True
+        searching[idx[above]] = False
+        searching[capped] = False
+    active = ~saturated
+    while True:  # bisection of every bracketed ray at once
+        idx = (active & (hi - lo >= tol)).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        mid = (lo[idx] + hi[idx]) / 2
+        above = torch.log(ev.losses(rays[idx], sign[idx] * mid)) > limit
+        hi[idx[above]] = mid[above]
+        lo[idx[~above]] = mid[~above]
+    offset = torch.where(saturated, torch.full_like(lo, float(cap)), (lo + hi) / 2)
+    right, left = offset[:K], -offset[K:]
+    return FlatnessResult(right - left, left, right, saturated[K:], saturated[:K], loss0, float(threshold))
