@@ -102,7 +102,7 @@ def test_auto_mode_choice():
 def test_bad_input():
     pca = StreamingPCA(n_components=3)
     with pytest.raises(RuntimeError, match="no snapshots yet"):
-        pca.components_
+        _ = pca.components_
     pca.partial_fit(torch.randn(4, 10))
     with pytest.raises(ValueError, match="chunk has N = 9 parameters, earlier chunks had 10"):
         pca.partial_fit(torch.randn(4, 9))
