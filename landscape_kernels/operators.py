@@ -31,6 +31,18 @@ def _as_batches(data, batch_size):
     return batches
 
 
+def chosen_parameters(model, params):
+    """(names, tensors) of ``params`` (None: every trainable parameter), in the order given."""
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"params: {missing} are not parameters of the model (it has {list(named)})")
+    if not names:
+        raise ValueError("params: no parameters chosen")
+    return names, [named[n] for n in names]
+
+
 class Operator:
     """Base of the symmetric operators: a subclass provides ``_matmat`` for one chunk of columns."""
 
@@ -84,18 +96,7 @@ class _ModelOperator(Operator):
         self.model, self.loss_fn = model, loss_fn
         self.batches = _as_batches(data, batch_size)
         self.num_samples = sum(b[0].shape[0] for b in self.batches)
-        named = dict(model.named_parameters())
-        if params is None:
-            names = [n for n, p in named.items() if p.requires_grad]
-        else:
-            names = list(params)
-            missing = [n for n in names if n not in named]
-            if missing:
-                raise ValueError(f"params: {missing} are not parameters of the model (it has {list(named)})")
-        if not names:
-            raise ValueError("params: no parameters chosen")
-        self.param_names = names
-        self.params = [named[n] for n in names]
+        self.param_names, self.params = chosen_parameters(model, params)
         self.sizes = [p.numel() for p in self.params]
         P = sum(self.sizes)
         self.shape = (P, P)

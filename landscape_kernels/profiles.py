@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .operators import _as_batches
+from .operators import _as_batches, chosen_parameters
 
 
 def _flat_directions(directions, names, shapes, sizes, P):
@@ -52,19 +52,12 @@ class LossEvaluator:
         self.model, self.loss_fn = model, loss_fn
         self.batches = _as_batches(data, batch_size)
         self.num_samples = sum(b[0].shape[0] for b in self.batches)
-        named = dict(model.named_parameters())
-        names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
-        missing = [n for n in names if n not in named]
-        if missing:
-            raise ValueError(f"params: {missing} are not parameters of the model (it has {list(named)})")
-        if not names:
-            raise ValueError("params: no parameters chosen")
-        self.names = names
-        self.theta0 = [named[n].detach() for n in names]
+        self.names, chosen = chosen_parameters(model, params)
+        self.theta0 = [p.detach() for p in chosen]
         self.shapes = [tuple(p.shape) for p in self.theta0]
         self.sizes = [p.numel() for p in self.theta0]
         P = sum(self.sizes)
-        d = _flat_directions(directions, names, self.shapes, self.sizes, P)
+        d = _flat_directions(directions, self.names, self.shapes, self.sizes, P)
         self.directions = d.to(self.theta0[0].device, self.theta0[0].dtype)
         self.points_per_pass = max(1, int(points_per_pass))
         layer = self._single_linear_weight()
