@@ -64,12 +64,20 @@ def _check_like_A(x, name, A, op):
         raise ValueError(f"{op}: {name} must be on A's device {A.device}, got {x.device}")
 
 
-def check_finite(x, name, op):
-    # One reduction without a temporary: a NaN/Inf makes the sum non-finite. Only then (or if the sum
-    # of finite values overflowed) is the exact element-wise test run.
+def all_finite(x):
+    """Whether x has no NaN/Inf. One reduction without a temporary: a NaN/Inf makes the sum
+    non-finite; only then (or if the sum of finite values overflowed) is the exact element-wise test
+    run, over row tiles so that no mask the size of x is ever held (torch.isfinite(x).all() briefly
+    needs several times x's size)."""
     if x.numel() == 0 or bool(torch.isfinite(x.sum())):
-        return
-    if not bool(torch.isfinite(x).all()):
+        return True
+    rows = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(-1, 1)
+    step = max(1, (1 << 20) // max(rows.shape[1], 1))
+    return all(bool(torch.isfinite(rows[r : r + step]).all()) for r in range(0, rows.shape[0], step))
+
+
+def check_finite(x, name, op):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{op}: {name} contains {bad} NaN/Inf value(s) (finite input is required)")
 

@@ -11,9 +11,11 @@ statistics are float64 whatever the snapshots' dtype. Modes:
 - ``gram``: keeps the snapshots and the T x T Gram matrix of the snapshots (shifted by the first
   chunk's mean so that a large common offset costs no digits); for T much smaller than N.
 - ``sketch``: Frequent Directions (Liberty 2013; Ghashami et al. 2016) on the shifted snapshots with
-  ``sketch_size`` = l rows (a buffer of 2 l), plus the exact running mean. Memory O(l N). Every
-  estimated variance lies within ``sketch_error_bound_`` below the true one (the total shrinkage
-  divided by n - 1, itself at most ||X - X_k||_F^2 / ((l - k)(n - 1)) for any k < l).
+  ``sketch_size`` = l rows (a buffer of 2 l), plus the exact running mean. Memory O(l N). The sketch
+  alone underestimates every variance by between 0 and the total shrinkage D / (n - 1); the
+  variances reported add back half of it (the "robust" estimate of Luo et al. 2016, which leaves the
+  components unchanged), so each lies within ``sketch_error_bound_`` = D / (2 (n - 1)) of the true
+  one, either side; D is at most ||X - X_k||_F^2 / (l - k) for any k < l.
 - ``auto``: ``exact`` when the N x N scatter matrix fits ``memory_budget`` bytes (and N <= 20,000),
   ``gram`` for ``fit`` on a whole matrix with T < N, else ``sketch``.
 
@@ -23,9 +25,29 @@ import numpy as np
 import torch
 
 from . import ops
+from ._checks import all_finite
 
 MODES = ("auto", "exact", "gram", "sketch")
 EXACT_MAX_FEATURES = 20_000
+
+
+def _mean64(X):
+    """Column means of X in float64, one column tile at a time: a float64 copy of a whole chunk of a
+    million-parameter trajectory would be larger than the sketch itself."""
+    out = torch.empty(X.shape[1], dtype=torch.float64, device=X.device)
+    width = max(1, (1 << 20) // X.shape[0])
+    for c in range(0, X.shape[1], width):
+        out[c : c + width] = X[:, c : c + width].double().mean(0)
+    return out
+
+
+def _row_sq_norms64(X):
+    """Squared row norms of X accumulated in float64, one column tile at a time (no float64 copy)."""
+    out = torch.zeros(X.shape[0], dtype=torch.float64, device=X.device)
+    width = max(1, (1 << 20) // max(X.shape[0], 1))
+    for c in range(0, X.shape[1], width):
+        out += X[:, c : c + width].double().square().sum(1)
+    return out
 
 
 class StreamingPCA:
@@ -84,7 +106,7 @@ class StreamingPCA:
             raise ValueError(f"StreamingPCA: {name} must have shape (T, N) with T, N > 0, got shape {tuple(X.shape)}")
         if X.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"StreamingPCA: {name} must be float32 or float64, got {X.dtype}")
-        if not bool(torch.isfinite(X).all()):
+        if not all_finite(X):
             bad = int((~torch.isfinite(X)).any(1).sum())
             raise ValueError(f"StreamingPCA: {name} has {bad} snapshot(s) with NaN/Inf (after {self.n_samples_seen_} "
                              "snapshots merged); nothing from this chunk was merged")
@@ -101,7 +123,7 @@ class StreamingPCA:
         if self.mode_ == "sketch" and self.sketch_size is None and self.n_components is None:
             raise ValueError("StreamingPCA: sketch mode (chosen for N = %d) needs n_components or sketch_size" % N)
         self._mean = torch.zeros(N, dtype=torch.float64, device=X.device)
-        self._shift = X.double().mean(0)
+        self._shift = _mean64(X)
         if self.mode_ == "exact":
             self._M2 = torch.zeros(N, N, dtype=torch.float64, device=X.device)
         elif self.mode_ == "sketch":
@@ -110,7 +132,7 @@ class StreamingPCA:
 
     def _merge_mean(self, X):
         n, T = self.n_samples_seen_, X.shape[0]
-        self._mean += (X.double().mean(0) - self._mean) * (T / (n + T))
+        self._mean += (_mean64(X) - self._mean) * (T / (n + T))
 
     def _merge_exact(self, X):
         ops.trajectory_cov_update(self._M2, self._mean, self.n_samples_seen_, X, check_finite=False)
@@ -139,7 +161,7 @@ class StreamingPCA:
                 self._shrink(ell)
             target = self._buffer[self._rows : self._rows + rows.shape[0]]
             target.copy_(rows).sub_(shift)
-            self._sq_norm_sum += float(torch.linalg.vector_norm(target, dtype=torch.float64)) ** 2
+            self._sq_norm_sum += float(_row_sq_norms64(target).sum())
             self._rows += rows.shape[0]
 
     def _shrink(self, keep):
@@ -192,8 +214,11 @@ class StreamingPCA:
         else:
             lam, vecs, total = self._solve_sketch(k)
         lam, vecs = lam[:k].clamp_min(0), vecs[:k]
-        pivot = vecs.abs().argmax(1)
-        vecs = vecs * torch.sign(vecs.gather(1, pivot[:, None])).clamp_min(0).mul(2).sub(1)
+        if self.mode_ == "sketch":
+            lam = lam + self._shrinkage / 2  # centre the one-sided Frequent Directions error
+        # Sign: the entry of largest magnitude positive; reductions and an in-place flip, as k x N can be large.
+        flip = vecs.amax(1) < -vecs.amin(1)
+        vecs.mul_(torch.where(flip, -1.0, 1.0).to(vecs.dtype)[:, None])
         self._result = (vecs.contiguous(), lam * scale, total * scale)
         return self._result
 
@@ -214,7 +239,7 @@ class StreamingPCA:
         # small matrices only, so nothing of size (l, N) is copied.
         self._shrink(0)
         B = self._buffer[: self._rows]
-        norms = torch.linalg.vector_norm(B, dim=1, dtype=torch.float64)
+        norms = _row_sq_norms64(B).sqrt()
         d = self._mean - self._shift
         Vd = (B.double() @ d if B.dtype == torch.float64 else (B @ d.to(B.dtype)).double()) / norms
         r = d - ((Vd / norms).to(B.dtype) @ B).double()  # d minus its part in span(V)
@@ -229,10 +254,14 @@ class StreamingPCA:
         lam, W = lam.flip(0), W.flip(1)
         if k > lam.numel():
             raise ValueError(f"StreamingPCA: n_components = {k} exceeds the sketch's rank {lam.numel()}; raise sketch_size")
-        coeff = W[: self._rows, :k] / norms[:, None]  # components = coeff^T B + W[r]^T r / |r|
-        vecs = (coeff.T.to(B.dtype) @ B).double()
-        if extra:
-            vecs += torch.outer(W[self._rows, :k], r / r_norm)
+        coeff = (W[: self._rows, :k] / norms[:, None]).T.to(B.dtype)  # components = coeff B + W[r]^T r / |r|
+        vecs = torch.empty(k, B.shape[1], dtype=torch.float64, device=B.device)
+        width = max(1, (1 << 22) // k)
+        for c in range(0, B.shape[1], width):  # tile by tile: no (k, N) temporary beside the result
+            tile = vecs[:, c : c + width]
+            tile.copy_(coeff @ B[:, c : c + width])
+            if extra:
+                tile.addr_(W[self._rows, :k], r[c : c + width], alpha=1.0 / r_norm)
         total = self._sq_norm_sum - self.n_samples_seen_ * float(d @ d)  # exact trace of the scatter
         return lam, vecs, total
 
@@ -256,9 +285,9 @@ class StreamingPCA:
 
     @property
     def sketch_error_bound_(self):
-        """Sketch mode: every explained variance is at most this much below the true one (0 otherwise)."""
+        """Sketch mode: every explained variance lies within this of the true one (0 in other modes)."""
         self._require_data("sketch_error_bound_")
-        return self._shrinkage / max(self.n_samples_seen_ - 1, 1) if self.mode_ == "sketch" else 0.0
+        return self._shrinkage / (2 * max(self.n_samples_seen_ - 1, 1)) if self.mode_ == "sketch" else 0.0
 
     def transform(self, X, return_residual=False):
         """Projections theta_i(t) = (x(t) - mean_) . p_i, shape (T, k) float64; with ``return_residual``

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape_kernels.profiles import flatness, loss_profiles
+from landscape_kernels.profiles import LossEvaluator, flatness, loss_profiles
 
 
 def mlp():
@@ -41,6 +41,27 @@ def test_profiles_equal_a_plain_loop(params, fast, gen):
     assert model.training  # restored
     model.eval()
     assert torch.allclose(got, plain_loop(model, x, y, names, directions, deltas), rtol=1e-12, atol=0)
+
+
+def test_points_per_pass_follow_the_memory_budget(gen):
+    model = mlp()
+    x, y = torch.randn(23, 7, dtype=torch.float64, generator=gen), torch.randint(0, 3, (23,), generator=gen)
+    directions = torch.randn(3, 30, dtype=torch.float64, generator=gen)
+
+    def evaluator(**kw):
+        return LossEvaluator(model, F.cross_entropy, (x, y), directions, params=["2.weight"], batch_size=10, **kw)
+
+    # Leaf outputs per sample: 6 + 6 + 5 + 5 + 3 = 25 numbers; a point holds 10 rows of them plus 30 weights.
+    per_point = (10 * 25 + 30) * 8
+    assert evaluator(memory_budget=7 * per_point + 1).points_per_pass == 7
+    assert evaluator(memory_budget=1).points_per_pass == 1
+    assert evaluator(memory_budget=2**40).points_per_pass == LossEvaluator.MAX_POINTS_PER_PASS
+    k, d = torch.arange(3).repeat(4), torch.linspace(-1, 1, 12, dtype=torch.float64)
+    assert torch.allclose(evaluator(memory_budget=1).losses(k, d), evaluator().losses(k, d), rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        evaluator(memory_budget=0)
+    with pytest.raises(ValueError, match="points_per_pass must be a positive int or None"):
+        evaluator(points_per_pass=0)
 
 
 def test_directions_as_a_dict_and_bad_input(gen):
