@@ -12,9 +12,7 @@ Hessian-vector products and the relative error of the eigenvalues against a tigh
 PyHessian 0.1's density calls torch.eig, removed from torch; it runs here on a shim that answers
 torch.eig through torch.linalg.eigh (its input is a symmetric tridiagonal matrix), as the output says.
 """
-import argparse
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -27,7 +25,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import landscape_kernels as lk  # noqa: E402
-from results_io import write_json  # noqa: E402
+from results_io import base_parser, write_json  # noqa: E402
+from timing import timed  # noqa: E402
 from landscape_kernels import lanczos as lk_lanczos  # noqa: E402
 from landscape_kernels.data import load_mnist  # noqa: E402
 
@@ -58,15 +57,6 @@ def trained(model, x, y, steps, lr, seed=0):
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     return model.eval()
-
-
-def timed(fn, repeats):
-    out, times = None, []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
 
 
 class Count:
@@ -294,10 +284,7 @@ def topk_suite(model, x, y, repeats, pyhessian_max_iter=1000):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    parser = base_parser(__doc__, data_dir=True)
     parser.add_argument("--samples", type=int, default=2560)
     parser.add_argument("--cnn-samples", type=int, default=128, help="0 skips the SimpleCNN")
     args = parser.parse_args(argv)

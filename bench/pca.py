@@ -16,7 +16,6 @@ during the fit (Linux), which includes the input chunk a streaming method is han
 
     python bench/pca.py --quick --json bench/results/pca_cpu.json
 """
-import argparse
 import os
 import sys
 import warnings
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from landscape_kernels.pca import StreamingPCA, subspace_angles  # noqa: E402
-from results_io import write_json  # noqa: E402
+from results_io import base_parser, write_json  # noqa: E402
 from timing import PeakRSS, timed  # noqa: E402
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -188,9 +187,7 @@ def large_case(T, N, k, ell, chunk, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one repeat per method")
-    parser.add_argument("--json")
+    parser = base_parser(__doc__)
     parser.add_argument("--large-n", type=int, default=1_000_000, help="N of the large case (0 skips it)")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else 3

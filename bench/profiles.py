@@ -9,7 +9,6 @@ of points); the output says so. Agreement is checked on the points both computed
 
     python bench/profiles.py --quick --json bench/results/profiles_cpu.json
 """
-import argparse
 import os
 import sys
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from landscape_kernels.data import load_mnist  # noqa: E402
 from landscape_kernels.profiles import flatness, loss_profiles  # noqa: E402
 from lanczos import trained_mlp  # noqa: E402
-from results_io import write_json  # noqa: E402
+from results_io import base_parser, write_json  # noqa: E402
 from timing import PeakRSS, timed  # noqa: E402
 
 LAYER = "2.weight"
@@ -45,10 +44,7 @@ def point_loop(model, x, y, directions, deltas):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    parser = base_parser(__doc__, data_dir=True)
     parser.add_argument("--directions", type=int, default=100)
     parser.add_argument("--points", type=int, default=41)
     parser.add_argument("--loop-directions", type=int, default=None,

@@ -11,3 +11,15 @@ def write_json(path, report):
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     os.replace(tmp, path)
+
+
+def base_parser(doc, data_dir=False):
+    """The options every benchmark shares: --quick, --json PATH and, for MNIST, --data-dir."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if data_dir:
+        default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+        parser.add_argument("--data-dir", default=default, help="MNIST in torchvision's layout")
+    parser.add_argument("--quick", action="store_true", help="one repeat per method")
+    parser.add_argument("--json", help="write the results here")
+    return parser
