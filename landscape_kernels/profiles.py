@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ._checks import all_finite
 from .operators import _as_batches, chosen_parameters
 
 
@@ -39,7 +40,7 @@ def _flat_directions(directions, names, shapes, sizes, P):
         raise ValueError(f"directions must have shape (K, P) = (K, {P}) for the chosen parameters {names}, got {got}")
     if directions.shape[0] == 0:
         raise ValueError("directions: no directions (K = 0)")
-    if not bool(torch.isfinite(directions).all()):
+    if not all_finite(directions):
         raise ValueError("directions contain NaN/Inf")
     return directions
 

@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 import torch
 
+from ._checks import all_finite
+
 FORMAT = "landscape_kernels.trajectory"
 VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -230,7 +232,7 @@ class TrajectoryRecorder:
             for t, size in zip(self._current(), self.sizes):
                 row[offset : offset + size].copy_(t.detach().reshape(-1))
                 offset += size
-        if not bool(torch.isfinite(row).all()):
+        if not all_finite(row):
             raise ValueError(f"TrajectoryRecorder: the parameters hold NaN/Inf at step {step}; "
                              f"{len(self.store)} chunk(s) and {self._rows} buffered row(s) before it are kept (call flush())")
         self._buffer_steps[self._rows] = step
