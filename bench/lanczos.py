@@ -5,7 +5,9 @@ Same models and data for all: the SPEC §1.1 network (784-50-50-10, no bias) aft
 on 2560 MNIST training images from --data-dir (default ../shared/data), and the larger SPEC §2.3
 SimpleCNN (197k parameters) after brief training on --cnn-samples images (top-k only). Reports time,
 Hessian-vector products and the relative error of the eigenvalues against a tight-tolerance reference
-(this library at tol 1e-12, cross-checked with eigsh at tol 1e-12).
+(this library at tol 1e-12, cross-checked with eigsh at tol 1e-12). Every method is timed at the
+accuracy the comparison asks for, 1e-4 relative error: its tolerance is stepped down 1e-2, 1e-3, ...
+and the first run within 1e-4 of the reference counts (the JSON keeps the tolerance used).
 
     python bench/lanczos.py --quick --json bench/results/lanczos_cpu.json
 
@@ -70,7 +72,7 @@ def rel_err(values, reference):
 
 
 # ---------------------------------------------------------------------------------- top-k methods
-def ours(model, x, y, k, tol):
+def ours(model, x, y, k, tol, residuals="true"):
     H = lk.HessianOperator(model, F.cross_entropy, (x, y), keep_graph=True)
     spent = [0.0]
     reorth = lk_lanczos.ops.lanczos_reorth
@@ -84,7 +86,7 @@ def ours(model, x, y, k, tol):
     lk_lanczos.ops.lanczos_reorth = timed_reorth
     try:
         t0 = time.perf_counter()
-        r = lk.lanczos_eigs(H, k, tol=tol, seed=0)
+        r = lk.lanczos_eigs(H, k, tol=tol, seed=0, residuals=residuals)
         total = time.perf_counter() - t0
     finally:
         lk_lanczos.ops.lanczos_reorth = reorth
@@ -168,7 +170,8 @@ def pyhessian_top(model, x, y, k, tol, max_iter=1000):
     return [float(v) for v in vals], count.n, {}
 
 
-TOPK = {"landscape_kernels lanczos_eigs": ours, "PyHessian eigenvalues": pyhessian_top,
+OURS = "landscape_kernels lanczos_eigs"
+TOPK = {OURS: ours, "PyHessian eigenvalues": pyhessian_top,
         "hessian-eigenthings lanczos": eigenthings, "curvlinops + scipy eigsh": curvlinops_eigsh,
         "double-backward HVP + scipy eigsh": plain_eigsh}
 
@@ -250,34 +253,55 @@ def _ratio(other, ours):
     return f"{other['s'] / ours:.2f}" if "s" in other else other.get("error", "n/a")
 
 
+TARGET_REL_ERR = 1e-4  # issue 3: top-k compared at this accuracy
+TOL_LADDER = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8)
+
+
+def at_target_accuracy(fn, ref, repeats):
+    """Run ``fn(tol)`` down TOL_LADDER and keep the first (loosest, so fastest) tolerance whose eigenvalues
+    are within TARGET_REL_ERR of the reference: every method is timed at the accuracy asked for, not at
+    its own default. Without such a tolerance the tightest run is kept and marked."""
+    for tol in TOL_LADDER:
+        (vals, n, extra), t = timed(lambda tol=tol: fn(tol), repeats)
+        row = {"s": t, "products": n, "max_rel_err": rel_err(vals, ref), "tol": tol, **extra}
+        if row["max_rel_err"] <= TARGET_REL_ERR:
+            return row
+    return {**row, "target_missed": True}
+
+
 def topk_suite(model, x, y, repeats, pyhessian_max_iter=1000):
-    """Top-1 and top-10 eigenvalues by every method, against a tight-tolerance reference. PyHessian's
-    power iteration gets `pyhessian_max_iter` products per eigenvalue (its default is 100)."""
-    out = {"topk": {}}
+    """Top-1 and top-10 eigenvalues by every method at TARGET_REL_ERR against a tight-tolerance reference.
+    PyHessian's power iteration gets `pyhessian_max_iter` products per eigenvalue (its default is 100).
+    Ours is timed twice: with the Lanczos residual estimates (eigenvalues only, as the others give) and
+    with true residuals (one more product per eigenpair)."""
+    out = {"topk": {}, "target_rel_err": TARGET_REL_ERR, "tol_ladder": list(TOL_LADDER)}
     reference = lk.lanczos_eigs(lk.HessianOperator(model, F.cross_entropy, (x, y), keep_graph=True), 10,
                                 tol=1e-12, num_iter=200, seed=1)
     ref = reference.eigenvalues.numpy()
     check = plain_eigsh(model, x, y, 10, 1e-12)[0]
     out["reference"] = {"eigenvalues": ref.tolist(), "max_rel_diff_vs_eigsh_tight": rel_err(check, ref)}
     print(f"reference top-10 (tol 1e-12): {np.round(ref, 5).tolist()}  (eigsh agrees to {rel_err(check, ref):.1e})")
+    methods = {OURS: lambda *a: ours(*a, residuals="estimate"), OURS + " + true residuals": ours,
+               **{name: fn for name, fn in TOPK.items() if fn is not ours}}
+    for fn in methods.values():  # warm-up: first calls pay for lazy initialisation, not for the method
+        _optional(lambda fn=fn: fn(model, x, y, 1, 1e-1))
     for k in (1, 10):
         rows = {}
-        for name, fn in TOPK.items():
-            tol = 1e-6 if name.startswith("landscape") else (1e-5 if "PyHessian" in name else 1e-6)
+        for name, fn in methods.items():
+            kw = {"max_iter": pyhessian_max_iter} if fn is pyhessian_top else {}
             try:
-                kw = {"max_iter": pyhessian_max_iter} if fn is pyhessian_top else {}
-                (vals, n, extra), t = timed(lambda fn=fn, k=k, tol=tol, kw=kw: fn(model, x, y, k, tol, **kw), repeats)
-                rows[name] = {"s": t, "products": n, "max_rel_err": rel_err(vals, ref[:k]), **extra}
+                rows[name] = at_target_accuracy(lambda tol, fn=fn, k=k, kw=kw: fn(model, x, y, k, tol, **kw), ref[:k], repeats)
             except Exception as exc:  # reported, not hidden
                 rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-        ours_t = rows["landscape_kernels lanczos_eigs"]["s"]
-        print(f"\ntop-{k}: {'method':36s} {'x ours':>8s} {'HVPs':>6s} {'max rel err':>12s}")
+        ours_t = rows[OURS]["s"]
+        print(f"\ntop-{k} at {TARGET_REL_ERR:.0e} relative error: {'method':44s} {'x ours':>8s} {'tol':>6s} {'HVPs':>6s} {'max rel err':>12s}")
         for name, r in rows.items():
             if "error" in r:
-                print(f"        {name:36s} {r['error'][:80]}")
+                print(f"        {name:44s} {r['error'][:80]}")
                 continue
             r["x_ours"] = r["s"] / ours_t
-            print(f"        {name:36s} {r['x_ours']:8.2f} {r['products']:6d} {r['max_rel_err']:12.1e}"
+            print(f"        {name:44s} {r['x_ours']:8.2f} {r['tol']:6.0e} {r['products']:6d} {r['max_rel_err']:12.1e}"
+                  + ("  (target missed at every tolerance)" if r.get("target_missed") else "")
                   + (f"  (reorthogonalisation {100 * r['reorth_share']:.1f} % of the time)" if "reorth_share" in r else ""))
         out["topk"][str(k)] = rows
     return out
@@ -298,7 +322,8 @@ def main(argv=None):
               "device": "CPU", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "model": "784-50-50-10 MLP, no bias, 200 SGD steps (B=50, lr=0.1) on 10k MNIST images",
               "samples": args.samples, "params": P, "repeats": repeats}
-    report.update(topk_suite(model, x, y, repeats))
+    report["topk_repeats"] = max(repeats, 3)  # top-k on the MLP takes seconds: medians of 3 even with --quick
+    report.update(topk_suite(model, x, y, report["topk_repeats"]))
     if args.cnn_samples:
         torch.manual_seed(0)
         cnn = trained(simple_cnn(), x_all[:10000], y_all[:10000], steps=200, lr=0.05)

@@ -9,14 +9,16 @@ import sys
 def _topk_tables(topk):
     lines = []
     for k, rows in topk.items():
-        lines += [f"**top-{k} Hessian eigenvalues**", "", "| method | x ours | Hessian-vector products | max rel. error |",
-                  "|---|---:|---:|---:|"]
+        lines += [f"**top-{k} Hessian eigenvalues**", "",
+                  "| method | x ours | tolerance used | Hessian-vector products | max rel. error |", "|---|---:|---:|---:|---:|"]
         for name, r in rows.items():
             if "error" in r:
-                lines.append(f"| {name} | — | — | {r['error'][:80]} |")
+                lines.append(f"| {name} | — | — | — | {r['error'][:80]} |")
             else:
                 extra = f" (reorthogonalisation {100 * r['reorth_share']:.1f} % of the time)" if "reorth_share" in r else ""
-                lines.append(f"| {name}{extra} | {r['x_ours']:.2f} | {r['products']} | {r['max_rel_err']:.1e} |")
+                missed = " (target missed)" if r.get("target_missed") else ""
+                tol = f"{r['tol']:.0e}" if "tol" in r else "—"
+                lines.append(f"| {name}{extra} | {r['x_ours']:.2f} | {tol} | {r['products']} | {r['max_rel_err']:.1e}{missed} |")
         lines.append("")
     return lines
 
@@ -24,8 +26,9 @@ def _topk_tables(topk):
 def render_lanczos(report):
     lines = [f"Measured {report['date']} on {report['device']} ({report['threads']} threads, torch {report['torch']}); "
              f"{report['model']}; {report['samples']} MNIST images; {report['params']:,} parameters; median of "
-             f"{report['repeats']} runs. `x ours` = time / landscape_kernels; error = max relative error of the "
-             "eigenvalues against the tol-1e-12 reference.", ""]
+             f"{report.get('topk_repeats', report['repeats'])} runs (top-k; {report['repeats']} for the rest). `x ours` = time / landscape_kernels; error = max relative error of the "
+             "eigenvalues against the tol-1e-12 reference. Each method runs at the loosest tolerance of "
+             f"{report.get('tol_ladder', '—')} that reaches {report.get('target_rel_err', '—')} relative error.", ""]
     lines += _topk_tables(report["topk"])
     if "cnn" in report:
         c = report["cnn"]

@@ -10,6 +10,7 @@ restored afterwards.
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
+from . import mlp_hvp
 from .persample import PerSampleGradients
 
 
@@ -40,6 +41,8 @@ def chosen_parameters(model, params):
         raise ValueError(f"params: {missing} are not parameters of the model (it has {list(named)})")
     if not names:
         raise ValueError("params: no parameters chosen")
+    if len(set(names)) != len(names):
+        raise ValueError(f"params: {names} names a parameter more than once")
     return names, [named[n] for n in names]
 
 
@@ -133,18 +136,28 @@ class _ModelOperator(Operator):
 
 
 class HessianOperator(_ModelOperator):
-    """Hessian of the mean training loss. ``method``: "double_backward" (default; with ``keep_graph``
-    the gradient graphs of all batches are kept across products, trading memory for one forward and
-    backward per product), "forward_over_reverse" (torch.func jvp of grad, vmapped over the K columns)
-    or "finite_difference" (central differences of gradients, for models without double backward).
+    """Hessian of the mean training loss. ``method``:
+
+    - "auto" (default): "rop" where it applies, else "double_backward";
+    - "rop": exact R-operator products for an ``nn.Sequential`` of Linear layers and elementwise
+      activations (ReLU, LeakyReLU, Tanh, Sigmoid; Identity, Dropout and Flatten pass through) under
+      mean cross-entropy or mean squared error, every column in the same GEMMs and no autograd graph
+      (``mlp_hvp``); 1.5-2x faster per product than the kept double-backward graph on the MNIST MLP;
+    - "double_backward": with ``keep_graph`` the gradient graphs of all batches are kept across
+      products, trading memory for one forward and backward per product;
+    - "forward_over_reverse": torch.func jvp of grad, vmapped over the K columns;
+    - "finite_difference": central differences of gradients, for models without double backward.
+
+    ``keep_graph`` keeps what the products of a batch need across products (the gradient graph for
+    double backward; activations, backward errors and activation derivatives for "rop").
     ``batched_backward`` (double backward only): True runs the K columns of a chunk as one vmapped
     backward pass, False as K backward passes over the shared gradient graph; None (default) picks
     False for models with convolutions, whose vmapped double backward is slower than the loop on
     CPU (measured 1.5x on the MNIST SimpleCNN), and True otherwise (1.4x faster on the MNIST MLP)."""
 
-    METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
+    METHODS = ("auto", "rop", "double_backward", "forward_over_reverse", "finite_difference")
 
-    def __init__(self, model, loss_fn, data, params=None, method="double_backward", batch_size=None,
+    def __init__(self, model, loss_fn, data, params=None, method="auto", batch_size=None,
                  keep_graph=False, fd_eps=None, batched_backward=None):
         super().__init__(model, loss_fn, data, params, batch_size)
         if method not in self.METHODS:
@@ -153,13 +166,38 @@ class HessianOperator(_ModelOperator):
             raise ValueError(f"HessianOperator: batched_backward must be None, True or False, got {batched_backward!r}")
         if batched_backward is None:
             batched_backward = not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+        if method in ("auto", "rop"):
+            x, y = self.batches[0]
+            reason = mlp_hvp.unsupported_reason(model, loss_fn, self.param_names, x, y)
+            if method == "rop" and reason:
+                raise ValueError(f"HessianOperator: method='rop' does not apply: {reason}")
+            method = "double_backward" if reason else "rop"
         self.method, self.keep_graph, self.fd_eps = method, keep_graph, fd_eps
         self.batched_backward = batched_backward
         self._graphs = None
+        if method == "rop":
+            self._rop_engine = mlp_hvp.MLPHessianProducts(model, loss_fn, self.param_names)
+            self.column_chunk = 32  # no graph traversal to amortise: wider GEMMs only help
 
     def _matmat(self, V):
         with self._eval_mode():
             return getattr(self, "_" + self.method)(V)
+
+    def _rop_states(self):
+        if self._graphs is not None:
+            return self._graphs
+        states = [self._rop_engine.prepare(x, y, self._weight(x)) for x, y in self.batches]
+        if self.keep_graph:
+            self._graphs = states
+        return states
+
+    def _rop(self, V):
+        vs = self._unflatten(V)
+        out = None
+        for state in self._rop_states():
+            hv = self._rop_engine.products(state, vs)
+            out = hv if out is None else [o.add_(h) for o, h in zip(out, hv)]
+        return self._flatten(out)
 
     def _gradients_with_graph(self):
         if self._graphs is not None:

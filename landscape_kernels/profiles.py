@@ -73,6 +73,9 @@ class LossEvaluator:
 
     MAX_POINTS_PER_PASS = 256
     ROW_BLOCK = 8192
+    FAST_POINTS_PER_PASS = 64  # the fast path's default: its temporaries are bounded by its row tiles
+    TILE_ELEMENTS = 2**21  # fast path: elements of one tile's moved outputs (8 MiB in float32)
+    MIN_TILE_ROWS = 64
 
     def __init__(self, model, loss_fn, data, directions, params=None, batch_size=None, points_per_pass=None,
                  fast_path=None, memory_budget=64 * 2**20):
@@ -86,15 +89,16 @@ class LossEvaluator:
         P = sum(self.sizes)
         d = _flat_directions(directions, self.names, self.shapes, self.sizes, P)
         self.directions = d.to(self.theta0[0].device, self.theta0[0].dtype)
-        if points_per_pass is None:
-            points_per_pass = self._points_for_budget(memory_budget, P)
-        elif not isinstance(points_per_pass, int) or points_per_pass < 1:
-            raise ValueError(f"points_per_pass must be a positive int or None, got {points_per_pass!r}")
-        self.points_per_pass = points_per_pass
         layer = self._single_linear_weight()
         if fast_path is True and layer is None:
             raise ValueError("fast_path=True needs params to be exactly one nn.Linear weight of an nn.Sequential model")
         self.layer_index = layer if fast_path is not False else None
+        budget_points = self._points_for_budget(memory_budget, P)
+        if points_per_pass is None:  # the fast path's temporaries are bounded by its row tiles instead
+            points_per_pass = self.FAST_POINTS_PER_PASS if self.layer_index is not None else budget_points
+        elif not isinstance(points_per_pass, int) or points_per_pass < 1:
+            raise ValueError(f"points_per_pass must be a positive int or None, got {points_per_pass!r}")
+        self.points_per_pass = points_per_pass
 
     def _row_blocks(self):
         """The batches cut into blocks of at most ROW_BLOCK rows (views): the temporaries of a pass then
@@ -164,15 +168,26 @@ class LossEvaluator:
         layer = self.model[i]
         z0 = layer(a)
         suffix = self.model[i + 1 :]
+        M = self.points_per_pass
+        width = max([layer.out_features] + [m.out_features for m in suffix if isinstance(m, nn.Linear)])
+        # rows per tile: the M moved outputs of a tile (and the suffix's temporaries) stay cache-sized, so
+        # the multiply-add, the activations, the next GEMM and the loss do not stream through memory
+        tile = int(min(x.shape[0], max(self.MIN_TILE_ROWS, self.TILE_ELEMENTS // (M * width))))
         res = []
-        for s in range(0, k.numel(), self.points_per_pass):
-            used, idx = torch.unique(k[s : s + self.points_per_pass], return_inverse=True)
-            dd = delta[s : s + self.points_per_pass].to(a.device, a.dtype)
+        for s in range(0, k.numel(), M):
+            used, idx = torch.unique(k[s : s + M], return_inverse=True)
+            idx = idx.to(a.device)
+            dd = delta[s : s + M].to(a.device, a.dtype)
             W = self.directions[used.to(a.device)].reshape(len(used), *self.shapes[0])  # (U, out, in)
             zd = torch.einsum("...i,uoi->u...o", a, W)  # (U, *batch, out): the layer's output moves by delta * zd
-            z = self._moved_outputs(z0, zd, idx.to(a.device), dd)  # (M, *batch, out)
-            outputs = self._run_suffix(suffix, z.reshape(-1, *z.shape[2:]))
-            res.append(self._point_loss(outputs.reshape(z.shape[0], z.shape[1], *outputs.shape[1:]), y))
+            total = torch.zeros(idx.numel(), dtype=torch.float64)
+            for r in range(0, x.shape[0], tile):
+                z = self._moved_outputs(z0[r : r + tile], zd[:, r : r + tile], idx, dd)  # (M, rows, out)
+                outputs = self._run_suffix(suffix, z.reshape(-1, *z.shape[2:]))
+                rows = z.shape[1]
+                total += self._point_loss(outputs.reshape(z.shape[0], rows, *outputs.shape[1:]), y[r : r + tile]) \
+                    * (rows / x.shape[0])
+            res.append(total)
         return torch.cat(res)
 
 

@@ -153,12 +153,32 @@ def test_exact_when_the_basis_fills_the_space(gen):
     assert r.converged and torch.allclose(r.eigenvalues, lam.sort().values, atol=1e-12)
 
 
+@pytest.mark.parametrize("block_size,num_iter", [(1, 6), (2, 4), (1, 40)])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-7), (torch.float32, 1e-3)])
+def test_estimated_residuals_equal_the_true_ones(block_size, num_iter, dtype, rtol, gen):
+    """Stopped early (residuals far from zero) and run to the whole space (residuals zero)."""
+    A, _ = matrix_with_spectrum(geometric(40, gen), gen)
+    A = A.to(dtype)
+    est = lanczos_eigs(A, 4, num_iter=num_iter, tol=0.0, block_size=block_size, residuals="estimate", seed=3)
+    true = lanczos_eigs(A, 4, num_iter=num_iter, tol=0.0, block_size=block_size, seed=3)
+    assert est.num_products == true.num_products - 4  # the true residuals cost one product per pair
+    assert torch.equal(est.eigenvalues, true.eigenvalues)
+    scale = float(torch.linalg.matrix_norm(A.double(), 2))
+    assert torch.allclose(est.residuals, true.residuals, rtol=rtol, atol=rtol * scale)
+    if num_iter * block_size < 40:
+        assert float(true.residuals.max()) > 1e-2 * scale  # a real test: the pairs are not converged
+    else:
+        assert float(est.residuals.max()) == 0.0
+
+
 def test_eigs_bad_input(gen):
     A, _ = matrix_with_spectrum(geometric(20, gen), gen)
     with pytest.raises(ValueError, match="k must be an int in \\[1, 20\\]"):
         lanczos_eigs(A, 21)
     with pytest.raises(ValueError, match="which must be one of"):
         lanczos_eigs(A, 2, which="largest")
+    with pytest.raises(ValueError, match="residuals must be one of"):
+        lanczos_eigs(A, 2, residuals="exact")
     with pytest.raises(ValueError, match="not symmetric"):
         lanczos_eigs(torch.triu(A), 2, check_symmetry=True)
     check_symmetric(A)

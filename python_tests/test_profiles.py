@@ -48,8 +48,9 @@ def test_points_per_pass_follow_the_memory_budget(gen):
     x, y = torch.randn(23, 7, dtype=torch.float64, generator=gen), torch.randint(0, 3, (23,), generator=gen)
     directions = torch.randn(3, 30, dtype=torch.float64, generator=gen)
 
-    def evaluator(**kw):
-        return LossEvaluator(model, F.cross_entropy, (x, y), directions, params=["2.weight"], batch_size=10, **kw)
+    def evaluator(fast_path=False, **kw):
+        return LossEvaluator(model, F.cross_entropy, (x, y), directions, params=["2.weight"], batch_size=10,
+                             fast_path=fast_path, **kw)
 
     # Leaf outputs per sample: 6 + 6 + 5 + 5 + 3 = 25 numbers; a point holds 10 rows of them plus 30 weights.
     per_point = (10 * 25 + 30) * 8
@@ -58,6 +59,8 @@ def test_points_per_pass_follow_the_memory_budget(gen):
     assert evaluator(memory_budget=2**40).points_per_pass == LossEvaluator.MAX_POINTS_PER_PASS
     k, d = torch.arange(3).repeat(4), torch.linspace(-1, 1, 12, dtype=torch.float64)
     assert torch.allclose(evaluator(memory_budget=1).losses(k, d), evaluator().losses(k, d), rtol=1e-13, atol=0)
+    # the fast path bounds its temporaries by row tiles: its default does not depend on the budget
+    assert evaluator(fast_path=None, memory_budget=1).points_per_pass == LossEvaluator.FAST_POINTS_PER_PASS
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
         evaluator(memory_budget=0)
     with pytest.raises(ValueError, match="points_per_pass must be a positive int or None"):
@@ -132,3 +135,18 @@ def test_flatness_bad_input():
     with pytest.raises(ValueError, match="ln L needs a positive loss"):
         flatness(model, analytic_loss(torch.ones(2), torch.ones(2), loss0=0.0), (torch.zeros(3, 1), torch.zeros(3)),
                  torch.eye(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tile_elements", [1, 40, 2**21])
+def test_fast_path_row_tiles_give_the_same_losses(tile_elements, gen, monkeypatch):
+    """Tiles of 64 rows (the minimum), of a few rows' worth of elements, and one tile per batch."""
+    model = mlp()
+    x, y = torch.randn(150, 7, dtype=torch.float64, generator=gen), torch.randint(0, 3, (150,), generator=gen)
+    directions = torch.randn(3, 30, dtype=torch.float64, generator=gen)
+    k, d = torch.arange(3).repeat_interleave(5), torch.linspace(-2, 2, 15, dtype=torch.float64)
+    want = LossEvaluator(model, F.cross_entropy, (x, y), directions, params=["2.weight"], fast_path=False).losses(k, d)
+    monkeypatch.setattr(LossEvaluator, "TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(LossEvaluator, "MIN_TILE_ROWS", 1 if tile_elements == 40 else 64)
+    got = LossEvaluator(model, F.cross_entropy, (x, y), directions, params=["2.weight"], points_per_pass=4,
+                        batch_size=100).losses(k, d)
+    assert torch.allclose(got, want, rtol=1e-13, atol=0)
