@@ -6,7 +6,7 @@ on 2560 MNIST training images from --data-dir (default ../shared/data), and the 
 SimpleCNN (197k parameters) after brief training on --cnn-samples images (top-k only). Reports time,
 Hessian-vector products and the relative error of the eigenvalues against a tight-tolerance reference
 (this library at tol 1e-12, cross-checked with eigsh at tol 1e-12). Every method is timed at the
-accuracy the comparison asks for, 1e-4 relative error: its tolerance is stepped down 1e-2, 1e-3, ...
+accuracy the comparison asks for, 1e-4 relative error: its tolerance is stepped down 1e-2, 3e-3, 1e-3, ...
 and the first run within 1e-4 of the reference counts (the JSON keeps the tolerance used).
 
     python bench/lanczos.py --quick --json bench/results/lanczos_cpu.json
@@ -254,7 +254,7 @@ def _ratio(other, ours):
 
 
 TARGET_REL_ERR = 1e-4  # issue 3: top-k compared at this accuracy
-TOL_LADDER = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8)
+TOL_LADDER = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6, 1e-8)
 
 
 def at_target_accuracy(fn, ref, repeats):

@@ -5,6 +5,7 @@
 
 #include "lanczos.h"
 #include "persample.h"
+#include "profiles.h"
 #include "trajectory.h"
 
 extern "C" {
@@ -29,6 +30,8 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.def("lanczos_reorth(Tensor Q, Tensor W, int j) -> (Tensor, Tensor)");
   m.def("trajectory_cov_update(Tensor(a!) M2, Tensor(b!) mean, int count, Tensor X) -> ()");
   m.def("trajectory_project(Tensor X, Tensor mean, Tensor basis) -> (Tensor, Tensor)");
+  m.def("profile_ce_losses(Tensor z0, Tensor zd, Tensor direction, Tensor offset, Tensor weight, Tensor? bias, "
+        "Tensor target) -> Tensor");
 }
 
 #define LK_REGISTER_OPS(NS)                                    \
@@ -41,7 +44,8 @@ TORCH_LIBRARY(landscape_kernels, m) {
   m.impl("per_sample_stats", &NS::per_sample_stats);                \
   m.impl("lanczos_reorth", &NS::lanczos_reorth);                    \
   m.impl("trajectory_cov_update", &NS::trajectory_cov_update);      \
-  m.impl("trajectory_project", &NS::trajectory_project);
+  m.impl("trajectory_project", &NS::trajectory_project);            \
+  m.impl("profile_ce_losses", &NS::profile_ce_losses);
 
 TORCH_LIBRARY_IMPL(landscape_kernels, CPU, m) { LK_REGISTER_OPS(cpu) }
 

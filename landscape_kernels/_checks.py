@@ -152,3 +152,42 @@ def check_project(X, mean, basis, op="trajectory_project"):
     if basis.dim() != 2 or basis.shape[1] != N:
         raise ValueError(f"{op}: basis must have shape (k, N) with N = {N}, got shape {tuple(basis.shape)}")
     _check_float64_vector_like(basis, "basis", tuple(basis.shape), X, op)
+
+
+def check_profile(z0, zd, direction, offset, weight, bias, target, op="profile_ce_losses"):
+    """Shapes, dtypes, devices and index ranges of the loss-profile op's arguments."""
+    for t, name in ((z0, "z0"), (zd, "zd"), (direction, "direction"), (offset, "offset"), (weight, "weight"),
+                    (target, "target")):
+        check_tensor(t, name, op)
+    if z0.dim() != 2:
+        raise ValueError(f"{op}: z0 must have shape (R, H), got shape {tuple(z0.shape)}")
+    if z0.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: z0 must be float32 or float64, got {z0.dtype}")
+    R, H = z0.shape
+    if zd.dim() != 3 or tuple(zd.shape[1:]) != (R, H) or zd.shape[0] == 0:
+        raise ValueError(f"{op}: zd must have shape (U, R, H) = (U, {R}, {H}) with U >= 1, got shape {tuple(zd.shape)}")
+    if direction.dim() != 1 or direction.dtype != torch.long:
+        raise ValueError(f"{op}: direction must be a 1-D int64 tensor, got {direction.dtype} of shape {tuple(direction.shape)}")
+    M = direction.shape[0]
+    if offset.shape != (M,):
+        raise ValueError(f"{op}: offset must have shape (M,) = ({M},), got shape {tuple(offset.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have shape (C, H) with H = {H}, got shape {tuple(weight.shape)}")
+    C = weight.shape[0]
+    if bias is not None:
+        check_tensor(bias, "bias", op)
+        if bias.shape != (C,):
+            raise ValueError(f"{op}: bias must have shape (C,) = ({C},), got shape {tuple(bias.shape)}")
+    if target.shape != (R,) or target.dtype != torch.long:
+        raise ValueError(f"{op}: target must be int64 of shape (R,) = ({R},), got {target.dtype} of shape {tuple(target.shape)}")
+    for t, name in ((zd, "zd"), (offset, "offset"), (weight, "weight")) + (((bias, "bias"),) if bias is not None else ()):
+        if t.dtype != z0.dtype:
+            raise TypeError(f"{op}: {name} must have z0's dtype {z0.dtype}, got {t.dtype}")
+    for t, name in ((zd, "zd"), (direction, "direction"), (offset, "offset"), (weight, "weight"), (target, "target")) + \
+            (((bias, "bias"),) if bias is not None else ()):
+        if t.device != z0.device:
+            raise ValueError(f"{op}: {name} must be on z0's device {z0.device}, got {t.device}")
+    if M and (int(direction.min()) < 0 or int(direction.max()) >= zd.shape[0]):
+        raise ValueError(f"{op}: direction values must lie in [0, U) = [0, {zd.shape[0]})")
+    if R and (int(target.min()) < 0 or int(target.max()) >= C):
+        raise ValueError(f"{op}: target values must be classes in [0, C) = [0, {C})")

@@ -18,7 +18,8 @@ import threading
 import torch
 
 from . import reference
-from ._checks import check_cov_update, check_directions, check_layer_pair, check_project, check_reorth, check_weights
+from ._checks import (check_cov_update, check_directions, check_layer_pair, check_profile, check_project, check_reorth,
+                      check_weights)
 from ._checks import check_finite as _check_finite
 
 NAMESPACE = "landscape_kernels"
@@ -33,6 +34,8 @@ SCHEMAS = {
     "lanczos_reorth": "(Tensor Q, Tensor W, int j) -> (Tensor, Tensor)",
     "trajectory_cov_update": "(Tensor(a!) M2, Tensor(b!) mean, int count, Tensor X) -> ()",
     "trajectory_project": "(Tensor X, Tensor mean, Tensor basis) -> (Tensor, Tensor)",
+    "profile_ce_losses": "(Tensor z0, Tensor zd, Tensor direction, Tensor offset, Tensor weight, Tensor? bias, "
+                         "Tensor target) -> Tensor",
 }
 BACKENDS = ("auto", "compiled", "reference")
 _DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -130,6 +133,11 @@ def _(Q, W, j):
 @torch.library.register_fake(f"{NAMESPACE}::trajectory_cov_update")
 def _(M2, mean, count, X):
     return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::profile_ce_losses")
+def _(z0, zd, direction, offset, weight, bias, target):
+    return z0.new_empty(direction.shape[0], dtype=torch.float64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::trajectory_project")
@@ -275,3 +283,17 @@ def trajectory_project(X, mean, basis, *, check_finite=True):
     if check_finite:
         _check_finite(X, "X", "trajectory_project")
     return _call("trajectory_project", X, mean, basis)
+
+
+def profile_ce_losses(z0, zd, direction, offset, weight, bias, target, *, check_finite=True):
+    """(M,) float64: for every point m, the cross-entropy summed over the R rows of
+    ``weight @ relu(z0 + offset[m] * zd[direction[m]]) + bias`` against ``target`` (SPEC §1.3 loss
+    profiles when the layer before a ReLU and a final Linear layer moves: its output is z0 (R, H) at
+    theta0 and moves by delta * zd[u] (U, R, H) along direction u). Never forms the M x R x H tensor."""
+    check_profile(z0, zd, direction, offset, weight, bias, target)
+    if check_finite:
+        for t, name in ((z0, "z0"), (zd, "zd"), (offset, "offset"), (weight, "weight")):
+            _check_finite(t, name, "profile_ce_losses")
+        if bias is not None:
+            _check_finite(bias, "bias", "profile_ce_losses")
+    return _call("profile_ce_losses", z0, zd, direction, offset, weight, bias, target)

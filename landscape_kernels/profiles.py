@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from . import mlp_hvp, ops
 from ._checks import all_finite
 from .operators import _as_batches, chosen_parameters
 
@@ -93,9 +94,13 @@ class LossEvaluator:
         if fast_path is True and layer is None:
             raise ValueError("fast_path=True needs params to be exactly one nn.Linear weight of an nn.Sequential model")
         self.layer_index = layer if fast_path is not False else None
+        self.fused = self.layer_index is not None and self._fused_applies()
         budget_points = self._points_for_budget(memory_budget, P)
-        if points_per_pass is None:  # the fast path's temporaries are bounded by its row tiles instead
-            points_per_pass = self.FAST_POINTS_PER_PASS if self.layer_index is not None else budget_points
+        if points_per_pass is None:  # the fast paths' temporaries are bounded by row tiles or never formed
+            if self.fused:
+                points_per_pass = self.MAX_POINTS_PER_PASS
+            else:
+                points_per_pass = self.FAST_POINTS_PER_PASS if self.layer_index is not None else budget_points
         elif not isinstance(points_per_pass, int) or points_per_pass < 1:
             raise ValueError(f"points_per_pass must be a positive int or None, got {points_per_pass!r}")
         self.points_per_pass = points_per_pass
@@ -119,6 +124,15 @@ class LossEvaluator:
             self.model.train(was_training)
         per_point = (rows * numel + P) * self.theta0[0].element_size()
         return int(min(self.MAX_POINTS_PER_PASS, max(1, memory_budget // per_point)))
+
+    def _fused_applies(self):
+        """The layers after the moving Linear are exactly ReLU and a last Linear, under mean cross-entropy
+        on class indices: then the compiled ``profile_ce_losses`` evaluates every point without forming
+        the moved activations."""
+        suffix = list(self.model[self.layer_index + 1 :])
+        if [type(m) for m in suffix] != [nn.ReLU, nn.Linear] or mlp_hvp.loss_kind(self.loss_fn) != "ce":
+            return False
+        return all(y.dtype == torch.long and y.dim() == 1 and bool((y >= 0).all()) for _, y in self.batches)
 
     def _single_linear_weight(self):
         if not isinstance(self.model, nn.Sequential) or len(self.names) != 1:
@@ -169,6 +183,17 @@ class LossEvaluator:
         z0 = layer(a)
         suffix = self.model[i + 1 :]
         M = self.points_per_pass
+        if self.fused:
+            last = suffix[1]
+            res = []
+            for s in range(0, k.numel(), M):
+                used, idx = torch.unique(k[s : s + M], return_inverse=True)
+                W = self.directions[used.to(a.device)].reshape(len(used), *self.shapes[0])
+                zd = torch.einsum("...i,uoi->u...o", a, W)
+                dd = delta[s : s + M].to(a.device, a.dtype)
+                res.append(ops.profile_ce_losses(z0, zd, idx.to(a.device), dd, last.weight, last.bias, y.to(a.device),
+                                                 check_finite=False).cpu() / x.shape[0])
+            return torch.cat(res)
         width = max([layer.out_features] + [m.out_features for m in suffix if isinstance(m, nn.Linear)])
         # rows per tile: the M moved outputs of a tile (and the suffix's temporaries) stay cache-sized, so
         # the multiply-add, the activations, the next GEMM and the loss do not stream through memory

@@ -4,8 +4,10 @@ per-sample gradients G_b = sum_t D[b,t]^T A[b,t] are materialised for all sample
 of output rows at a time, so memory stays bounded by ``_SLICE_ELEMENTS`` and each statistic is one pass.
 """
 import torch
+import torch.nn.functional as F
 
-from ._checks import check_cov_update, check_project, check_directions, check_layer_pair, check_reorth, check_weights
+from ._checks import (check_cov_update, check_directions, check_layer_pair, check_profile, check_project, check_reorth,
+                      check_weights)
 
 _SLICE_ELEMENTS = 1 << 22
 
@@ -98,6 +100,18 @@ def trajectory_cov_update(M2, mean, count, X):
     scatter = centred.T @ centred
     M2.add_((scatter + scatter.T) / 2 + (count * T / n) * torch.outer(d, d))  # kept exactly symmetric
     mean.add_(d * (T / n))
+
+
+def profile_ce_losses(z0, zd, direction, offset, weight, bias, target):
+    """(M,) float64 summed cross-entropy over the rows of weight relu(z0 + offset[m] zd[direction[m]]) + bias,
+    computed in float64 (the oracle of the compiled kernel)."""
+    check_profile(z0, zd, direction, offset, weight, bias, target)
+    h = torch.relu(z0.double()[None] + offset.double()[:, None, None] * zd.double()[direction])  # (M, R, H)
+    logits = h @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    M, R = h.shape[0], h.shape[1]
+    return F.cross_entropy(logits.reshape(M * R, -1), target.repeat(M), reduction="none").reshape(M, R).sum(1)
 
 
 def trajectory_project(X, mean, basis):

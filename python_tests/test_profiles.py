@@ -1,4 +1,5 @@
 """loss_profiles against a plain loop over points; flatness exact on analytic loss profiles."""
+import copy
 
 import pytest
 import torch
@@ -150,3 +151,24 @@ def test_fast_path_row_tiles_give_the_same_losses(tile_elements, gen, monkeypatc
     got = LossEvaluator(model, F.cross_entropy, (x, y), directions, params=["2.weight"], points_per_pass=4,
                         batch_size=100).losses(k, d)
     assert torch.allclose(got, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, nn.CrossEntropyLoss()], ids=["F", "module"])
+def test_fused_relu_linear_cross_entropy_path(bias, dtype, loss_fn, gen):
+    """W2 of Linear-ReLU-Linear-ReLU-Linear under cross-entropy: the compiled profile op serves it."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(7, 6, bias=False), nn.ReLU(), nn.Linear(6, 5, bias=False), nn.ReLU(),
+                          nn.Linear(5, 3, bias=bias)).to(dtype)
+    x, y = torch.randn(37, 7, dtype=dtype, generator=gen), torch.randint(0, 3, (37,), generator=gen)
+    directions = torch.randn(4, 30, dtype=dtype, generator=gen)
+    deltas = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    ev = LossEvaluator(model, loss_fn, (x, y), directions, params=["2.weight"], batch_size=16)
+    assert ev.fused and ev.points_per_pass == LossEvaluator.MAX_POINTS_PER_PASS
+    got = loss_profiles(model, loss_fn, (x, y), directions, deltas, params=["2.weight"], batch_size=16,
+                        points_per_pass=5)
+    want = plain_loop(copy.deepcopy(model).double(), x.double(), y, ["2.weight"], directions.double(), deltas)
+    assert torch.allclose(got, want, rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
+    smoothing = nn.CrossEntropyLoss(label_smoothing=0.1)  # not served by the op: the tiled path takes it
+    assert not LossEvaluator(model, smoothing, (x, y), directions, params=["2.weight"]).fused

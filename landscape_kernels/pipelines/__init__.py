@@ -1,0 +1,1 @@
+"""End-to-end jobs behind ``landscape-kernels reproduce ...``: train, record, analyse, report."""

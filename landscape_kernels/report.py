@@ -1,0 +1,174 @@
+"""Figures (PNG, matplotlib's Agg backend) and ``report.md`` of a reproduction run.
+
+matplotlib is in the ``report`` extra; without it the report is written with its tables and a line
+saying which figures were skipped, so an analysis never fails for want of a plotting library.
+"""
+import math
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _fmt(v):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "∞"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _save(plt, fig, out, name, written):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=110)
+    plt.close(fig)
+    written.append(name)
+
+
+def _spectrum_figures(plt, out, s, arrays, written):
+    var = np.array(s["pca"]["variances"])
+    i = np.arange(1, len(var) + 1)
+    fit = s["pca"]["gamma_fit"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    pos = var > 0
+    ax[0].loglog(i[pos], var[pos], ".", ms=3, label="σ_i²")
+    xs = np.array([fit["x_min"], fit["x_max"]])
+    ax[0].loglog(xs, np.exp(fit["log_prefactor"]) * xs ** fit["exponent"], "r-",
+                 label=f"fit i ≥ {int(fit['x_min'])}: γ = {-fit['exponent']:.2f}")
+    ax[0].set(xlabel="rank i", ylabel="variance σ_i²", title="PCA spectrum of W2 (Fig. 1)")
+    ax[0].legend()
+    rest = var[1:]
+    share = np.cumsum(rest) / rest.sum()
+    ax[1].semilogx(np.arange(2, len(var) + 1), share)
+    ax[1].axhline(0.9, color="gray", ls=":")
+    ax[1].axvline(s["pca"]["n90"], color="r", ls="--", label=f"n90 = {s['pca']['n90']}")
+    ax[1].set(xlabel="n", ylabel="Σ_{i=2..n} σ_i² / Σ_{i≥2} σ_i²", title="cumulative variance without PC1")
+    ax[1].legend()
+    _save(plt, fig, out, "fig1_spectrum.png", written)
+    theta = np.asarray(arrays["theta"])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(theta[:, 0], theta[:, 1], lw=0.5)
+    ax[0].set(xlabel="θ1", ylabel="θ2", title="drift along PC1, diffusion along PC2")
+    ax[1].plot(theta[:, 2], theta[:, 3], lw=0.5)
+    ax[1].set(xlabel="θ_10", ylabel="θ_20", title="diffusion along low-variance PCs")
+    _save(plt, fig, out, "fig1_trajectories.png", written)
+
+
+def _flatness_figures(plt, out, s, written):
+    pcs = np.array(s["pcs"])
+    F = np.array(s["flatness"]["widths"])
+    var = np.array(s["pca"]["variances"])[pcs - 1]
+    prof = s["profiles"]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    L = np.array(prof["losses"])
+    for p, row in zip(prof["pcs"], L):
+        ax[0].plot(prof["deltas"], np.log(row), label=f"PC{p}")
+    ax[0].axhline(math.log(s["flatness"]["loss0"]) + s["flatness"]["threshold"], color="gray", ls=":", label="ln L0 + 1")
+    ax[0].set(xlabel="δθ", ylabel="ln L", title="loss profiles (Fig. 2)")
+    ax[0].legend(fontsize=7)
+    sat = np.array(s["flatness"]["saturated_left"]) | np.array(s["flatness"]["saturated_right"])
+    ax[1].semilogy(pcs[~sat], F[~sat], ".", label="F_i")
+    if sat.any():
+        ax[1].semilogy(pcs[sat], F[sat], "x", label="saturated")
+    ax[1].set(xlabel="PC i", ylabel="flatness F_i", title="flatness grows with i")
+    ax[1].legend()
+    fit = s["psi"]["fit"]
+    ax[2].loglog(F[~sat], var[~sat], ".")
+    xs = np.array([fit["x_min"], fit["x_max"]])
+    ax[2].loglog(xs, np.exp(fit["log_prefactor"]) * xs ** fit["exponent"], "r-",
+                 label=f"ψ = {s['psi']['psi']:.2f}, 95 % CI [{-fit['ci95'][1]:.2f}, {-fit['ci95'][0]:.2f}]")
+    ax[2].set(xlabel="F_i", ylabel="σ_i²", title="inverse variance-flatness relation")
+    ax[2].legend()
+    _save(plt, fig, out, "fig2_flatness.png", written)
+
+
+def _mlf_figures(plt, out, s, written):
+    F = np.array(s["flatness"]["widths"])
+    d = s["mlf"]["derivatives"]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for a, key, label in zip(ax, ("sigma_tilde2", "M0", "noise_strength"),
+                             ("σ̃_i² = Var_μ θ*", "M_ii^(0)", "(M_ii^(0))² σ̃_i²")):
+        v = np.array(d[key], dtype=float)
+        ok = np.isfinite(v) & (v > 0)
+        a.loglog(F[ok], v[ok], ".", label="derivatives")
+        par = s["mlf"]["parabola"]
+        idx = [s["pcs"].index(p) for p in par["pcs"]]
+        pv = np.array(par[key], dtype=float)
+        pok = np.isfinite(pv) & (pv > 0)
+        a.loglog(F[idx][pok], pv[pok], "rx", label="parabola")
+        a.set(xlabel="F_i", ylabel=label)
+        a.legend(fontsize=7)
+    ax[0].set_title("MLF ensemble (Fig. 3)")
+    _save(plt, fig, out, "fig3_mlf.png", written)
+
+
+def _temperature_figures(plt, out, s, arrays, written):
+    t = s["temperature"]
+    F = np.array(s["flatness"]["widths"])
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for p, row in zip(t["profile_pcs"], t["profiles"]):
+        ax[0].plot(np.array(t["offsets_per_width"]), row, label=f"PC{p}")
+    ax[0].set(xlabel="δθ / F_i", ylabel="T_i(δθ)", title="active temperature (Fig. 5)")
+    ax[0].legend(fontsize=7)
+    T0 = np.array(t["T0"])
+    ok = T0 > 0
+    ax[1].loglog(F[ok], T0[ok], ".")
+    ax[1].set(xlabel="F_i", ylabel="T_i(0)", title="T_i(0) falls with flatness")
+    Tt = np.array(t["along_training"])
+    loss = np.asarray(arrays["loss_t"])
+    if len(Tt):
+        epochs = np.arange(1, len(Tt) + 1)
+        ax[2].loglog(epochs, Tt.mean(1), label="T(t) (mean over profile PCs)")
+        ax2 = ax[2].twinx()
+        ax2.loglog(epochs, loss, "r", label="L(t)")
+        ax2.set_ylabel("full training loss L", color="r")
+        ax[2].set(xlabel="epoch", ylabel="T(t)", title=f"corr(log T, log L) = {t['corr_log_T_log_L']:.2f}")
+    _save(plt, fig, out, "fig5_temperature.png", written)
+
+
+def write_variance_flatness_report(out, s, arrays):
+    """PNG figures and report.md for a summary from ``pipelines.variance_flatness.run``."""
+    plt = _pyplot()
+    written = []
+    if plt is not None:
+        _spectrum_figures(plt, out, s, arrays, written)
+        _flatness_figures(plt, out, s, written)
+        _mlf_figures(plt, out, s, written)
+        _temperature_figures(plt, out, s, arrays, written)
+    cfg, tr = s["config"], s["training"]
+    lines = [f"# Inverse variance-flatness relation: {s['dataset']}, B = {cfg['batch_size']}, α = {cfg['lr']}", "",
+             f"landscape_kernels {s['library_version']}; {tr['epochs']} epochs ({tr['steps']} SGD steps, stopped by "
+             f"{tr['stopped_by']}); test accuracy {_fmt(tr['test_accuracy'])}; PCA window of "
+             f"{s['pca']['num_snapshots']} snapshots of W2; {len(s['pcs'])} PCs analysed (every "
+             f"{cfg['pcs_every']}th); flatness from the {cfg['center']} weights.", "",
+             "## Checkable numbers (SPEC §1.4)", "",
+             "| quantity | this run | paper | tolerance | within |", "|---|---:|---|---|---|"]
+    for r in s["checks"]:
+        lo, hi = r["tolerance"]
+        mark = ("yes" if r["within"] else "**no**") if r["applies"] else f"({'yes' if r['within'] else 'no'}; MNIST value)"
+        lines.append(f"| {r['quantity']} | {_fmt(r['value'])} | {r['paper']} | [{_fmt(lo)}, {_fmt(hi)}] | {mark} |")
+    g, p = s["pca"]["gamma_fit"], s["psi"]["fit"]
+    lines += ["", f"γ = {s['pca']['gamma']:.3f} ± {g['stderr']:.3f} (fit over PCs {int(g['x_min'])}..{int(g['x_max'])}); "
+              f"ψ = {s['psi']['psi']:.3f}, 95 % CI [{-p['ci95'][1]:.3f}, {-p['ci95'][0]:.3f}] over {p['n']} PCs "
+              "(PC1 and saturated sides excluded).", ""]
+    if written:
+        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in written] + [""]
+    else:
+        lines += ["Figures skipped: matplotlib is not installed (pip install 'landscape_kernels[report]').", ""]
+    lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in s["timings_s"].items()]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return written

@@ -1,0 +1,35 @@
+"""The main job end to end: `landscape-kernels reproduce variance-flatness --quick` and its report."""
+import json
+import os
+
+import pytest
+
+from landscape_kernels.cli import main
+
+
+def test_variance_flatness_quick_run_writes_the_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["reproduce", "variance-flatness", "--quick", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "digits" and summary["training"]["epochs"] == 40
+    assert summary["psi"]["psi"] > 0 and summary["pca"]["gamma"] > 0  # digits: a power law and psi > 0
+    assert len(summary["flatness"]["widths"]) == len(summary["pcs"])
+    assert {"training", "pca", "flatness", "mlf", "temperature"} <= set(summary["timings_s"])
+    report = (out / "report.md").read_text()
+    assert "Checkable numbers" in report and "psi > 0" in report
+    pytest.importorskip("matplotlib")
+    for name in ("fig1_spectrum.png", "fig2_flatness.png", "fig3_mlf.png", "fig5_temperature.png"):
+        assert (out / name).stat().st_size > 1000 and f"]({name})" in report
+    # resumed: training is already complete, the analysis gives the same numbers
+    assert main(["reproduce", "variance-flatness", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["psi"] == summary["psi"] and again["pca"]["n90"] == summary["pca"]["n90"]
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_missing_mnist_is_one_clear_error(tmp_path, capsys):
+    code = main(["reproduce", "variance-flatness", "--dataset", "mnist", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "run"), "--quick", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and os.fspath(tmp_path) in err
