@@ -79,8 +79,10 @@ class LossEvaluator:
     MIN_TILE_ROWS = 64
 
     def __init__(self, model, loss_fn, data, directions, params=None, batch_size=None, points_per_pass=None,
-                 fast_path=None, memory_budget=64 * 2**20):
+                 fast_path=None, memory_budget=64 * 2**20, zd_cache_bytes=0):
         self.model, self.loss_fn = model, loss_fn
+        self.zd_cache_bytes = zd_cache_bytes
+        self._io_cache, self._zd_cache = {}, {}
         self.batches = _as_batches(data, batch_size)
         self.num_samples = sum(b[0].shape[0] for b in self.batches)
         self.names, chosen = chosen_parameters(model, params)
@@ -151,9 +153,9 @@ class LossEvaluator:
         self.model.eval()
         try:
             with torch.no_grad():
-                for x, y in self._row_blocks():
+                for b, (x, y) in enumerate(self._row_blocks()):
                     w = x.shape[0] / self.num_samples
-                    out += w * (self._fast(x, y, k, delta) if self.layer_index is not None else self._generic(x, y, k, delta))
+                    out += w * (self._fast(b, x, y, k, delta) if self.layer_index is not None else self._generic(x, y, k, delta))
         finally:
             self.model.train(was_training)
         return out
@@ -176,20 +178,41 @@ class LossEvaluator:
             res.append(self._point_loss(vmap(run)(stacked), y))
         return torch.cat(res)
 
-    def _fast(self, x, y, k, delta):
-        i = self.layer_index
-        a = self.model[:i](x)  # the layer's input, once per batch
-        layer = self.model[i]
-        z0 = layer(a)
-        suffix = self.model[i + 1 :]
+    def _layer_io(self, b, x):
+        """(input, output) of the moving layer for row block ``b``, computed once per evaluator."""
+        if b not in self._io_cache:
+            a = self.model[: self.layer_index](x)
+            self._io_cache[b] = (a, self.model[self.layer_index](a))
+        return self._io_cache[b]
+
+    def _all_directions_output(self, b, a):
+        """(K, rows, out): how every direction moves the layer's output on block ``b``, kept across
+        calls when all K fit ``zd_cache_bytes`` (flatness asks for the same directions pass after pass)."""
+        if b not in self._zd_cache:
+            W = self.directions.reshape(-1, *self.shapes[0])
+            self._zd_cache[b] = torch.einsum("...i,uoi->u...o", a, W)
+        return self._zd_cache[b]
+
+    def _caches_directions(self, rows_total, width):
+        K = self.directions.shape[0]
+        return K * rows_total * width * self.directions.element_size() <= self.zd_cache_bytes
+
+    def _fast(self, b, x, y, k, delta):
+        a, z0 = self._layer_io(b, x)  # the layers before the moving one run once per block of rows
+        layer = self.model[self.layer_index]
+        suffix = self.model[self.layer_index + 1 :]
         M = self.points_per_pass
         if self.fused:
             last = suffix[1]
+            cached = self._caches_directions(self.num_samples, layer.out_features)
             res = []
             for s in range(0, k.numel(), M):
-                used, idx = torch.unique(k[s : s + M], return_inverse=True)
-                W = self.directions[used.to(a.device)].reshape(len(used), *self.shapes[0])
-                zd = torch.einsum("...i,uoi->u...o", a, W)
+                if cached:
+                    zd, idx = self._all_directions_output(b, a), k[s : s + M]
+                else:
+                    used, idx = torch.unique(k[s : s + M], return_inverse=True)
+                    W = self.directions[used.to(a.device)].reshape(len(used), *self.shapes[0])
+                    zd = torch.einsum("...i,uoi->u...o", a, W)
                 dd = delta[s : s + M].to(a.device, a.dtype)
                 res.append(ops.profile_ce_losses(z0, zd, idx.to(a.device), dd, last.weight, last.bias, y.to(a.device),
                                                  check_finite=False).cpu() / x.shape[0])
@@ -292,20 +315,46 @@ class FlatnessResult:
 
 
 def flatness(model, loss_fn, data, directions, params=None, threshold=1.0, step=100.0, cap=1000.0, tol=0.01,
-             batch_size=None, points_per_pass=None, fast_path=None, memory_budget=64 * 2**20):
-    """SPEC §1.3 flatness along each direction (unit directions give widths in parameter units)."""
+             batch_size=None, points_per_pass=None, fast_path=None, memory_budget=64 * 2**20,
+             zd_cache_bytes=512 * 2**20):
+    """SPEC §1.3 flatness along each direction (unit directions give widths in parameter units). On the
+    one-layer fast path the directions are searched in groups whose moved layer outputs fit
+    ``zd_cache_bytes`` and are kept across the search's passes."""
     for name, v in (("threshold", threshold), ("step", step), ("cap", cap), ("tol", tol)):
         if not float(v) > 0:
             raise ValueError(f"flatness: {name} must be > 0, got {v!r}")
-    ev = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path, memory_budget)
-    K = ev.directions.shape[0]
-    loss0 = float(ev.losses([0], [0.0])[0])
+    probe = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path, memory_budget)
+    K = probe.directions.shape[0]
+    loss0 = float(probe.losses([0], [0.0])[0])
     if not loss0 > 0:
         raise ValueError(f"flatness: the loss at theta0 is {loss0}; ln L needs a positive loss")
     limit = torch.log(torch.tensor(loss0, dtype=torch.float64)) + threshold
+    group = K
+    if probe.layer_index is not None:
+        per_direction = probe.num_samples * probe.model[probe.layer_index].out_features * probe.directions.element_size()
+        group = int(max(1, min(K, zd_cache_bytes // per_direction)))
+    offsets, saturated = [], []
+    for g in range(0, K, group):
+        ev = LossEvaluator(model, loss_fn, data, probe.directions[g : g + group], params, batch_size, points_per_pass,
+                           fast_path, memory_budget, zd_cache_bytes=zd_cache_bytes)
+        o, sat = _search_crossings(ev, limit, float(step), float(cap), float(tol))
+        offsets.append(o)
+        saturated.append(sat)
+    n = [min(group, K - g) for g in range(0, K, group)]  # rays of each group: its right ones, then its left ones
+    right = torch.cat([o[:m] for o, m in zip(offsets, n)])
+    left = -torch.cat([o[m:] for o, m in zip(offsets, n)])
+    sat_right = torch.cat([s_[:m] for s_, m in zip(saturated, n)])
+    sat_left = torch.cat([s_[m:] for s_, m in zip(saturated, n)])
+    return FlatnessResult(right - left, left, right, sat_left, sat_right, loss0, float(threshold))
+
+
+def _search_crossings(ev, limit, step, cap, tol):
+    """Offsets (2K,) where ln L crosses ``limit`` on the rays right (0..K-1) and left (K..2K-1) of every
+    direction of ``ev``, and whether each ray hit the cap (its offset is then the cap)."""
+    K = ev.directions.shape[0]
     rays = torch.arange(K).repeat(2)  # rays 0..K-1 go right (+), K..2K-1 go left (-)
     sign = torch.cat([torch.ones(K), -torch.ones(K)]).double()
-    lo, hi = torch.zeros(2 * K, dtype=torch.float64), torch.full((2 * K,), float(step), dtype=torch.float64)
+    lo, hi = torch.zeros(2 * K, dtype=torch.float64), torch.full((2 * K,), step, dtype=torch.float64)
     saturated = torch.zeros(2 * K, dtype=torch.bool)
     searching = torch.ones(2 * K, dtype=torch.bool)
     while bool(searching.any()):  # bracketing: step out until ln L exceeds the limit or the cap is passed
@@ -327,6 +376,4 @@ def flatness(model, loss_fn, data, directions, params=None, threshold=1.0, step=
         above = torch.log(ev.losses(rays[idx], sign[idx] * mid)) > limit
         hi[idx[above]] = mid[above]
         lo[idx[~above]] = mid[~above]
-    offset = torch.where(saturated, torch.full_like(lo, float(cap)), (lo + hi) / 2)
-    right, left = offset[:K], -offset[K:]
-    return FlatnessResult(right - left, left, right, saturated[K:], saturated[:K], loss0, float(threshold))
+    return torch.where(saturated, torch.full_like(lo, cap), (lo + hi) / 2), saturated

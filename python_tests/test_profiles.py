@@ -172,3 +172,18 @@ def test_fused_relu_linear_cross_entropy_path(bias, dtype, loss_fn, gen):
     assert torch.allclose(got, want, rtol=1e-12 if dtype == torch.float64 else 2e-6, atol=0)
     smoothing = nn.CrossEntropyLoss(label_smoothing=0.1)  # not served by the op: the tiled path takes it
     assert not LossEvaluator(model, smoothing, (x, y), directions, params=["2.weight"]).fused
+
+
+@pytest.mark.parametrize("zd_cache_bytes", [0, 3 * 37 * 5 * 8, 2**30])  # groups of 1, of 3, all at once
+def test_flatness_in_direction_groups_with_kept_outputs(zd_cache_bytes, gen):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(7, 6, bias=False), nn.ReLU(), nn.Linear(6, 5, bias=False), nn.ReLU(),
+                          nn.Linear(5, 3)).double()
+    x, y = torch.randn(37, 7, dtype=torch.float64, generator=gen), torch.randint(0, 3, (37,), generator=gen)
+    directions = torch.nn.functional.normalize(torch.randn(7, 30, dtype=torch.float64, generator=gen), dim=1)
+    kw = dict(params=["2.weight"], step=10.0, cap=110.0, tol=1e-3)  # crossings at about 40 to 130
+    want = flatness(model, F.cross_entropy, (x, y), directions, fast_path=False, **kw)
+    got = flatness(model, F.cross_entropy, (x, y), directions, zd_cache_bytes=zd_cache_bytes, **kw)
+    for field in ("left", "right", "widths", "saturated_left", "saturated_right"):
+        assert torch.allclose(getattr(got, field).double(), getattr(want, field).double(), atol=1e-9), field
+    assert not got.saturated_right.all() and got.saturated_left.any()  # crossings found, and a capped side

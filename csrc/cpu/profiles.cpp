@@ -1,5 +1,5 @@
 // CPU kernel of profile_ce_losses (see profiles_common.h). Rows are split among threads in blocks of
-// kRows; z0 and zd are first repacked block by block, transposed (H x kRows), so that for every point
+// kRows; each thread repacks its block of z0 and of the used zd[u] transposed (H x kRows), so that for every point
 // the rectified activations, the logits W h and the log-sum-exp are all kRows-wide operations along
 // contiguous memory, which the compiler vectorises (compiled for FMA and for the baseline ISA, chosen
 // at load time; exp by a vectorisable polynomial in float32).
@@ -138,34 +138,39 @@ at::Tensor profile_ce_losses(const at::Tensor& z0_, const at::Tensor& zd_, const
   const int64_t blocks = (R + kRows - 1) / kRows;
   const int threads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(threads) * M, 0.0);
+  // the directions this call uses, each given a slot in the per-block packed buffer
+  std::vector<int64_t> slot(static_cast<size_t>(U), -1), used;
+  for (int64_t m = 0; m < M; ++m) {
+    if (slot[dir[m]] < 0) {
+      slot[dir[m]] = static_cast<int64_t>(used.size()) + 1;  // slot 0 is z0
+      used.push_back(dir[m]);
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "profile_ce_losses", [&] {
     const scalar_t* poff = offset.data_ptr<scalar_t>();
     const scalar_t* pW = weight.data_ptr<scalar_t>();
     const scalar_t* pb = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-    // z0 and every zd[u] cut into row blocks, each stored transposed (H, kRows) and zero-padded: once per
-    // call, O((U + 1) R H), against the M R H (C + 1) of the points
-    const int64_t block_size = H * kRows;
-    std::vector<scalar_t> packed(static_cast<size_t>((U + 1) * blocks * block_size), scalar_t(0));
-    const scalar_t* sources[2] = {z0.data_ptr<scalar_t>(), zd.data_ptr<scalar_t>()};
-    at::parallel_for(0, (U + 1) * blocks, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t matrix = i / blocks, blk = i % blocks, r0 = blk * kRows, n = std::min(kRows, R - r0);
-        const scalar_t* src = matrix == 0 ? sources[0] : sources[1] + (matrix - 1) * R * H;
-        scalar_t* dst = packed.data() + i * block_size;
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t j = 0; j < H; ++j) dst[j * kRows + r] = src[(r0 + r) * H + j];
-      }
-    });
-    const scalar_t* pz0 = packed.data();
-    const scalar_t* pzd = packed.data() + blocks * block_size;
+    const scalar_t* pz0 = z0.data_ptr<scalar_t>();
+    const scalar_t* pzd = zd.data_ptr<scalar_t>();
+    const int64_t block_size = H * kRows, slots = static_cast<int64_t>(used.size()) + 1;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> hT(H * kRows), logits(C * kRows);
+      // per thread: the block's z0 and used zd[u], each transposed (H, kRows) and zero-padded, so the
+      // repacking stays in cache and costs (used + 1) H kRows moves per block against M H kRows (C + 1)
+      std::vector<scalar_t> packed(static_cast<size_t>(slots * block_size), scalar_t(0));
+      std::vector<scalar_t> hT(block_size), logits(C * kRows);
       double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * M;
       for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t n = std::min(kRows, R - blk * kRows);
+        const int64_t r0 = blk * kRows, n = std::min(kRows, R - r0);
+        if (n < kRows) std::fill(packed.begin(), packed.end(), scalar_t(0));
+        for (int64_t sl = 0; sl < slots; ++sl) {
+          const scalar_t* src = sl == 0 ? pz0 + r0 * H : pzd + (used[sl - 1] * R + r0) * H;
+          scalar_t* dst = packed.data() + sl * block_size;
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = 0; j < H; ++j) dst[j * kRows + r] = src[r * H + j];
+        }
         for (int64_t m = 0; m < M; ++m) {
-          block_losses_any(pz0 + blk * block_size, pzd + (dir[m] * blocks + blk) * block_size, poff[m], pW, pb,
-                           y + blk * kRows, n, H, C, hT.data(), logits.data(), acc + m);
+          block_losses_any(packed.data(), packed.data() + slot[dir[m]] * block_size, poff[m], pW, pb, y + r0, n, H, C,
+                           hT.data(), logits.data(), acc + m);
         }
       }
     });
