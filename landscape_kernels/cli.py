@@ -17,12 +17,25 @@ def _reproduce_parser(sub):
     vf.add_argument("--max-epochs", type=int, default=1000)
     vf.add_argument("--pcs-every", type=int, default=10, help="analyse PCs 1, 1+k, 1+2k, ... (default 10)")
     vf.add_argument("--center", choices=["final", "mean"], default="final", help="flatness from w0 or from <w>")
+    vf.add_argument("--gamma-max-pc", type=int, default=1000, help="upper end of the gamma fit over PCs 20.. (default 1000)")
     vf.add_argument("--device", default="cpu")
     vf.add_argument("--seed", type=int, default=0)
     vf.add_argument("--out", default="runs/variance-flatness", help="report folder")
     vf.add_argument("--quick", action="store_true", help="a short smoke run of the whole pipeline")
     vf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     vf.add_argument("--no-progress", action="store_true")
+    vf.add_argument("--grid", action="store_true",
+                    help="run every (B, lr) of --grid-batch-sizes x --grid-lrs into OUT/B{B}_lr{lr}/ and overlay them")
+    vf.add_argument("--grid-batch-sizes", type=_int_list, default=(25, 50, 100), help="comma list (default 25,50,100)")
+    vf.add_argument("--grid-lrs", type=_float_list, default=(0.05, 0.1, 0.2), help="comma list (default 0.05,0.1,0.2)")
+
+
+def _int_list(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def _float_list(text):
+    return tuple(float(v) for v in text.split(","))
 
 
 def main(argv=None):
@@ -43,9 +56,15 @@ def main(argv=None):
 
         cfg = vf.VarianceFlatnessConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
                                         lr=args.lr, window=args.window, max_epochs=args.max_epochs,
-                                        pcs_every=args.pcs_every, center=args.center, device=args.device,
+                                        pcs_every=args.pcs_every, gamma_max_pc=args.gamma_max_pc,
+                                        center=args.center, device=args.device,
                                         seed=args.seed, quick=args.quick)
         try:
+            if args.grid:
+                g = vf.run_grid(cfg, args.out, args.grid_batch_sizes, args.grid_lrs, resume=args.resume,
+                                progress=not args.no_progress)
+                print(f"report: {args.out}/grid.md  (psi " + ", ".join(f"{r['psi']:.2f}" for r in g["settings"]) + ")")
+                return 0
             s = vf.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
         except FileNotFoundError as exc:  # a missing dataset or checkpoint: one clear line, not a traceback
             print(f"landscape-kernels: error: {exc}", file=sys.stderr)

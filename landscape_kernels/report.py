@@ -160,6 +160,10 @@ def write_variance_flatness_report(out, s, arrays):
         mark = ("yes" if r["within"] else "**no**") if r["applies"] else f"({'yes' if r['within'] else 'no'}; MNIST value)"
         lines.append(f"| {r['quantity']} | {_fmt(r['value'])} | {r['paper']} | [{_fmt(lo)}, {_fmt(hi)}] | {mark} |")
     g, p = s["pca"]["gamma_fit"], s["psi"]["fit"]
+    by_end = s["pca"].get("gamma_by_upper_end", {})
+    if by_end:
+        lines += ["", "γ by the upper end of the fit (SPEC fixes only i ≥ 20): " +
+                  ", ".join(f"20..{k}: {v:.2f}" for k, v in by_end.items()) + f" (PCs with variance: {s['pca']['rank']})."]
     lines += ["", f"γ = {s['pca']['gamma']:.3f} ± {g['stderr']:.3f} (fit over PCs {int(g['x_min'])}..{int(g['x_max'])}); "
               f"ψ = {s['psi']['psi']:.3f}, 95 % CI [{-p['ci95'][1]:.3f}, {-p['ci95'][0]:.3f}] over {p['n']} PCs "
               "(PC1 and saturated sides excluded).", ""]
@@ -172,3 +176,32 @@ def write_variance_flatness_report(out, s, arrays):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return written
+
+
+def write_grid_report(out, grid):
+    """``fig_grid.png`` (sigma_i^2 against F_i for every setting, log-log) and ``grid.md``."""
+    plt = _pyplot()
+    figure = None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        markers = "os^Dv<>ph*"
+        for i, r in enumerate(grid["settings"]):
+            F, var = np.array(r["widths"]), np.array(r["variances"])
+            keep = ~np.array(r["saturated"]) & (np.array(r["pcs"]) != 1) & (var > 0)
+            ax.loglog(F[keep], var[keep], markers[i % len(markers)], ms=3, alpha=0.7,
+                      label=f"B = {r['batch_size']}, α = {r['lr']:g}: ψ = {r['psi']:.2f}")
+        ax.set(xlabel="flatness F_i", ylabel="variance σ_i²", title="σ² vs F across (B, α) (SPEC §1.4)")
+        ax.legend(fontsize=7)
+        figure = "fig_grid.png"
+        _save(plt, fig, out, figure, [])
+    lines = [f"# Inverse variance-flatness relation across (B, α): {grid['dataset']}", "",
+             f"ψ > 0 for every setting: **{'yes' if grid['all_psi_positive'] else 'no'}**", "",
+             "| B | α | ψ | 95 % CI | γ | n90 | epochs | test accuracy | report |", "|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in grid["settings"]:
+        lines.append(f"| {r['batch_size']} | {r['lr']:g} | {r['psi']:.3f} | [{r['psi_ci95'][0]:.2f}, {r['psi_ci95'][1]:.2f}] | "
+                     f"{r['gamma']:.2f} | {r['n90']} | {r['epochs']} | {_fmt(r['test_accuracy'])} | "
+                     f"[{r['folder']}]({r['folder']}/report.md) |")
+    if figure:
+        lines += ["", f"![{figure}]({figure})"]
+    with open(os.path.join(out, "grid.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -33,3 +33,16 @@ def test_missing_mnist_is_one_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and os.fspath(tmp_path) in err
+
+
+def test_grid_quick_run_overlays_the_settings(tmp_path):
+    out = tmp_path / "grid"
+    args = ["reproduce", "variance-flatness", "--quick", "--out", str(out), "--no-progress", "--grid",
+            "--grid-batch-sizes", "25,50", "--grid-lrs", "0.1"]
+    assert main(args) == 0
+    grid = json.loads((out / "grid.json").read_text())
+    assert [(r["batch_size"], r["lr"]) for r in grid["settings"]] == [(25, 0.1), (50, 0.1)]
+    assert grid["all_psi_positive"] and all(r["psi"] > 0 for r in grid["settings"])
+    assert (out / "B25_lr0.1" / "report.md").exists() and (out / "B50_lr0.1" / "summary.json").exists()
+    text = (out / "grid.md").read_text()
+    assert "| 25 | 0.1 |" in text and "ψ > 0 for every setting: **yes**" in text

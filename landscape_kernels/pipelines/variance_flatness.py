@@ -8,7 +8,7 @@ active temperature. The run folder holds ``checkpoint.pt`` (resumable with ``res
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ class VarianceFlatnessConfig:
     max_epochs: int = 1000
     seed: int = 0
     pcs_every: int = 10  # analyse PCs 1, 1 + every, ... (SPEC §1.3: every 10th)
+    gamma_max_pc: int = 1000  # upper end of the gamma fit (SPEC fixes only i >= 20) [unverified]
     profile_pcs: tuple = (1, 11, 101, 1001)  # loss profiles, parabola MLF and T(delta) profiles
     mlf_minibatches: int = 100
     temperature_offsets: int = 11  # points of T_i(delta) in [-F_i / 2, F_i / 2]
@@ -102,8 +103,9 @@ def analyse(cfg, model, x, y, window, epochs, history, timer, log=print):
     data = (x, y)
     steps, snaps = window.snapshots()
     with timer("pca"):
-        pca = trajectory_pca(snaps)
+        pca = trajectory_pca(snaps, gamma_range=(20, cfg.gamma_max_pc))
         rank = int((pca.variances > 1e-12 * pca.variances[0]).sum())
+        gamma_by_end = _gamma_by_upper_end(pca.variances, rank)
         pcs = list(range(1, rank + 1, cfg.pcs_every))
         theta = pca.project(snaps, [1, 2, min(10, rank), min(20, rank)])
     log(f"PCA of {snaps.shape[0]} snapshots: gamma = {pca.gamma:.2f}, n90 = {pca.n90}, cos(p1, <w>) = "
@@ -147,7 +149,8 @@ def analyse(cfg, model, x, y, window, epochs, history, timer, log=print):
     corr = float(np.corrcoef(np.log(loss_t), np.log(T_t.mean(1).numpy()))[0, 1]) if len(loss_t) > 2 else float("nan")
     t_fit_keep = ~flat.saturated_left & ~flat.saturated_right & (torch.tensor(pcs) != 1)
     summary = {
-        "pca": {**pca.to_dict(), "rank": rank, "window_steps": [int(steps[0]), int(steps[-1])] if len(steps) else []},
+        "pca": {**pca.to_dict(), "rank": rank, "gamma_by_upper_end": gamma_by_end,
+                "window_steps": [int(steps[0]), int(steps[-1])] if len(steps) else []},
         "pcs": pcs,
         "flatness": {**flat.to_dict(), "center": cfg.center},
         "psi": psi.to_dict(),
@@ -160,6 +163,19 @@ def analyse(cfg, model, x, y, window, epochs, history, timer, log=print):
     }
     arrays = {"theta": theta, "steps": steps, "loss_t": loss_t}
     return summary, arrays
+
+
+def _gamma_by_upper_end(variances, rank, ends=(100, 200, 500, 1000, 2000)):
+    """gamma fitted over PCs 20..end for several ends and the whole rank: how the fit range matters."""
+    from ..analyses.fits import power_law_fit
+
+    out = {}
+    for end in sorted({e for e in ends if 22 < e < rank} | {rank}):
+        if end <= 22:
+            continue
+        i = np.arange(20, end + 1)
+        out[str(end)] = -power_law_fit(i, variances[19:end].numpy()).exponent
+    return out
 
 
 def _exponent(x, y):
@@ -223,3 +239,40 @@ def _jsonable(v):
     if isinstance(v, torch.Tensor):
         return v.tolist()
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+GRID_BATCH_SIZES = (25, 50, 100)
+GRID_LRS = (0.05, 0.1, 0.2)
+
+
+def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=True, log=print):
+    """The pipeline for every (B, alpha) of the grid, each in ``out/B{B}_lr{alpha}/`` (resumable one by
+    one), then ``grid.json``, the sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per
+    setting (SPEC §1.4: the relation holds for different B and alpha)."""
+    if not batch_sizes or not lrs:
+        raise ValueError("run_grid: batch_sizes and lrs must each list at least one value")
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for B in batch_sizes:
+        for lr in lrs:
+            folder = f"B{int(B)}_lr{float(lr):g}"
+            log(f"--- grid setting B = {B}, lr = {lr} -> {folder}")
+            s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
+                    progress=progress, log=log)
+            pcs = s["pcs"]
+            rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder, "psi": s["psi"]["psi"],
+                         "psi_ci95": [-s["psi"]["fit"]["ci95"][1], -s["psi"]["fit"]["ci95"][0]],
+                         "gamma": s["pca"]["gamma"], "n90": s["pca"]["n90"], "pcs": pcs,
+                         "variances": [s["pca"]["variances"][p - 1] for p in pcs],
+                         "widths": s["flatness"]["widths"],
+                         "saturated": [a or b for a, b in zip(s["flatness"]["saturated_left"],
+                                                              s["flatness"]["saturated_right"])],
+                         "epochs": s["training"]["epochs"], "test_accuracy": s["training"]["test_accuracy"]})
+    grid = {"dataset": cfg.dataset, "settings": rows, "all_psi_positive": all(r["psi"] > 0 for r in rows),
+            "library_version": __version__}
+    from ..report import write_grid_report
+
+    write_grid_report(out, grid)
+    with open(os.path.join(out, "grid.json"), "w") as f:
+        json.dump(grid, f, indent=1, default=_jsonable)
+    return grid
