@@ -12,6 +12,11 @@ Public API (small and explicit):
     StreamingPCA         trajectory PCA (exact / gram / sketch), scikit-learn's attribute names
     loss_profiles, flatness   batched loss along directions; SPEC §1.3 flatness
     info()               which backends are active
+
+Modules for whole analyses (imported on use): ``data`` (MNIST, digits, subsets, download), ``models``
+(the papers' networks), ``training`` (SGDTrainer, StoppingRule), ``callbacks`` (WindowRecorder,
+EpochStates), ``analyses.variance_flatness`` / ``analyses.forgetting`` (SPEC §1), ``pipelines``
+(the ``landscape-kernels reproduce`` jobs), ``report`` (figures and report.md).
 """
 __version__ = "0.1.0"
 

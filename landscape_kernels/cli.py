@@ -24,10 +24,26 @@ def _reproduce_parser(sub):
     vf.add_argument("--quick", action="store_true", help="a short smoke run of the whole pipeline")
     vf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     vf.add_argument("--no-progress", action="store_true")
+    _forgetting_parser(jobs)
     vf.add_argument("--grid", action="store_true",
                     help="run every (B, lr) of --grid-batch-sizes x --grid-lrs into OUT/B{B}_lr{lr}/ and overlay them")
     vf.add_argument("--grid-batch-sizes", type=_int_list, default=(25, 50, 100), help="comma list (default 25,50,100)")
     vf.add_argument("--grid-lrs", type=_float_list, default=(0.05, 0.1, 0.2), help="comma list (default 0.05,0.1,0.2)")
+
+
+def _forgetting_parser(jobs):
+    fg = jobs.add_parser("forgetting", help="landscape-dependent constraints against catastrophic forgetting (SPEC §1.7)")
+    fg.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
+    fg.add_argument("--data-dir", default=None)
+    fg.add_argument("--batch-size", type=int, default=50)
+    fg.add_argument("--lr", type=float, default=0.1)
+    fg.add_argument("--task1-epochs", type=int, default=200)
+    fg.add_argument("--task2-epochs", type=int, default=30)
+    fg.add_argument("--num-constraints", type=int, default=20, help="N_c, the sharpest task-1 directions held")
+    fg.add_argument("--lam", type=float, default=10.0)
+    fg.add_argument("--seed", type=int, default=0)
+    fg.add_argument("--out", default="runs/forgetting")
+    fg.add_argument("--quick", action="store_true")
 
 
 def _int_list(text):
@@ -50,6 +66,20 @@ def main(argv=None):
 
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
+        return 0
+    if args.job == "forgetting":
+        from .pipelines import forgetting as fg
+
+        cfg = fg.ForgettingConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, lr=args.lr,
+                                  task1_epochs=args.task1_epochs, task2_epochs=args.task2_epochs,
+                                  num_constraints=args.num_constraints, lam=args.lam, seed=args.seed, quick=args.quick)
+        try:
+            s = fg.run(cfg, args.out)
+        except FileNotFoundError as exc:
+            print(f"landscape-kernels: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"report: {args.out}/report.md  (" + ", ".join(f"{r['method']}: eps1 {r['eps1']:.3f} eps2 {r['eps2']:.3f}"
+                                                          for r in s["runs"]) + ")")
         return 0
     if args.job == "variance-flatness":
         from .pipelines import variance_flatness as vf

@@ -205,3 +205,54 @@ def write_grid_report(out, grid):
         lines += ["", f"![{figure}]({figure})"]
     with open(os.path.join(out, "grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def write_forgetting_report(out, s):
+    """Figures and report.md of ``pipelines.forgetting.run`` (SPEC §1.7)."""
+    plt = _pyplot()
+    written = []
+    if plt is not None:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for r in s["runs"]:
+            epochs = np.arange(1, len(r["curve"]) + 1)
+            ax[0].plot(epochs, [c["eps1"] for c in r["curve"]], label=r["method"])
+            ax[1].plot(epochs, [c["eps2"] for c in r["curve"]], label=r["method"])
+        ax[0].set(xlabel="task-2 epoch", ylabel="ε1 (task-1 test error)", title="forgetting of task 1")
+        ax[1].set(xlabel="task-2 epoch", ylabel="ε2 (task-2 test error)", title="learning of task 2")
+        ax[0].legend(fontsize=7)
+        _save(plt, fig, out, "fig_errors.png", written)
+        fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+        xi = np.array(s["task1"]["xi"])
+        for r in s["runs"]:
+            if r["q"] is not None:
+                ax[0].plot(np.abs(np.array(r["q"])), ".", label=r["method"])
+        ax[0].plot(xi, "k_", label="ξ_i = 0.008 F_1i")
+        ax[0].set(yscale="log", xlabel="constrained direction (sharpest first)", ylabel="|q_i|", title="displacement vs ξ_i")
+        ax[0].legend(fontsize=7)
+        for method in ("ldc-quadratic", "ldc-hinge", "ewc"):
+            pts = [r for r in s["lambda_sweep"] if r["method"] == method]
+            ax[1].plot([r["eps2"] for r in pts], [r["eps1"] for r in pts], "o-", label=method)
+            pts = [r for r in s["constraint_sweep"] if r["method"] == method]
+            ax[2].plot([r["num_constraints"] for r in pts], [r["eps1"] + r["eps2"] for r in pts], "o-", label=method)
+        ax[1].set(xlabel="ε2", ylabel="ε1", title="trade-off over λ")
+        ax[2].set(xscale="log", xlabel="N_c", ylabel="ε1 + ε2", title="constraints needed")
+        ax[1].legend(fontsize=7)
+        _save(plt, fig, out, "fig_tradeoffs.png", written)
+    cfg = s["config"]
+    lines = [f"# Landscape-dependent constraints against forgetting (SPEC §1.7): {s['dataset']}", "",
+             f"landscape_kernels {s['library_version']}; task 1 = digits (0, 1) for {cfg['task1_epochs']} epochs, then "
+             f"task 2 = digits (2, 3) for {cfg['task2_epochs']} epochs from the same w1*; B = {cfg['batch_size']}, "
+             f"α = {cfg['lr']}; constraints on the N_c = {cfg['num_constraints']} sharpest task-1 PCs of W2 "
+             f"(of {len(s['task1']['pcs'])} measured); {s['seconds']:.0f} s in all.", "",
+             "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |", "|---|---:|---:|---:|---:|"]
+    for r in s["runs"]:
+        lines.append(f"| {r['method']} | {r['lam']:g} | {r['num_constraints']} | {r['eps1']:.3f} | {r['eps2']:.3f} |")
+    lines += ["", "λ sweep (final errors):", "", "| method | λ | ε1 | ε2 |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['lam']:g} | {r['eps1']:.3f} | {r['eps2']:.3f} |" for r in s["lambda_sweep"]]
+    lines += ["", "N_c sweep:", "", "| method | N_c | ε1 + ε2 |", "|---|---:|---:|"]
+    lines += [f"| {r['method']} | {r['num_constraints']} | {r['eps1'] + r['eps2']:.3f} |" for r in s["constraint_sweep"]]
+    lines += [""] + ([f"![{n}]({n})" for n in written] or
+                     ["Figures skipped: matplotlib is not installed (pip install 'landscape_kernels[report]')."])
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return written

@@ -59,10 +59,12 @@ class SGDTrainer:
             every ``checkpoint_seconds`` of training and whenever ``run`` returns or is interrupted (a
             killed process loses at most that much; the state may be large, e.g. a recorded window).
         drop_last: skip the last, smaller minibatch of an epoch (default False: keep it).
+        penalty: None or a callable ``penalty(model)`` returning a scalar added to every minibatch loss
+            (e.g. the landscape-dependent constraints of SPEC §1.7); the recorded losses exclude it.
     """
 
     def __init__(self, model, x, y, batch_size=50, lr=0.1, momentum=0.0, seed=0, loss_fn=F.cross_entropy,
-                 callbacks=(), device=None, checkpoint=None, checkpoint_seconds=60.0, drop_last=False):
+                 callbacks=(), device=None, checkpoint=None, checkpoint_seconds=60.0, drop_last=False, penalty=None):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
             raise ValueError("SGDTrainer: x and y must be tensors with the same number of samples, got "
                              f"{getattr(x, 'shape', type(x))} and {getattr(y, 'shape', type(y))}")
@@ -78,7 +80,7 @@ class SGDTrainer:
         self.model = model.to(self.device)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size, self.lr, self.momentum, self.seed = batch_size, float(lr), float(momentum), int(seed)
-        self.loss_fn, self.drop_last = loss_fn, drop_last
+        self.loss_fn, self.drop_last, self.penalty = loss_fn, drop_last, penalty
         self.callbacks = list(callbacks)
         self.checkpoint, self.checkpoint_seconds = checkpoint, float(checkpoint_seconds)
         self._last_save = time.perf_counter()
@@ -178,7 +180,7 @@ class SGDTrainer:
             raise FloatingPointError(f"SGDTrainer: the minibatch loss is {float(loss.detach())} at step {self.step} "
                                      f"(epoch {self.epoch}); the last checkpoint and recorded data are kept")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if self.penalty is None else loss + self.penalty(self.model)).backward()
         self.optimizer.step()
         with torch.no_grad():
             self._acc[0] += loss.detach().double() * xb.shape[0]

@@ -1,0 +1,95 @@
+"""SPEC §1.7 building blocks: the LDC and EWC penalties, the diagonal Fisher, penalised SGD, the job."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from landscape_kernels.analyses.forgetting import EWCPenalty, LDCPenalty, diagonal_fisher
+from landscape_kernels.cli import main
+from landscape_kernels.training import SGDTrainer
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3, bias=False), nn.ReLU(), nn.Linear(3, 2)).double()
+
+
+def test_ldc_penalties_have_their_closed_forms(gen):
+    model = net()
+    w1 = model[2].weight.detach().clone()
+    P = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64, generator=gen))[0].T[:3]  # 3 unit directions
+    Fw = torch.tensor([0.5, 2.0, 10.0], dtype=torch.float64)
+    q_true = torch.tensor([0.01, -0.3, 0.02], dtype=torch.float64)
+    with torch.no_grad():
+        model[2].weight += (q_true @ P).reshape(3, 3)
+    quad = LDCPenalty("2.weight", w1, P, Fw, lam=10.0)
+    hinge = LDCPenalty("2.weight", w1, P, Fw, lam=10.0, form="hinge")
+    assert torch.allclose(quad.displacement(model), q_true, atol=1e-15)
+    assert float(quad(model).detach()) == pytest.approx(10 * float(((q_true / Fw) ** 2).sum()), rel=1e-12)
+    xi = 0.008 * Fw  # 0.004, 0.016, 0.08: only the first two are beyond their threshold
+    want = 10 * ((0.01 - 0.004) ** 2 + (0.3 - 0.016) ** 2)
+    assert float(hinge(model).detach()) == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(hinge.xi, xi)
+    with pytest.raises(ValueError, match="form must be one of"):
+        LDCPenalty("2.weight", w1, P, Fw, 1.0, form="cubic")
+    with pytest.raises(ValueError, match="every flatness F_1i must be positive"):
+        LDCPenalty("2.weight", w1, P, -Fw, 1.0)
+
+
+def test_ewc_penalty_and_its_strongest_constraints(gen):
+    model = net()
+    fisher = {n: torch.rand(p.shape, dtype=torch.float64, generator=gen) for n, p in model.named_parameters()}
+    full = EWCPenalty(model, fisher, lam=4.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.1
+    want = 0.5 * 4.0 * sum(float((f * 0.01).sum()) for f in fisher.values())
+    assert float(full(model).detach()) == pytest.approx(want, rel=1e-12)
+    top = EWCPenalty(model, fisher, lam=4.0, num_constraints=5)  # anchored at the moved weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.1
+    flat = torch.cat([f.reshape(-1) for f in fisher.values()])
+    assert float(top(model).detach()) == pytest.approx(0.5 * 4.0 * float(torch.topk(flat, 5).values.sum()) * 0.01, rel=1e-12)
+    with pytest.raises(ValueError, match="num_constraints must be in"):
+        EWCPenalty(model, fisher, 1.0, num_constraints=0)
+
+
+def test_diagonal_fisher_is_the_mean_squared_per_sample_gradient(gen):
+    model = net()
+    x, y = torch.randn(37, 4, dtype=torch.float64, generator=gen), torch.randint(0, 2, (37,), generator=gen)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = vmap(grad(lambda p, xb, yb: F.cross_entropy(functional_call(model, p, (xb[None],)), yb[None])),
+             in_dims=(None, 0, 0))(params, x, y)
+    fisher = diagonal_fisher(model, F.cross_entropy, x, y, chunk=10)
+    for n in params:
+        assert torch.allclose(fisher[n], (g[n] ** 2).mean(0), rtol=1e-10, atol=1e-14), n
+
+
+def test_penalised_full_batch_step_is_gradient_descent_on_loss_plus_penalty(gen):
+    X, t = torch.randn(12, 3, dtype=torch.float64, generator=gen), torch.randn(12, 1, dtype=torch.float64, generator=gen)
+    model = nn.Sequential(nn.Linear(3, 1, bias=False)).double()
+    w0 = model[0].weight.detach().clone()
+    anchor = torch.zeros_like(w0)
+
+    def penalty(m):
+        return 0.7 * ((m[0].weight - anchor) ** 2).sum()
+
+    trainer = SGDTrainer(model, X, t, batch_size=12, lr=0.05, loss_fn=F.mse_loss, penalty=penalty)
+    trainer.run(max_epochs=1, stopping_rule=None)
+    grad_loss = (2 / 12) * (X @ w0.T - t).T @ X
+    assert torch.allclose(model[0].weight.detach(), w0 - 0.05 * (grad_loss + 1.4 * w0), rtol=1e-13)
+    assert trainer.history[0]["train_loss"] == pytest.approx(float(F.mse_loss(X @ w0.T, t)), rel=1e-12)  # no penalty
+
+
+def test_forgetting_quick_run(tmp_path):
+    out = tmp_path / "fg"
+    assert main(["reproduce", "forgetting", "--quick", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in s["runs"]] == ["none", "ldc-quadratic", "ldc-hinge", "ewc"]
+    assert len(s["lambda_sweep"]) == 3 * 2 and len(s["constraint_sweep"]) == 3 * 2
+    assert all(len(r["curve"]) == 5 or r["diverged"] for r in s["runs"])
+    assert "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |" in (out / "report.md").read_text()
