@@ -10,7 +10,7 @@ they can be kept across products (``prepare`` once, ``products`` many times).
 
 Conventions: activations of a batch are (B, features); R-quantities of K columns are (B, K, features).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,6 @@ class BatchState:
     softmax: torch.Tensor = None
     rows: int = 0
     scale: float = 1.0  # d loss / d output = scale * (softmax - onehot) or scale * (output - target)
-    extra: dict = field(default_factory=dict)
 
 
 class MLPHessianProducts:

@@ -69,7 +69,7 @@ def per_sample_directional_derivatives(model, loss_fn, x, y, param, directions, 
             def first(v, losses=losses):
                 return jvp(losses, (theta,), (v,))[1]
 
-            def both(v, losses=losses, first=first):
+            def both(v, losses=losses):
                 return jvp(lambda w: jvp(losses, (w,), (v,))[1], (theta,), (v,))
 
             parts1, parts2 = [], []

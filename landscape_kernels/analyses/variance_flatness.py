@@ -90,7 +90,8 @@ def _model_at(model, param, value):
     """A copy of ``model`` with ``param`` set to ``value`` (the model itself is never changed)."""
     moved = copy.deepcopy(model)
     with torch.no_grad():
-        dict(moved.named_parameters())[param].copy_(value.reshape(dict(moved.named_parameters())[param].shape))
+        target = dict(moved.named_parameters())[param]
+        target.copy_(value.reshape(target.shape))
     return moved
 
 
