@@ -78,7 +78,7 @@ class StreamingPCA:
         """PCA of the whole (T, N) matrix (forgets earlier data)."""
         self._reset()
         X = self._as_tensor(X, "X")
-        if self.mode == "auto" and X.shape[0] < X.shape[1] and not self._exact_fits(X.shape[1]):
+        if self.mode == "auto" and X.shape[0] < X.shape[1] and not self.exact_fits(X.shape[1]):
             self.mode_ = "gram"
         return self.partial_fit(X)
 
@@ -112,14 +112,15 @@ class StreamingPCA:
                              "snapshots merged); nothing from this chunk was merged")
         return X
 
-    def _exact_fits(self, N):
+    def exact_fits(self, N):
+        """Whether the N x N float64 scatter matrix of exact mode fits ``memory_budget``."""
         return N <= EXACT_MAX_FEATURES and 8 * N * N <= self.memory_budget
 
     def _start(self, X):
         N = X.shape[1]
         self.n_features_in_ = N
         if self.mode_ is None:
-            self.mode_ = self.mode if self.mode != "auto" else ("exact" if self._exact_fits(N) else "sketch")
+            self.mode_ = self.mode if self.mode != "auto" else ("exact" if self.exact_fits(N) else "sketch")
         if self.mode_ == "sketch" and self.sketch_size is None and self.n_components is None:
             raise ValueError("StreamingPCA: sketch mode (chosen for N = %d) needs n_components or sketch_size" % N)
         self._mean = torch.zeros(N, dtype=torch.float64, device=X.device)

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from .analyses.forgetting import XI_FACTOR
+
 
 def _pyplot():
     try:
@@ -152,8 +154,14 @@ def write_variance_flatness_report(out, s, arrays):
              f"landscape_kernels {s['library_version']}; {tr['epochs']} epochs ({tr['steps']} SGD steps, stopped by "
              f"{tr['stopped_by']}); test accuracy {_fmt(tr['test_accuracy'])}; PCA window of "
              f"{s['pca']['num_snapshots']} snapshots of W2; {len(s['pcs'])} PCs analysed (every "
-             f"{cfg['pcs_every']}th); flatness from the {cfg['center']} weights.", "",
-             "## Checkable numbers (SPEC §1.4)", "",
+             f"{cfg['pcs_every']}th); flatness from the {cfg['center']} weights.", ""]
+    if tr.get("instability"):
+        u = tr["instability"]
+        lines += [f"SGD turned unstable in epoch {u['epoch']} (full training loss {_fmt(u['full_loss'])}, accuracy "
+                  f"{_fmt(u['full_accuracy'])}, from a best accuracy above {_fmt(u['full_accuracy'] + cfg['instability_drop'])}); "
+                  f"the run was rolled back to the end of epoch {u['epoch'] - 1} and its window is analysed "
+                  "(the exploration phase before the burst; SPEC §1.1's stopping rule was not met).", ""]
+    lines += ["## Checkable numbers (SPEC §1.4)", "",
              "| quantity | this run | paper | tolerance | within |", "|---|---:|---|---|---|"]
     for r in s["checks"]:
         lo, hi = r["tolerance"]
@@ -185,7 +193,7 @@ def write_grid_report(out, grid):
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         markers = "os^Dv<>ph*"
-        for i, r in enumerate(grid["settings"]):
+        for i, r in enumerate(r for r in grid["settings"] if "psi" in r):
             F, var = np.array(r["widths"]), np.array(r["variances"])
             keep = ~np.array(r["saturated"]) & (np.array(r["pcs"]) != 1) & (var > 0)
             ax.loglog(F[keep], var[keep], markers[i % len(markers)], ms=3, alpha=0.7,
@@ -196,15 +204,28 @@ def write_grid_report(out, grid):
         _save(plt, fig, out, figure, [])
     lines = [f"# Inverse variance-flatness relation across (B, α): {grid['dataset']}", "",
              f"ψ > 0 for every setting: **{'yes' if grid['all_psi_positive'] else 'no'}**", "",
-             "| B | α | ψ | 95 % CI | γ | n90 | epochs | test accuracy | report |", "|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+             "| B | α | ψ | 95 % CI | γ | n90 | epochs | stopped by | test accuracy | report |",
+             "|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
     for r in grid["settings"]:
+        if "psi" not in r:
+            lines.append(f"| {r['batch_size']} | {r['lr']:g} | failed: {r['error']} | | | | | | | {r['folder']} |")
+            continue
         lines.append(f"| {r['batch_size']} | {r['lr']:g} | {r['psi']:.3f} | [{r['psi_ci95'][0]:.2f}, {r['psi_ci95'][1]:.2f}] | "
-                     f"{r['gamma']:.2f} | {r['n90']} | {r['epochs']} | {_fmt(r['test_accuracy'])} | "
-                     f"[{r['folder']}]({r['folder']}/report.md) |")
+                     f"{r['gamma']:.2f} | {r['n90']} | {r['epochs']} | {r.get('stopped_by', '')} | "
+                     f"{_fmt(r['test_accuracy'])} | [{r['folder']}]({r['folder']}/report.md) |")
     if figure:
         lines += ["", f"![{figure}]({figure})"]
     with open(os.path.join(out, "grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _penalty_stability_note(s):
+    """Plain SGD on a penalty with curvature c along a direction is stable only while lr * c < 2."""
+    lr, f_min = s["config"]["lr"], min(s["task1"]["xi"]) / XI_FACTOR
+    return (f"Stability of the penalised SGD: along p_1i the quadratic LDC has curvature 2λ/F_1i² and the hinge "
+            f"form 2λ (outside ξ_i), so SGD at α = {lr:g} diverges or oscillates once λ ≥ F_min²/α = "
+            f"{f_min ** 2 / lr:.3g} (quadratic, F_min = {f_min:.3g}) or λ ≥ 1/α = {1 / lr:.3g} (hinge); "
+            "such runs are marked nan (diverged).")
 
 
 def write_forgetting_report(out, s):
@@ -244,6 +265,7 @@ def write_forgetting_report(out, s):
              f"task 2 = digits (2, 3) for {cfg['task2_epochs']} epochs from the same w1*; B = {cfg['batch_size']}, "
              f"α = {cfg['lr']}; constraints on the N_c = {cfg['num_constraints']} sharpest task-1 PCs of W2 "
              f"(of {len(s['task1']['pcs'])} measured); {s['seconds']:.0f} s in all.", "",
+             _penalty_stability_note(s), "",
              "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |", "|---|---:|---:|---:|---:|"]
     for r in s["runs"]:
         lines.append(f"| {r['method']} | {r['lam']:g} | {r['num_constraints']} | {r['eps1']:.3f} | {r['eps2']:.3f} |")

@@ -13,6 +13,7 @@ is such a callable: SPEC §1.2 takes a snapshot before every step); an object ma
 the epoch's numbers appended to ``trainer.history``. A callback with ``state_dict`` and
 ``load_state_dict`` (``landscape_kernels.callbacks``) is saved in the checkpoint and restored on resume.
 """
+import copy
 import math
 import os
 import time
@@ -38,6 +39,26 @@ class StoppingRule:
         if len(acc) < self.window:
             return False
         return sum(acc[-self.window :]) / self.window > self.accuracy and history[-1]["full_loss"] < self.loss
+
+
+@dataclass
+class InstabilityGuard:
+    """Stops a run whose SGD turns unstable and rolls it back to the last epoch before. An epoch is
+    unstable when its full training accuracy falls more than ``accuracy_drop`` below the best so far,
+    or its full loss is not finite (e.g. a large lr / B ends in a burst that kills every ReLU unit and
+    never recovers). The trainer then restores the model, optimizer, history and callback states (the
+    recorded window included) of the epoch before and stops with ``stopped_by == "unstable"``; the
+    unstable epoch's record is kept in ``trainer.instability``. Keeping that state costs one copy of
+    it per epoch."""
+
+    accuracy_drop: float = 0.1
+
+    def unstable(self, history):
+        last = history[-1]
+        if not math.isfinite(last["full_loss"]):
+            return True
+        accs = [r["full_accuracy"] for r in history if r.get("full_accuracy") is not None]
+        return bool(accs) and last["full_accuracy"] is not None and last["full_accuracy"] < max(accs) - self.accuracy_drop
 
 
 def _epoch_order(n, seed, epoch, device):
@@ -91,6 +112,7 @@ class SGDTrainer:
         self.epoch, self.batch_index, self.step = 0, 0, 0  # position: the next step to take
         self.history = []
         self.stopped_by = None
+        self.instability = None  # the record of an epoch an InstabilityGuard rolled back
         self._acc = None  # this epoch's running sums on the device: loss, correct, samples
         self._epoch_seconds = 0.0
 
@@ -99,7 +121,7 @@ class SGDTrainer:
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch, "batch_index": self.batch_index, "step": self.step,
                 "history": self.history, "accumulators": None if self._acc is None else self._acc.cpu(),
-                "epoch_seconds": self._epoch_seconds,
+                "epoch_seconds": self._epoch_seconds, "stopped_by": self.stopped_by, "instability": self.instability,
                 "callbacks": [cb.state_dict() for cb in self._stateful_callbacks()],
                 "settings": {"batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
                              "seed": self.seed, "samples": int(self.x.shape[0]), "drop_last": self.drop_last}}
@@ -125,6 +147,11 @@ class SGDTrainer:
         if state["settings"] != mine:
             raise ValueError(f"SGDTrainer.resume: {path!r} was written with settings {state['settings']}, "
                              f"this trainer has {mine}")
+        self.load_state_dict(state)
+        return self
+
+    def load_state_dict(self, state):
+        """Restore a ``state_dict`` (no settings check: ``resume`` does that for files)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch_index, self.step = state["epoch"], state["batch_index"], state["step"]
@@ -132,13 +159,13 @@ class SGDTrainer:
         acc = state["accumulators"]
         self._acc = None if acc is None else acc.to(self.device)
         self._epoch_seconds = state["epoch_seconds"]
+        self.stopped_by, self.instability = state.get("stopped_by"), state.get("instability")
         saved, mine = state["callbacks"], self._stateful_callbacks()
         if len(saved) != len(mine):
-            raise ValueError(f"SGDTrainer.resume: {path!r} holds the state of {len(saved)} callbacks, this trainer has "
+            raise ValueError(f"SGDTrainer.load_state_dict: the state holds {len(saved)} callbacks, this trainer has "
                              f"{len(mine)} callbacks with state")
         for cb, cb_state in zip(mine, saved):
             cb.load_state_dict(cb_state)
-        return self
 
     def _stateful_callbacks(self):
         return [cb for cb in self.callbacks if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")]
@@ -202,13 +229,21 @@ class SGDTrainer:
         self.epoch, self.batch_index, self._acc, self._epoch_seconds = self.epoch + 1, 0, None, 0.0
         return record
 
-    def run(self, max_epochs=1000, stopping_rule="spec", max_steps=None, progress=False):
+    def _rollback(self, good_state):
+        """Back to ``good_state`` (a ``state_dict`` copy), keeping the epoch that was undone."""
+        undone = self.history[-1]
+        self.load_state_dict(good_state)
+        self.stopped_by, self.instability = "unstable", undone
+
+    def run(self, max_epochs=1000, stopping_rule="spec", max_steps=None, progress=False, guard=None):
         """Train until ``stopping_rule`` holds at an epoch end (None: never), ``max_epochs`` epochs are
         done, or ``max_steps`` steps in total are taken (which may stop inside an epoch; ``run`` can be
-        called again to continue). ``stopping_rule`` "spec" is ``StoppingRule()`` (SPEC §1.1). Returns
-        ``self.history``; ``self.stopped_by`` says why it stopped."""
+        called again to continue). ``stopping_rule`` "spec" is ``StoppingRule()`` (SPEC §1.1); ``guard``
+        an ``InstabilityGuard`` (None: none). Returns ``self.history``; ``self.stopped_by`` says why
+        it stopped."""
         if stopping_rule == "spec":
             stopping_rule = StoppingRule()
+        good_state = copy.deepcopy(self.state_dict()) if guard is not None and self.batch_index == 0 else None
         bar = _progress_bar(max_epochs, self.epoch, progress)
         self.model.train()
         self.stopped_by = None
@@ -235,10 +270,18 @@ class SGDTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['full_loss']:.3g}", acc=f"{record['train_accuracy'] or 0:.4f}")
-                if stopping_rule is not None and stopping_rule.satisfied(self.history):
+                if guard is not None and guard.unstable(self.history):
+                    if good_state is None:
+                        raise FloatingPointError(f"SGDTrainer: SGD turned unstable in epoch {self.epoch - 1} (full "
+                                                 f"loss {record['full_loss']:.3g}, accuracy {record['full_accuracy']}) "
+                                                 "and no earlier epoch end of this run is kept to roll back to")
+                    self._rollback(good_state)
+                elif stopping_rule is not None and stopping_rule.satisfied(self.history):
                     self.stopped_by = "stopping_rule"
                 elif self.checkpoint and time.perf_counter() - self._last_save >= self.checkpoint_seconds:
                     self.save()
+                if guard is not None and self.stopped_by is None:
+                    good_state = copy.deepcopy(self.state_dict())
         finally:  # also on an interruption: what was done is kept
             if bar is not None:
                 bar.close()

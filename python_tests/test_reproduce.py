@@ -46,3 +46,24 @@ def test_grid_quick_run_overlays_the_settings(tmp_path):
     assert (out / "B25_lr0.1" / "report.md").exists() and (out / "B50_lr0.1" / "summary.json").exists()
     text = (out / "grid.md").read_text()
     assert "| 25 | 0.1 |" in text and "ψ > 0 for every setting: **yes**" in text
+
+
+def test_a_failed_grid_setting_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
+    from landscape_kernels.pipelines import variance_flatness as vf
+
+    real_run = vf.run
+
+    def run_failing_at_b25(cfg, out, **kwargs):
+        if cfg.batch_size == 25:
+            raise FloatingPointError("SGD turned unstable in epoch 0")
+        return real_run(cfg, out, **kwargs)
+
+    monkeypatch.setattr(vf, "run", run_failing_at_b25)
+    out = tmp_path / "grid"
+    grid = vf.run_grid(vf.VarianceFlatnessConfig(quick=True), str(out), batch_sizes=(25, 50), lrs=(0.1,),
+                       progress=False, log=lambda *a: None)
+    failed, kept = grid["settings"]
+    assert failed["error"].startswith("FloatingPointError: SGD turned unstable") and "psi" not in failed
+    assert kept["psi"] > 0 and kept["stopped_by"] == "max_epochs" and not grid["all_psi_positive"]
+    text = (out / "grid.md").read_text()
+    assert "| 25 | 0.1 | failed: FloatingPointError" in text and "ψ > 0 for every setting: **no**" in text

@@ -6,7 +6,8 @@ from torch import nn
 
 from landscape_kernels.models import mlp
 from landscape_kernels.trajectory import TrajectoryRecorder
-from landscape_kernels.training import SGDTrainer, StoppingRule
+from landscape_kernels.callbacks import WindowRecorder
+from landscape_kernels.training import InstabilityGuard, SGDTrainer, StoppingRule
 
 
 def blobs(n=130, seed=0):
@@ -134,3 +135,54 @@ def test_bad_input_and_a_diverging_run_keep_the_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="minibatch loss is .* at step"):
         bad.run(max_epochs=3, stopping_rule=None)
     assert SGDTrainer(mlp((5, 3)), x, y, batch_size=10, checkpoint=ckpt).resume().epoch >= 1
+
+
+class KillReLUs:
+    """Sets the first layer so that no ReLU unit is ever active again (the way a burst of large SGD
+    steps ends a run at high lr / B) before step ``at``."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def before_step(self, trainer, step):
+        if step == self.at:
+            with torch.no_grad():
+                trainer.model[0].weight.fill_(-10.0)
+
+
+def test_instability_guard_rolls_back_to_the_last_good_epoch(tmp_path):
+    x, y = blobs()
+    model = mlp((5, 16, 3), seed=0)
+    window = WindowRecorder(model, ["2.weight"], 20)
+    straight = SGDTrainer(model, x, y, batch_size=10, callbacks=[window])
+    straight.run(max_epochs=2, stopping_rule=None)  # 13 steps per epoch
+    guarded_model = mlp((5, 16, 3), seed=0)
+    guarded_window = WindowRecorder(guarded_model, ["2.weight"], 20)
+    ckpt = tmp_path / "c.pt"
+    guarded = SGDTrainer(guarded_model, x, y, batch_size=10, callbacks=[guarded_window, KillReLUs(30)], checkpoint=ckpt)
+    guarded.run(max_epochs=6, stopping_rule=None, guard=InstabilityGuard(accuracy_drop=0.1))
+    assert guarded.stopped_by == "unstable" and guarded.instability["epoch"] == 2
+    assert guarded.instability["full_accuracy"] < guarded.history[-1]["full_accuracy"] - 0.1
+    assert len(guarded.history) == 2 and guarded.step == 26 and guarded.epoch == 2
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), guarded_model.parameters()))
+    assert torch.equal(window.snapshots()[1], guarded_window.snapshots()[1])
+    reopened = SGDTrainer(mlp((5, 16, 3), seed=5), x, y, batch_size=10,
+                          callbacks=[WindowRecorder(mlp((5, 16, 3)), ["2.weight"], 20)], checkpoint=ckpt).resume()
+    assert reopened.stopped_by == "unstable" and reopened.instability["epoch"] == 2 and reopened.step == 26
+
+
+def test_instability_guard_without_a_good_epoch_raises():
+    x, y = blobs()
+    trainer = SGDTrainer(mlp((5, 16, 3), seed=0), x, y, batch_size=10, callbacks=[KillReLUs(20)])
+    trainer.run(max_epochs=1, stopping_rule=None)
+    trainer.run(max_epochs=3, stopping_rule=None, max_steps=16)  # stops inside epoch 2: no epoch end kept
+    with pytest.raises(FloatingPointError, match="turned unstable in epoch 1"):
+        trainer.run(max_epochs=3, stopping_rule=None, guard=InstabilityGuard())
+
+
+def test_instability_guard_ignores_ordinary_noise():
+    guard = InstabilityGuard(accuracy_drop=0.1)
+    rec = [{"full_loss": 0.1, "full_accuracy": a} for a in (0.5, 0.95, 0.9, 0.87)]
+    assert not guard.unstable(rec)
+    assert guard.unstable(rec + [{"full_loss": 0.1, "full_accuracy": 0.84}])
+    assert guard.unstable(rec + [{"full_loss": float("nan"), "full_accuracy": 0.95}])

@@ -179,3 +179,17 @@ def test_directional_derivatives_match_per_sample_autograd(wrapped, gen):
         H = torch.autograd.functional.hessian(lambda w, p=p: sample_loss(w.reshape(4, 4), x[p], y[p]), params[name].flatten())
         want = torch.einsum("ki,ij,kj->k", V.reshape(3, 16), H, V.reshape(3, 16))
         assert torch.allclose(d2[p], want, rtol=1e-10, atol=1e-13)
+
+
+def test_trajectory_pca_of_a_wide_window_uses_the_gram_matrix_and_is_exact():
+    # N beyond what an N x N scatter matrix may take (every weight of a network): T x T Gram path
+    g = torch.Generator().manual_seed(3)
+    T, N = 40, 21_000
+    snaps = torch.randn(T, 6, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 6, dtype=torch.float64)
+    snaps = snaps @ torch.linalg.qr(torch.randn(N, 6, generator=g, dtype=torch.float64))[0].T
+    snaps += 1e-6 * torch.randn(T, N, generator=g, dtype=torch.float64)
+    pca = trajectory_pca(snaps.float(), gamma_range=(1, None))
+    centred = snaps.float().double() - snaps.float().double().mean(0)
+    want = torch.linalg.svdvals(centred) ** 2 / (T - 1)
+    assert torch.allclose(pca.variances[:6], want[:6], rtol=1e-6)
+    assert pca.components.shape[1] == N

@@ -60,16 +60,22 @@ def n90_excluding_pc1(variances, level=0.9):
 
 
 def trajectory_pca(snapshots, gamma_range=(20, None), chunk=4096):
-    """PCA of the (T, N) window (a tensor, or an iterable of (T_c, N) chunks) in float64, exact mode.
+    """PCA of the (T, N) window (a tensor, or an iterable of (T_c, N) chunks) in float64, exact: the
+    N x N scatter matrix where it fits in memory, else (a tensor with T < N, e.g. every weight of a
+    network) the T x T Gram matrix.
     ``gamma_range`` (first, last) 1-based PCs of the power-law fit; last is capped at (and None means)
     the last PC whose variance exceeds 1e-12 of the largest (rounding noise beyond it would bend the fit).
     SPEC §1.2 fixes only first = 20; a measured spectrum steepens towards its end, so the fitted gamma
     depends on last, which the caller should report."""
-    pca = StreamingPCA(mode="exact")
-    chunks = [snapshots[s : s + chunk] for s in range(0, snapshots.shape[0], chunk)] \
-        if isinstance(snapshots, torch.Tensor) else snapshots
-    for c in chunks:
-        pca.partial_fit(c)
+    if isinstance(snapshots, torch.Tensor) and snapshots.shape[0] < snapshots.shape[1] \
+            and not StreamingPCA().exact_fits(snapshots.shape[1]):
+        pca = StreamingPCA(mode="gram").fit(snapshots)
+    else:
+        pca = StreamingPCA(mode="exact")
+        chunks = [snapshots[s : s + chunk] for s in range(0, snapshots.shape[0], chunk)] \
+            if isinstance(snapshots, torch.Tensor) else snapshots
+        for c in chunks:
+            pca.partial_fit(c)
     var = pca.explained_variance_.double().cpu()
     comps = pca.components_.double().cpu()
     mean = pca.mean_.double().cpu()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..analyses.forgetting import EWCPenalty, LDCPenalty, diagonal_fisher
+from ..analyses.forgetting import XI_FACTOR, EWCPenalty, LDCPenalty, diagonal_fisher
 from ..analyses.variance_flatness import flatness_along_pcs, trajectory_pca
 from ..callbacks import WindowRecorder
 from ..data import digit_subset, load_dataset
@@ -130,7 +130,7 @@ def run(cfg, out, progress=False, log=print):
     summary = {
         "library_version": __version__, "config": asdict(cfg), "dataset": cfg.dataset,
         "task1": {"pcs": pcs, "widths": flat.widths.tolist(), "saturated": (~usable).tolist(),
-                  "constrained_pcs": [pcs[i] for i in chosen], "xi": (0.008 * flat.widths[chosen]).tolist()},
+                  "constrained_pcs": [pcs[i] for i in chosen], "xi": (XI_FACTOR * flat.widths[chosen]).tolist()},
         "runs": main_runs, "lambda_sweep": lam_sweep, "constraint_sweep": nc_sweep,
         "seconds": time.perf_counter() - t0,
     }

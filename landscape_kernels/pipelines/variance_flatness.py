@@ -21,7 +21,7 @@ from ..callbacks import EpochStates, WindowRecorder
 from ..data import load_dataset
 from ..models import mlp
 from ..profiles import loss_profiles
-from ..training import SGDTrainer, StoppingRule
+from ..training import InstabilityGuard, SGDTrainer, StoppingRule
 
 LAYER = "2.weight"  # W2, the hidden -> hidden matrix (SPEC §1.2)
 
@@ -50,6 +50,7 @@ class VarianceFlatnessConfig:
     stop_accuracy: float = 0.99
     stop_loss: float = 5e-5
     stop_window: int = 9
+    instability_drop: float = 0.1  # roll back and stop when full accuracy falls this far below its best (None: off)
     quick: bool = False
 
     def resolved(self):
@@ -91,9 +92,11 @@ def _train(cfg, x, y, out, resume, progress, timer):
         trainer.resume()
         print(f"resumed from {trainer.checkpoint} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
     rule = StoppingRule(cfg.stop_window, cfg.stop_accuracy, cfg.stop_loss)
+    guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop)
     with timer("training"):
-        if not (trainer.history and rule.satisfied(trainer.history)):
-            trainer.run(max_epochs=cfg.max_epochs, stopping_rule=rule, progress=progress)
+        finished = trainer.history and (rule.satisfied(trainer.history) or trainer.stopped_by == "unstable")
+        if not finished:
+            trainer.run(max_epochs=cfg.max_epochs, stopping_rule=rule, progress=progress, guard=guard)
     return model.cpu(), trainer, window, epochs
 
 
@@ -212,6 +215,10 @@ def run(cfg, out, resume=False, progress=True, log=print):
     log(f"{cfg.dataset}: {x.shape[0]} training images of {x.shape[1]} pixels; B = {cfg.batch_size}, lr = {cfg.lr}")
     model, trainer, window, epochs = _train(cfg, x, y, out, resume, progress, timer)
     last = trainer.history[-1] if trainer.history else {}
+    if trainer.instability is not None:
+        u = trainer.instability
+        log(f"SGD turned unstable in epoch {u['epoch']} (full loss {u['full_loss']:.3g}, accuracy "
+            f"{u['full_accuracy']}); rolled back to the end of epoch {u['epoch'] - 1} and analysing that window")
     log(f"trained {len(trainer.history)} epochs ({trainer.step} steps, stopped by {trainer.stopped_by or 'checkpoint'}): "
         f"full loss {last.get('full_loss', float('nan')):.3g}, training accuracy {last.get('train_accuracy') or 0:.4f}")
     summary, arrays = analyse(cfg, model, x, y, window, epochs, trainer.history, timer, log)
@@ -219,6 +226,7 @@ def run(cfg, out, resume=False, progress=True, log=print):
     summary.update({
         "library_version": __version__, "config": asdict(cfg), "dataset": cfg.dataset,
         "training": {"epochs": len(trainer.history), "steps": trainer.step, "stopped_by": trainer.stopped_by,
+                     "instability": trainer.instability,
                      "history": trainer.history, "test_loss": test_loss, "test_accuracy": test_acc},
         "timings_s": timer.seconds,
     })
@@ -257,8 +265,14 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
         for lr in lrs:
             folder = f"B{int(B)}_lr{float(lr):g}"
             log(f"--- grid setting B = {B}, lr = {lr} -> {folder}")
-            s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
-                    progress=progress, log=log)
+            try:
+                s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
+                        progress=progress, log=log)
+            except (ValueError, FloatingPointError) as exc:  # one failed setting must not lose the others
+                log(f"grid setting B = {B}, lr = {lr} failed: {exc}")
+                rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder,
+                             "error": f"{type(exc).__name__}: {exc}"})
+                continue
             pcs = s["pcs"]
             rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder, "psi": s["psi"]["psi"],
                          "psi_ci95": [-s["psi"]["fit"]["ci95"][1], -s["psi"]["fit"]["ci95"][0]],
@@ -267,8 +281,10 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
                          "widths": s["flatness"]["widths"],
                          "saturated": [a or b for a, b in zip(s["flatness"]["saturated_left"],
                                                               s["flatness"]["saturated_right"])],
-                         "epochs": s["training"]["epochs"], "test_accuracy": s["training"]["test_accuracy"]})
-    grid = {"dataset": cfg.dataset, "settings": rows, "all_psi_positive": all(r["psi"] > 0 for r in rows),
+                         "epochs": s["training"]["epochs"], "stopped_by": s["training"]["stopped_by"],
+                         "test_accuracy": s["training"]["test_accuracy"]})
+    grid = {"dataset": cfg.dataset, "settings": rows,
+            "all_psi_positive": all("psi" in r and r["psi"] > 0 for r in rows),
             "library_version": __version__}
     from ..report import write_grid_report
 
