@@ -185,7 +185,10 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         seeds = v0 / v0.norm(dim=1, keepdim=True).clamp_min(1e-300)
         if seeds.shape[0] > b:  # fold the earlier vectors into the block
             seeds = torch.stack([s.sum(0) for s in seeds.chunk(b)])
-        start[: seeds.shape[0]] = seeds + 1e-3 * start[: seeds.shape[0]] / math.sqrt(P)
+        if seeds.shape[0] == b:  # one earlier vector per block column: start from exactly their span (the
+            start = seeds      # residuals extend the basis; an invariant span breaks down into random vectors)
+        else:
+            start[: seeds.shape[0]] = seeds + 1e-3 * start[: seeds.shape[0]] / math.sqrt(P)
     Q = torch.zeros(num_iter * b + b, P, dtype=dtype, device=device)
     _extend_basis(Q, 0, start.to(device, dtype), gen, 0.0, 0)
 

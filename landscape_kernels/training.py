@@ -82,10 +82,14 @@ class SGDTrainer:
         drop_last: skip the last, smaller minibatch of an epoch (default False: keep it).
         penalty: None or a callable ``penalty(model)`` returning a scalar added to every minibatch loss
             (e.g. the landscape-dependent constraints of SPEC §1.7); the recorded losses exclude it.
+        optimizer: None (plain ``torch.optim.SGD`` with ``lr`` and ``momentum``) or an optimizer over
+            the model's parameters (e.g. ``optim.NSGD``); its first group's lr and momentum are then
+            the trainer's.
     """
 
     def __init__(self, model, x, y, batch_size=50, lr=0.1, momentum=0.0, seed=0, loss_fn=F.cross_entropy,
-                 callbacks=(), device=None, checkpoint=None, checkpoint_seconds=60.0, drop_last=False, penalty=None):
+                 callbacks=(), device=None, checkpoint=None, checkpoint_seconds=60.0, drop_last=False, penalty=None,
+                 optimizer=None):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
             raise ValueError("SGDTrainer: x and y must be tensors with the same number of samples, got "
                              f"{getattr(x, 'shape', type(x))} and {getattr(y, 'shape', type(y))}")
@@ -93,6 +97,8 @@ class SGDTrainer:
             raise ValueError("SGDTrainer: the training set is empty")
         if not isinstance(batch_size, int) or not 1 <= batch_size <= x.shape[0]:
             raise ValueError(f"SGDTrainer: batch_size must be an int in [1, {x.shape[0]}] (the dataset size), got {batch_size!r}")
+        if optimizer is not None:
+            lr, momentum = optimizer.param_groups[0]["lr"], optimizer.param_groups[0].get("momentum", 0.0)
         if not float(lr) > 0 or not math.isfinite(float(lr)):
             raise ValueError(f"SGDTrainer: lr must be a positive finite number, got {lr!r}")
         if not 0 <= float(momentum) < 1:
@@ -105,7 +111,7 @@ class SGDTrainer:
         self.callbacks = list(callbacks)
         self.checkpoint, self.checkpoint_seconds = checkpoint, float(checkpoint_seconds)
         self._last_save = time.perf_counter()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        self.optimizer = optimizer or torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
         self.classification = self.y.dtype == torch.long and self.y.dim() == 1
         n = self.x.shape[0]
         self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
