@@ -43,22 +43,28 @@ class StoppingRule:
 
 @dataclass
 class InstabilityGuard:
-    """Stops a run whose SGD turns unstable and rolls it back to the last epoch before. An epoch is
-    unstable when its full training accuracy falls more than ``accuracy_drop`` below the best so far,
-    or its full loss is not finite (e.g. a large lr / B ends in a burst that kills every ReLU unit and
-    never recovers). The trainer then restores the model, optimizer, history and callback states (the
-    recorded window included) of the epoch before and stops with ``stopped_by == "unstable"``; the
-    unstable epoch's record is kept in ``trainer.instability``. Keeping that state costs one copy of
-    it per epoch."""
+    """Stops a run whose SGD turns unstable and rolls it back to the last epoch before. The run is
+    unstable when the full training accuracy of each of the last ``patience`` epochs lies more than
+    ``accuracy_drop`` below the best before it, or the full loss is not finite (e.g. at a large lr / B
+    the noise first erodes a fitted solution over tens of epochs and then a burst kills every ReLU unit
+    for good). The trainer then restores the model, optimizer, history and callback states (the
+    recorded window included) of the end of the epoch before that streak and stops with
+    ``stopped_by == "unstable"``; the undone epochs' records are kept in ``trainer.instability``.
+    Keeping those states costs one copy of the state per epoch and ``patience + 1`` copies of memory."""
 
-    accuracy_drop: float = 0.1
+    accuracy_drop: float = 0.02
+    patience: int = 3
 
-    def unstable(self, history):
-        last = history[-1]
-        if not math.isfinite(last["full_loss"]):
-            return True
-        accs = [r["full_accuracy"] for r in history if r.get("full_accuracy") is not None]
-        return bool(accs) and last["full_accuracy"] is not None and last["full_accuracy"] < max(accs) - self.accuracy_drop
+    def streak(self, history):
+        """How many of the last epochs to undo: 0 (stable), ``patience`` or 1 (a non-finite loss)."""
+        if not math.isfinite(history[-1]["full_loss"]):
+            return 1
+        accs = [r.get("full_accuracy") for r in history]
+        if len(accs) <= self.patience or any(a is None for a in accs):
+            return 0
+        first = len(accs) - self.patience
+        best = max(accs[:first])
+        return self.patience if all(a < best - self.accuracy_drop for a in accs[first:]) else 0
 
 
 def _epoch_order(n, seed, epoch, device):
@@ -118,7 +124,7 @@ class SGDTrainer:
         self.epoch, self.batch_index, self.step = 0, 0, 0  # position: the next step to take
         self.history = []
         self.stopped_by = None
-        self.instability = None  # the record of an epoch an InstabilityGuard rolled back
+        self.instability = None  # the records of the epochs an InstabilityGuard rolled back
         self._acc = None  # this epoch's running sums on the device: loss, correct, samples
         self._epoch_seconds = 0.0
 
@@ -235,10 +241,17 @@ class SGDTrainer:
         self.epoch, self.batch_index, self._acc, self._epoch_seconds = self.epoch + 1, 0, None, 0.0
         return record
 
-    def _rollback(self, good_state):
-        """Back to ``good_state`` (a ``state_dict`` copy), keeping the epoch that was undone."""
-        undone = self.history[-1]
-        self.load_state_dict(good_state)
+    def _rollback(self, kept, undo):
+        """Back to the kept state of the end of the epoch ``undo`` epochs ago, keeping what was undone."""
+        target = len(self.history) - undo
+        state = next((st for n, st in kept if n == target), None)
+        if state is None:
+            raise FloatingPointError(f"SGDTrainer: SGD turned unstable in epochs {target} to {len(self.history) - 1} "
+                                     f"(last full loss {self.history[-1]['full_loss']:.3g}, accuracy "
+                                     f"{self.history[-1]['full_accuracy']}) and the state before them is not kept "
+                                     "(the run started or resumed later)")
+        undone = self.history[target:]
+        self.load_state_dict(state)
         self.stopped_by, self.instability = "unstable", undone
 
     def run(self, max_epochs=1000, stopping_rule="spec", max_steps=None, progress=False, guard=None):
@@ -249,7 +262,9 @@ class SGDTrainer:
         it stopped."""
         if stopping_rule == "spec":
             stopping_rule = StoppingRule()
-        good_state = copy.deepcopy(self.state_dict()) if guard is not None and self.batch_index == 0 else None
+        kept = []  # (epochs done, state copy) of the last guard.patience + 1 epoch ends
+        if guard is not None and self.batch_index == 0:
+            kept.append((len(self.history), copy.deepcopy(self.state_dict())))
         bar = _progress_bar(max_epochs, self.epoch, progress)
         self.model.train()
         self.stopped_by = None
@@ -276,18 +291,15 @@ class SGDTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['full_loss']:.3g}", acc=f"{record['train_accuracy'] or 0:.4f}")
-                if guard is not None and guard.unstable(self.history):
-                    if good_state is None:
-                        raise FloatingPointError(f"SGDTrainer: SGD turned unstable in epoch {self.epoch - 1} (full "
-                                                 f"loss {record['full_loss']:.3g}, accuracy {record['full_accuracy']}) "
-                                                 "and no earlier epoch end of this run is kept to roll back to")
-                    self._rollback(good_state)
+                undo = guard.streak(self.history) if guard is not None else 0
+                if undo:
+                    self._rollback(kept, undo)
                 elif stopping_rule is not None and stopping_rule.satisfied(self.history):
                     self.stopped_by = "stopping_rule"
                 elif self.checkpoint and time.perf_counter() - self._last_save >= self.checkpoint_seconds:
                     self.save()
                 if guard is not None and self.stopped_by is None:
-                    good_state = copy.deepcopy(self.state_dict())
+                    kept = kept[-guard.patience :] + [(len(self.history), copy.deepcopy(self.state_dict()))]
         finally:  # also on an interruption: what was done is kept
             if bar is not None:
                 bar.close()

@@ -8,7 +8,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 @pytest.mark.parametrize("marker", ["readme-example", "readme-example-operators", "readme-example-lanczos",
-                                    "readme-example-trajectory"])
+                                    "readme-example-trajectory", "readme-example-sharpness"])
 def test_readme_example_runs(marker):
     text = open(os.path.join(ROOT, "README.md")).read()
     block = re.search(r"<!-- " + marker + r" -->\s*```python\n(.*?)```", text, re.S)

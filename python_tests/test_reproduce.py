@@ -67,3 +67,25 @@ def test_a_failed_grid_setting_is_recorded_and_the_others_kept(tmp_path, monkeyp
     assert kept["psi"] > 0 and kept["stopped_by"] == "max_epochs" and not grid["all_psi_positive"]
     text = (out / "grid.md").read_text()
     assert "| 25 | 0.1 | failed: FloatingPointError" in text and "ψ > 0 for every setting: **no**" in text
+
+
+def test_an_unstable_run_is_rolled_back_reported_and_not_retrained_on_resume(tmp_path, monkeypatch):
+    from landscape_kernels.pipelines import variance_flatness as vf
+    from landscape_kernels.training import InstabilityGuard
+
+    class FiresAfter30Epochs(InstabilityGuard):  # stands in for a burst: epochs 27-29 (0-based) are unstable
+        def streak(self, history):
+            return self.patience if len(history) == 30 else 0
+
+    monkeypatch.setattr(vf, "InstabilityGuard", FiresAfter30Epochs)
+    out = tmp_path / "run"
+    lines = []
+    summary = vf.run(vf.VarianceFlatnessConfig(quick=True), str(out), progress=False, log=lines.append)
+    tr = summary["training"]
+    assert tr["stopped_by"] == "unstable" and tr["epochs"] == 27
+    assert [r["epoch"] for r in tr["instability"]] == [27, 28, 29]
+    assert summary["psi"]["psi"] > 0  # the window that ended with epoch 26 is analysed
+    assert any("rolled back to the end of epoch 26" in line for line in lines)
+    assert "SGD turned unstable: in epochs 27–29" in (out / "report.md").read_text()
+    again = vf.run(vf.VarianceFlatnessConfig(quick=True), str(out), resume=True, progress=False, log=lines.append)
+    assert again["training"]["epochs"] == 27 and again["psi"] == summary["psi"]

@@ -50,7 +50,8 @@ class VarianceFlatnessConfig:
     stop_accuracy: float = 0.99
     stop_loss: float = 5e-5
     stop_window: int = 9
-    instability_drop: float = 0.1  # roll back and stop when full accuracy falls this far below its best (None: off)
+    instability_drop: float = 0.02  # roll back and stop when full accuracy stays this far below its best (None: off)
+    instability_patience: int = 3  # ... for this many epochs
     quick: bool = False
 
     def resolved(self):
@@ -92,7 +93,7 @@ def _train(cfg, x, y, out, resume, progress, timer):
         trainer.resume()
         print(f"resumed from {trainer.checkpoint} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
     rule = StoppingRule(cfg.stop_window, cfg.stop_accuracy, cfg.stop_loss)
-    guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop)
+    guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop, cfg.instability_patience)
     with timer("training"):
         finished = trainer.history and (rule.satisfied(trainer.history) or trainer.stopped_by == "unstable")
         if not finished:
@@ -217,8 +218,9 @@ def run(cfg, out, resume=False, progress=True, log=print):
     last = trainer.history[-1] if trainer.history else {}
     if trainer.instability is not None:
         u = trainer.instability
-        log(f"SGD turned unstable in epoch {u['epoch']} (full loss {u['full_loss']:.3g}, accuracy "
-            f"{u['full_accuracy']}); rolled back to the end of epoch {u['epoch'] - 1} and analysing that window")
+        accuracies = ", ".join(f"{r['full_accuracy']:.4f}" for r in u)
+        log(f"SGD turned unstable: full accuracy {accuracies} in epochs "
+            f"{u[0]['epoch']}-{u[-1]['epoch']}; rolled back to the end of epoch {u[0]['epoch'] - 1} and analysing that window")
     log(f"trained {len(trainer.history)} epochs ({trainer.step} steps, stopped by {trainer.stopped_by or 'checkpoint'}): "
         f"full loss {last.get('full_loss', float('nan')):.3g}, training accuracy {last.get('train_accuracy') or 0:.4f}")
     summary, arrays = analyse(cfg, model, x, y, window, epochs, trainer.history, timer, log)
