@@ -95,8 +95,9 @@ def _train(cfg, x, y, out, resume, progress, timer):
     rule = StoppingRule(cfg.stop_window, cfg.stop_accuracy, cfg.stop_loss)
     guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop, cfg.instability_patience)
     with timer("training"):
-        finished = trainer.history and (rule.satisfied(trainer.history) or trainer.stopped_by == "unstable")
-        if not finished:
+        if trainer.history and rule.satisfied(trainer.history):
+            trainer.stopped_by = "stopping_rule"  # a checkpoint from before stopped_by was saved
+        elif not (trainer.history and trainer.stopped_by == "unstable"):
             trainer.run(max_epochs=cfg.max_epochs, stopping_rule=rule, progress=progress, guard=guard)
     return model.cpu(), trainer, window, epochs
 
