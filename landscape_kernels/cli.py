@@ -25,6 +25,7 @@ def _reproduce_parser(sub):
     vf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     vf.add_argument("--no-progress", action="store_true")
     _forgetting_parser(jobs)
+    _sharpness_parsers(jobs)
     vf.add_argument("--grid", action="store_true",
                     help="run every (B, lr) of --grid-batch-sizes x --grid-lrs into OUT/B{B}_lr{lr}/ and overlay them")
     vf.add_argument("--grid-batch-sizes", type=_int_list, default=(25, 50, 100), help="comma list (default 25,50,100)")
@@ -44,6 +45,64 @@ def _forgetting_parser(jobs):
     fg.add_argument("--seed", type=int, default=0)
     fg.add_argument("--out", default="runs/forgetting")
     fg.add_argument("--quick", action="store_true")
+
+
+def _tracked_arguments(p, epochs, quick_help):
+    p.add_argument("--dataset", choices=["digits", "mnist"], default="mnist")
+    p.add_argument("--data-dir", default=None, help="ROOT holding MNIST/raw (default $LANDSCAPE_KERNELS_DATA or ~/.cache)")
+    p.add_argument("--model", choices=["mlp", "simple_cnn"], default="mlp",
+                   help="mlp: 784-50-50-10 ReLU (default, minutes on a CPU); simple_cnn: SPEC §2.3's SimpleCNN (a GPU)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--train-samples", type=int, default=None, help="train on a seeded random subset of this size")
+    p.add_argument("--subset", type=int, default=2560, help="the fixed Hessian subset (SPEC §2.1: 2560)")
+    p.add_argument("--k", type=int, default=5, help="top-K eigenpairs (SPEC: 5 or 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--resume", action="store_true", help="reuse finished settings and continue unfinished ones")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _sharpness_parsers(jobs):
+    sd = jobs.add_parser("sharpest-directions", help="lambda_1 along training over lr and B grids (SPEC §2.1-2.3)")
+    _tracked_arguments(sd, 5, "a short run on the embedded digits")
+    sd.add_argument("--lrs", type=_float_list, default=(0.1, 0.01, 0.001), help="the lr grid (default 0.1,0.01,0.001)")
+    sd.add_argument("--lr-grid-batch-size", type=int, default=128)
+    sd.add_argument("--batch-sizes", type=_int_list, default=(8, 128, 1024), help="the B grid (default 8,128,1024)")
+    sd.add_argument("--batch-grid-lr", type=float, default=0.05)
+    sd.add_argument("--measure-examples", type=int, default=3000, help="measure every this many training examples")
+    sd.add_argument("--step-analyses", type=int, default=4,
+                    help="decomposed step and cross-sections at the first this many measurements")
+    sd.add_argument("--out", default="runs/sharpest-directions")
+    ns = jobs.add_parser("nsgd", help="Nudged SGD over gamma (SPEC §2.4)")
+    _tracked_arguments(ns, 10, "a short run on the embedded digits")
+    ns.add_argument("--lr", type=float, default=0.01)
+    ns.add_argument("--batch-size", type=int, default=128)
+    ns.add_argument("--gammas", type=_float_list, default=(0.01, 0.1, 1.0, 5.0), help="default 0.01,0.1,1,5 (1 is SGD)")
+    ns.add_argument("--out", default="runs/nsgd")
+
+
+def _run_sharpness_job(args):
+    common = dict(dataset=args.dataset, data_dir=args.data_dir, model=args.model, epochs=args.epochs,
+                  train_samples=args.train_samples, subset=args.subset, k=args.k, seed=args.seed, quick=args.quick)
+    progress = not args.no_progress
+    if args.job == "sharpest-directions":
+        from .pipelines import sharpest_directions as sd
+
+        cfg = sd.SharpestDirectionsConfig(lrs=args.lrs, lr_grid_batch_size=args.lr_grid_batch_size,
+                                          batch_sizes=args.batch_sizes, batch_grid_lr=args.batch_grid_lr,
+                                          measure_examples=args.measure_examples, step_analyses=args.step_analyses,
+                                          **common)
+        s = sd.run(cfg, args.out, resume=args.resume, progress=progress)
+        print(f"report: {args.out}/report.md  (peak lambda_1 " + ", ".join(
+            f"{name} {r['peak_lambda1']:.3g}" for name, r in s["runs"].items()) + ")")
+    else:
+        from .pipelines import nsgd
+
+        cfg = nsgd.NSGDConfig(lr=args.lr, batch_size=args.batch_size, gammas=args.gammas, **common)
+        s = nsgd.run(cfg, args.out, resume=args.resume, progress=progress)
+        print(f"report: {args.out}/report.md  (final lambda_1 " + ", ".join(
+            f"gamma {r['gamma']:g} {r['final_lambda1']:.3g}" for r in s["runs"].values()) + ")")
+    return 0
 
 
 def _int_list(text):
@@ -67,6 +126,12 @@ def main(argv=None):
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
         return 0
+    if args.job in ("sharpest-directions", "nsgd"):
+        try:
+            return _run_sharpness_job(args)
+        except (FileNotFoundError, ValueError) as exc:  # a missing dataset or a bad setting: one clear line
+            print(f"landscape-kernels: error: {exc}", file=sys.stderr)
+            return 2
     if args.job == "forgetting":
         from .pipelines import forgetting as fg
 
@@ -93,7 +158,8 @@ def main(argv=None):
             if args.grid:
                 g = vf.run_grid(cfg, args.out, args.grid_batch_sizes, args.grid_lrs, resume=args.resume,
                                 progress=not args.no_progress)
-                print(f"report: {args.out}/grid.md  (psi " + ", ".join(f"{r['psi']:.2f}" for r in g["settings"]) + ")")
+                print(f"report: {args.out}/grid.md  (psi " + ", ".join(f"{r['psi']:.2f}" if "psi" in r else "failed"
+                                                                     for r in g["settings"]) + ")")
                 return 0
             s = vf.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
         except FileNotFoundError as exc:  # a missing dataset or checkpoint: one clear line, not a traceback

@@ -47,6 +47,27 @@ def flat_gradient(model, loss_fn, batches, params, create_graph=False):
     return out
 
 
+def minibatch_gradients(model, loss_fn, x, y, batch_size, count, params=None, seed=0):
+    """(P, count) gradients of the mean loss over ``count`` minibatches of ``batch_size`` samples of
+    (x, y), each drawn without replacement by a generator seeded with ``seed``; model in eval mode."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"minibatch_gradients: count must be a positive int, got {count!r}")
+    if not 1 <= int(batch_size) <= x.shape[0]:
+        raise ValueError(f"minibatch_gradients: batch_size must be in [1, {x.shape[0]}], got {batch_size!r}")
+    _, chosen = chosen_parameters(model, params)
+    gen = torch.Generator().manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        cols = []
+        for _ in range(count):
+            idx = torch.randperm(x.shape[0], generator=gen)[: int(batch_size)].to(x.device)
+            cols.append(flat_gradient(model, loss_fn, [(x[idx], y[idx])], chosen))
+    finally:
+        model.train(was_training)
+    return torch.stack(cols, 1)
+
+
 class SharpnessTracker:
     """Args:
         model, loss_fn: the trained network and its mean loss.
@@ -90,6 +111,7 @@ class SharpnessTracker:
         self.vectors = None  # (P, k) eigenvectors of the last measurement
         self.version = 0
         self.history = []
+        self.last_minibatch_gradients = None
 
     # ------------------------------------------------------------------ callback
     def before_step(self, trainer, step):
@@ -157,20 +179,18 @@ class SharpnessTracker:
         self.model.eval()
         try:
             g = flat_gradient(self.model, self.loss_fn, self.batches, params)
-            if trainer is not None:
-                x, y, B = trainer.x, trainer.y, trainer.batch_size
-            else:
-                x = torch.cat([b[0] for b in self.batches])
-                y = torch.cat([b[1] for b in self.batches])
-                B = min(self.batch_size or x.shape[0], x.shape[0])
-            gen = torch.Generator().manual_seed(self.seed * 104729 + self.version)
-            minibatch = [flat_gradient(self.model, self.loss_fn,
-                                       [(x[i], y[i]) for i in [torch.randperm(x.shape[0], generator=gen)[:B].to(x.device)]],
-                                       params) for _ in range(self.alignment_batches)]
         finally:
             self.model.train(was_training)
+        if trainer is not None:
+            x, y, B = trainer.x, trainer.y, trainer.batch_size
+        else:
+            x = torch.cat([b[0] for b in self.batches])
+            y = torch.cat([b[1] for b in self.batches])
+            B = min(self.batch_size or x.shape[0], x.shape[0])
+        G = minibatch_gradients(self.model, self.loss_fn, x, y, B, self.alignment_batches, params=self.param_names,
+                                seed=self.seed * 104729 + self.version)
+        self.last_minibatch_gradients = G  # (P, n), for step analyses at the same weights (not checkpointed)
         E = self.vectors.to(g.dtype)
-        G = torch.stack(minibatch, 1)  # (P, n)
         unit = G / G.norm(dim=0).clamp_min(1e-300)
         cos_full = (g / g.norm().clamp_min(1e-300)) @ unit  # (n,)
         cos_e = E.T @ unit  # (k, n)
