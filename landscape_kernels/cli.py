@@ -64,12 +64,14 @@ def _tracked_arguments(p, epochs, quick_help):
 
 def _sharpness_parsers(jobs):
     sd = jobs.add_parser("sharpest-directions", help="lambda_1 along training over lr and B grids (SPEC §2.1-2.3)")
-    _tracked_arguments(sd, 5, "a short run on the embedded digits")
+    _tracked_arguments(sd, 30, "a short run on the embedded digits")
     sd.add_argument("--lrs", type=_float_list, default=(0.1, 0.01, 0.001), help="the lr grid (default 0.1,0.01,0.001)")
     sd.add_argument("--lr-grid-batch-size", type=int, default=128)
     sd.add_argument("--batch-sizes", type=_int_list, default=(8, 128, 1024), help="the B grid (default 8,128,1024)")
     sd.add_argument("--batch-grid-lr", type=float, default=0.05)
-    sd.add_argument("--measure-examples", type=int, default=3000, help="measure every this many training examples")
+    sd.add_argument("--measure-examples", type=int, default=3000,
+                    help="measure every this many training examples during the first --dense-epochs")
+    sd.add_argument("--dense-epochs", type=int, default=1, help="then once per epoch (default 1)")
     sd.add_argument("--step-analyses", type=int, default=4,
                     help="decomposed step and cross-sections at the first this many measurements")
     sd.add_argument("--out", default="runs/sharpest-directions")
@@ -90,7 +92,8 @@ def _run_sharpness_job(args):
 
         cfg = sd.SharpestDirectionsConfig(lrs=args.lrs, lr_grid_batch_size=args.lr_grid_batch_size,
                                           batch_sizes=args.batch_sizes, batch_grid_lr=args.batch_grid_lr,
-                                          measure_examples=args.measure_examples, step_analyses=args.step_analyses,
+                                          measure_examples=args.measure_examples, dense_epochs=args.dense_epochs,
+                                          step_analyses=args.step_analyses,
                                           **common)
         s = sd.run(cfg, args.out, resume=args.resume, progress=progress)
         print(f"report: {args.out}/report.md  (peak lambda_1 " + ", ".join(

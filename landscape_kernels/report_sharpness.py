@@ -90,7 +90,8 @@ def write_sharpest_directions_report(out, s):
              f"{cfg['dataset']}, {first['train_samples']} training samples, model `{cfg['model']}`, {cfg['epochs']} epochs "
              f"per setting, plain SGD (no momentum, constant lr). Top-{cfg['k']} Hessian eigenpairs of the training loss "
              f"on a fixed subset of {cfg['subset']} samples (batches of 128, eval mode) every {cfg['measure_examples']} "
-             f"training examples, warm-started Lanczos to residual ≤ {cfg['tol']:g} |λ_1|; ||H||_F from 50 Gaussian "
+             f"training examples in the first {cfg['dense_epochs']} epoch(s), then at the start of every epoch, and at "
+             "the end; warm-started Lanczos to residual ≤ {cfg['tol']:g} |λ_1|; ||H||_F from 50 Gaussian "
              "probes (the correct estimator). Decomposed step and cross-sections (SPEC §2.2) at the first "
              f"{cfg['step_analyses']} measurements of each run.", "",
              "## Paper's claims", ""] + _checks_table(s["checks"]) + ["",

@@ -68,12 +68,31 @@ def minibatch_gradients(model, loss_fn, x, y, batch_size, count, params=None, se
     return torch.stack(cols, 1)
 
 
+class DenseEarly:
+    """A tracker schedule: every ``every`` steps during the first ``early_epochs`` epochs, where lambda_1
+    rises fastest, then at the start of every epoch (SPEC §2.1: per epoch, and every 128-2048 examples in
+    early-phase runs)."""
+
+    def __init__(self, every, early_epochs=1):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"DenseEarly: every must be a positive int, got {every!r}")
+        if not isinstance(early_epochs, int) or early_epochs < 0:
+            raise ValueError(f"DenseEarly: early_epochs must be an int >= 0, got {early_epochs!r}")
+        self.every, self.early_epochs = every, early_epochs
+
+    def __call__(self, trainer, step):
+        if trainer.epoch < self.early_epochs:
+            return step % self.every == 0
+        return trainer.batch_index == 0
+
+
 class SharpnessTracker:
     """Args:
         model, loss_fn: the trained network and its mean loss.
         data: the fixed subset (x, y) (see ``fixed_subset``) or an iterable of batches.
         k: number of top eigenpairs (SPEC: 5 or 10).
-        every: None measures before the first step of every epoch; an int every that many steps.
+        every: None measures before the first step of every epoch; an int every that many steps; or a
+            schedule ``every(trainer, step) -> bool`` (e.g. ``DenseEarly``).
         params: parameter names (None: every trainable parameter).
         batch_size: Hessian products run over the subset in batches of this size (SPEC: 128).
         tol: Lanczos convergence, residual <= tol * |lambda_max|.
@@ -91,8 +110,9 @@ class SharpnessTracker:
                  warm_start=True, warm_block_size=1, frobenius_probes=50, alignment_batches=10, seed=0):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"SharpnessTracker: k must be a positive int, got {k!r}")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"SharpnessTracker: every must be None (each epoch) or a positive int, got {every!r}")
+        if every is not None and not callable(every) and (not isinstance(every, int) or every < 1):
+            raise ValueError("SharpnessTracker: every must be None (each epoch), a positive int or a schedule "
+                             f"(trainer, step) -> bool, got {every!r}")
         for name, v in (("frobenius_probes", frobenius_probes), ("alignment_batches", alignment_batches)):
             if not isinstance(v, int) or v < 0 or v == 1:
                 raise ValueError(f"SharpnessTracker: {name} must be 0 or an int >= 2, got {v!r}")
@@ -115,7 +135,12 @@ class SharpnessTracker:
 
     # ------------------------------------------------------------------ callback
     def before_step(self, trainer, step):
-        due = trainer.batch_index == 0 if self.every is None else step % self.every == 0
+        if self.every is None:
+            due = trainer.batch_index == 0
+        elif callable(self.every):
+            due = self.every(trainer, step)
+        else:
+            due = step % self.every == 0
         if due:
             self.measure(trainer)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from landscape_kernels.models import mlp
 from landscape_kernels.optim import NSGD
-from landscape_kernels.sharpness import SharpnessTracker, fixed_subset
+from landscape_kernels.sharpness import DenseEarly, SharpnessTracker, fixed_subset
 from landscape_kernels.training import SGDTrainer
 
 
@@ -101,3 +101,18 @@ def test_bad_input():
         SharpnessTracker(model, F.mse_loss, (X, t), params=["fc.weight"])
     with pytest.raises(ValueError, match="n must be in"):
         fixed_subset(X, t, n=0)
+
+
+def test_dense_early_schedule_measures_often_in_the_first_epoch_then_per_epoch():
+    x = torch.randn(100, 6)
+    y = (x[:, 0] > 0).long()
+    model = mlp((6, 8, 2), seed=0)
+    tracker = SharpnessTracker(model, F.cross_entropy, (x, y), k=2, every=DenseEarly(3), frobenius_probes=0,
+                               alignment_batches=0)
+    trainer = SGDTrainer(model, x, y, batch_size=10, lr=0.1, callbacks=[tracker])
+    trainer.run(max_epochs=3, stopping_rule=None)
+    assert [r["step"] for r in tracker.history] == [0, 3, 6, 9, 10, 20]
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        DenseEarly(0)
+    with pytest.raises(ValueError, match="schedule"):
+        SharpnessTracker(model, F.cross_entropy, (x, y), k=2, every=0.5)

@@ -25,11 +25,12 @@ class SharpestDirectionsConfig:
     lr_grid_batch_size: int = 128
     batch_sizes: tuple = (8, 128, 1024)  # the B grid, at lr = batch_grid_lr
     batch_grid_lr: float = 0.05
-    epochs: int = 5
+    epochs: int = 30
     train_samples: int = None  # None: the whole training set
     subset: int = 2560  # the fixed Hessian subset (SPEC §2.1)
     k: int = 5
-    measure_examples: int = 3000  # a measurement every this many training examples (SPEC: 128-2048 early)
+    measure_examples: int = 3000  # during the first dense_epochs, a measurement every this many training examples
+    dense_epochs: int = 1  # (SPEC: every 128-2048 examples early); then one at the start of every epoch
     step_analyses: int = 4  # decomposed step and cross-sections at the first this many measurements
     tol: float = 1e-3
     seed: int = 0
@@ -38,7 +39,7 @@ class SharpestDirectionsConfig:
     def resolved(self):
         c = replace(self)
         if c.quick:
-            c.dataset, c.model, c.lrs, c.batch_sizes, c.epochs = "digits", "mlp", (0.1, 0.01), (16, 256), 3
+            c.dataset, c.model, c.lrs, c.batch_sizes, c.epochs = "digits", "mlp", (0.1, 0.01), (16, 256), 4
             c.subset, c.k, c.measure_examples, c.step_analyses = 256, 3, 400, 2
         return c
 
@@ -65,11 +66,12 @@ def run(cfg, out, resume=False, progress=False, log=print):
         name = folder_name(B, lr)
         if name not in runs:
             every = max(1, round(cfg.measure_examples / B))
-            log(f"--- B = {B}, lr = {lr}: {cfg.epochs} epochs, top-{cfg.k} eigenpairs every {every} steps")
+            log(f"--- B = {B}, lr = {lr}: {cfg.epochs} epochs, top-{cfg.k} eigenpairs every {every} steps for "
+                f"{cfg.dense_epochs} epoch(s), then every epoch")
             t = time.perf_counter()
             runs[name] = train_tracked(os.path.join(out, name), train, test, subset, model_name=cfg.model,
                                        batch_size=B, lr=lr, epochs=cfg.epochs, k=cfg.k, every=every, seed=cfg.seed,
-                                       tol=cfg.tol, step_analyses=cfg.step_analyses, resume=resume,
+                                       tol=cfg.tol, dense_epochs=cfg.dense_epochs, step_analyses=cfg.step_analyses, resume=resume,
                                        progress=progress, log=log)
             r = runs[name]
             log(f"    peak lambda_1 {r['peak_lambda1']:.4g} at epoch {r['peak_epoch']:.2f} (lr lambda_1 "

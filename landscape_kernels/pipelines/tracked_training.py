@@ -13,7 +13,7 @@ from ..analyses.sharpest import cross_sections, decomposed_step, minibatch_gradi
 from ..data import load_dataset
 from ..models import mlp, simple_cnn
 from ..optim import NSGD
-from ..sharpness import SharpnessTracker, fixed_subset
+from ..sharpness import DenseEarly, SharpnessTracker, fixed_subset
 from ..training import SGDTrainer
 
 MODELS = ("mlp", "simple_cnn")
@@ -77,8 +77,10 @@ class StepAnalyses:
 
 
 def train_tracked(folder, train, test, subset, *, model_name, batch_size, lr, epochs, k, every, seed, tol=1e-3,
-                  gamma=None, step_analyses=0, alignment_batches=10, resume=False, progress=False, log=print):
+                  dense_epochs=0, gamma=None, step_analyses=0, alignment_batches=10, resume=False, progress=False, log=print):
     """One tracked run into ``folder``; returns its result dict (also written to ``result.json``).
+    The top-K eigenpairs are measured every ``every`` steps during the first ``dense_epochs`` epochs
+    and at the start of every epoch after (``every`` None: every epoch from the start), and at the end.
     ``gamma`` None: plain SGD; a number: NSGD with that gamma, its subspace refreshed by the tracker."""
     os.makedirs(folder, exist_ok=True)
     done = os.path.join(folder, "result.json")
@@ -88,7 +90,8 @@ def train_tracked(folder, train, test, subset, *, model_name, batch_size, lr, ep
             return json.load(f)
     x, y = train
     model = build_model(model_name, x.shape[1], seed)
-    tracker = SharpnessTracker(model, F.cross_entropy, subset, k=k, every=every, tol=tol,
+    schedule = None if every is None else DenseEarly(every, dense_epochs)
+    tracker = SharpnessTracker(model, F.cross_entropy, subset, k=k, every=schedule, tol=tol,
                                alignment_batches=alignment_batches, seed=seed)
     callbacks = [tracker]
     if step_analyses:
@@ -108,6 +111,7 @@ def train_tracked(folder, train, test, subset, *, model_name, batch_size, lr, ep
     result = {
         "batch_size": batch_size, "lr": lr, "gamma": gamma, "model": model_name, "epochs": epochs,
         "train_samples": int(x.shape[0]), "steps_per_epoch": steps_per_epoch, "measure_every_steps": every,
+        "dense_epochs": dense_epochs,
         "measurements": [_compact(r, steps_per_epoch) for r in tracker.history],
         "training": trainer.history,
         "peak_lambda1": lambdas[peak], "peak_epoch": tracker.history[peak]["step"] / steps_per_epoch,
