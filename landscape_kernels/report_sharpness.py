@@ -57,21 +57,22 @@ def _sharpest_figures(plt, out, s, written):
     analysed = [m for m in top["measurements"] if "decomposed" in m and m["step"] > 0]
     if not analysed:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     d = analysed[0]["decomposed"]
     gammas = d["gammas"]
     mean = np.mean([np.array(m["decomposed"]["mean_changes"]) for m in analysed], axis=0)
-    for label, row in zip(d["labels"], mean):
-        ax[0].plot(gammas, row, "o-", ms=3, label=label)
-    ax[0].axhline(0, color="gray", lw=0.5)
-    ax[0].set(xlabel="γ", ylabel="ΔL", title=f"decomposed step, lr {top['lr']:g}, B {top['batch_size']} (early mean)")
-    ax[0].legend(fontsize=7)
+    for label, row in zip(d["labels"], mean):  # the full step changes the loss far more: its own panel
+        ax[1 if label == "full step" else 0].plot(gammas, row, "o-", ms=3, label=label)
+    for a, what in zip(ax[:2], ("partial steps along one direction", "the full step")):
+        a.axhline(0, color="gray", lw=0.5)
+        a.set(xlabel="γ", ylabel="ΔL", title=f"{what} (lr {top['lr']:g}, B {top['batch_size']}, early mean)")
+        a.legend(fontsize=7)
     cs = analysed[-1]["cross_sections"]
     for i, row in enumerate(cs["losses"]):
-        ax[1].plot(cs["epsilons"], row, ".-", label=f"e_{i + 1}")
-    ax[1].set(xlabel="ε (units of the SGD step along e_i)", ylabel="loss",
+        ax[2].plot(cs["epsilons"], row, ".-", label=f"e_{i + 1}")
+    ax[2].set(xlabel="ε (units of the SGD step along e_i)", ylabel="loss",
               title=f"cross-sections at epoch {analysed[-1]['epoch_float']:.2f}")
-    ax[1].legend(fontsize=7)
+    ax[2].legend(fontsize=7)
     _save(plt, fig, out, "fig_decomposed_step.png", written)
 
 
@@ -91,7 +92,7 @@ def write_sharpest_directions_report(out, s):
              f"per setting, plain SGD (no momentum, constant lr). Top-{cfg['k']} Hessian eigenpairs of the training loss "
              f"on a fixed subset of {cfg['subset']} samples (batches of 128, eval mode) every {cfg['measure_examples']} "
              f"training examples in the first {cfg['dense_epochs']} epoch(s), then at the start of every epoch, and at "
-             "the end; warm-started Lanczos to residual ≤ {cfg['tol']:g} |λ_1|; ||H||_F from 50 Gaussian "
+             f"the end; warm-started Lanczos to residual ≤ {cfg['tol']:g} |λ_1|; ||H||_F from 50 Gaussian "
              "probes (the correct estimator). Decomposed step and cross-sections (SPEC §2.2) at the first "
              f"{cfg['step_analyses']} measurements of each run.", "",
              "## Paper's claims", ""] + _checks_table(s["checks"]) + ["",
