@@ -59,3 +59,33 @@ def test_simple_cnn_on_the_8x8_digits_is_one_clear_error(tmp_path, capsys):
     code = main(["reproduce", "sharpest-directions", "--dataset", "digits", "--model", "simple_cnn",
                  "--out", str(tmp_path / "s"), "--no-progress"])
     assert code == 2 and "28 x 28" in capsys.readouterr().err
+
+
+def test_nsgd_checks_compare_with_the_sgd_run():
+    from landscape_kernels.pipelines.nsgd import checks
+
+    def run(gamma, losses, lam, frob, acc):
+        return {"gamma": gamma, "training": [{"full_loss": v} for v in losses], "final_lambda1": lam,
+                "final_frobenius": frob, "test_accuracy": acc}
+
+    runs = {"a": run(0.1, [1.0, 0.5], 8.0, 15.0, 0.97), "b": run(1.0, [1.0, 0.6], 6.0, 12.0, 0.968),
+            "c": run(5.0, [1.0, 0.9], 3.0, 7.0, 0.91)}
+    assert [c["holds"] for c in checks(runs)] == [True, True, True, True]
+    runs["a"] = run(0.1, [1.2, 0.5], 5.0, 15.0, 0.95)  # slower on average, flatter, worse
+    assert [c["holds"] for c in checks(runs)] == [False, False, False, True]
+
+
+def test_sharpest_directions_checks_need_strict_order():
+    from landscape_kernels.pipelines.sharpest_directions import SharpestDirectionsConfig, checks
+
+    def run(B, lr, peak):
+        return {"batch_size": B, "lr": lr, "peak_lambda1": peak, "peak_at_end": False, "measurements": []}
+
+    cfg = SharpestDirectionsConfig(lrs=(0.4, 0.1), batch_sizes=(8, 1024))
+    rows = [{"group": "lr", "folder": "l1", "batch_size": 128, "lr": 0.1},
+            {"group": "lr", "folder": "l4", "batch_size": 128, "lr": 0.4},
+            {"group": "batch", "folder": "b8", "batch_size": 8, "lr": 0.05},
+            {"group": "batch", "folder": "b1024", "batch_size": 1024, "lr": 0.05}]
+    runs = {"l1": run(128, 0.1, 17.0), "l4": run(128, 0.4, 9.0), "b8": run(8, 0.05, 13.0), "b1024": run(1024, 0.05, 12.0)}
+    lr_check, b_check = checks(cfg, rows, runs)
+    assert lr_check["holds"] and not b_check["holds"] and lr_check["caveat"] is None

@@ -73,15 +73,14 @@ def checks(runs):
     small = [r for r in runs.values() if r["gamma"] < 1]
     large = [r for r in runs.values() if r["gamma"] > 1]
 
-    def loss_at(r, epoch):
-        return r["training"][min(epoch, len(r["training"])) - 1]["full_loss"]
+    def mean_loss(r):  # the area under the full-loss curve per epoch: lower is faster training
+        return sum(t["full_loss"] for t in r["training"]) / len(r["training"])
 
     out = []
-    first = max(1, len(base["training"]) // 4)  # "trains faster": lower full loss a quarter of the way in
     if small:
-        out.append({"claim": f"γ < 1 trains faster (full training loss after epoch {first})",
-                    "values": {f"γ {r['gamma']:g}": loss_at(r, first) for r in small + [base]},
-                    "holds": all(loss_at(r, first) < loss_at(base, first) for r in small)})
+        out.append({"claim": "γ < 1 trains faster (full training loss averaged over the epochs, below SGD's)",
+                    "values": {f"γ {r['gamma']:g}": mean_loss(r) for r in small + [base]},
+                    "holds": all(mean_loss(r) < mean_loss(base) for r in small)})
         out.append({"claim": "γ < 1 ends sharper (final λ_1 and ||H||_F above SGD's)",
                     "values": {f"γ {r['gamma']:g}": r["final_lambda1"] for r in small + [base]},
                     "holds": all(r["final_lambda1"] > base["final_lambda1"] and r["final_frobenius"] > base["final_frobenius"]
