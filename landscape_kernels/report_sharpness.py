@@ -70,7 +70,7 @@ def _sharpest_figures(plt, out, s, written):
     cs = analysed[-1]["cross_sections"]
     for i, row in enumerate(cs["losses"]):
         ax[2].plot(cs["epsilons"], row, ".-", label=f"e_{i + 1}")
-    ax[2].set(xlabel="ε (units of the SGD step along e_i)", ylabel="loss",
+    ax[2].set(xlabel="ε (units of the SGD step along e_i)", ylabel="loss", yscale="log",
               title=f"cross-sections at epoch {analysed[-1]['epoch_float']:.2f}")
     ax[2].legend(fontsize=7)
     _save(plt, fig, out, "fig_decomposed_step.png", written)
