@@ -91,11 +91,15 @@ class SGDTrainer:
         optimizer: None (plain ``torch.optim.SGD`` with ``lr`` and ``momentum``) or an optimizer over
             the model's parameters (e.g. ``optim.NSGD``); its first group's lr and momentum are then
             the trainer's.
+        lr_schedule: None (constant lr) or a callable ``step -> lr`` set on every parameter group before
+            each step (e.g. ``cosine_schedule``); stateless, so a resumed run follows it exactly.
+        clip_grad_norm: None or the largest total gradient norm; larger minibatch gradients are scaled
+            down to it before the step (``torch.nn.utils.clip_grad_norm_``).
     """
 
     def __init__(self, model, x, y, batch_size=50, lr=0.1, momentum=0.0, seed=0, loss_fn=F.cross_entropy,
                  callbacks=(), device=None, checkpoint=None, checkpoint_seconds=60.0, drop_last=False, penalty=None,
-                 optimizer=None):
+                 optimizer=None, lr_schedule=None, clip_grad_norm=None):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
             raise ValueError("SGDTrainer: x and y must be tensors with the same number of samples, got "
                              f"{getattr(x, 'shape', type(x))} and {getattr(y, 'shape', type(y))}")
@@ -109,6 +113,11 @@ class SGDTrainer:
             raise ValueError(f"SGDTrainer: lr must be a positive finite number, got {lr!r}")
         if not 0 <= float(momentum) < 1:
             raise ValueError(f"SGDTrainer: momentum must be in [0, 1), got {momentum!r}")
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise ValueError(f"SGDTrainer: lr_schedule must be None or a callable step -> lr, got {lr_schedule!r}")
+        if clip_grad_norm is not None and not float(clip_grad_norm) > 0:
+            raise ValueError(f"SGDTrainer: clip_grad_norm must be None or a positive number, got {clip_grad_norm!r}")
+        self.lr_schedule, self.clip_grad_norm = lr_schedule, clip_grad_norm
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         self.x, self.y = x.to(self.device), y.to(self.device)
@@ -130,13 +139,16 @@ class SGDTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
+        settings = {"batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum, "seed": self.seed,
+                    "samples": int(self.x.shape[0]), "drop_last": self.drop_last}
+        if self.clip_grad_norm is not None:  # only when set, so older checkpoints still resume
+            settings["clip_grad_norm"] = float(self.clip_grad_norm)
         return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch, "batch_index": self.batch_index, "step": self.step,
                 "history": self.history, "accumulators": None if self._acc is None else self._acc.cpu(),
                 "epoch_seconds": self._epoch_seconds, "stopped_by": self.stopped_by, "instability": self.instability,
                 "callbacks": [cb.state_dict() for cb in self._stateful_callbacks()],
-                "settings": {"batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
-                             "seed": self.seed, "samples": int(self.x.shape[0]), "drop_last": self.drop_last}}
+                "settings": settings}
 
     def save(self, path=None):
         """Write the state to ``path`` (default: the checkpoint path) via a temporary file and a rename."""
@@ -220,6 +232,12 @@ class SGDTrainer:
                                      f"(epoch {self.epoch}); the last checkpoint and recorded data are kept")
         self.optimizer.zero_grad(set_to_none=True)
         (loss if self.penalty is None else loss + self.penalty(self.model)).backward()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm))
+        if self.lr_schedule is not None:
+            lr = float(self.lr_schedule(self.step))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         with torch.no_grad():
             self._acc[0] += loss.detach().double() * xb.shape[0]
@@ -309,6 +327,20 @@ class SGDTrainer:
                 if hasattr(cb, "flush"):
                     cb.flush()
         return self.history
+
+
+def cosine_schedule(lr, epochs, steps_per_epoch, final_fraction=0.01):
+    """step -> lr decaying from ``lr`` to ``final_fraction * lr`` along a half cosine over ``epochs``
+    epochs, constant within an epoch (PyTorch's CosineAnnealingLR stepped per epoch), then held."""
+    if not epochs >= 1 or not steps_per_epoch >= 1:
+        raise ValueError(f"cosine_schedule: epochs and steps_per_epoch must be >= 1, got {epochs}, {steps_per_epoch}")
+    low = lr * final_fraction
+
+    def schedule(step):
+        epoch = min(step // steps_per_epoch, epochs)
+        return low + (lr - low) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+    return schedule
 
 
 def _progress_bar(total, initial, enabled):

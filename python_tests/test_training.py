@@ -7,7 +7,7 @@ from torch import nn
 from landscape_kernels.models import mlp
 from landscape_kernels.trajectory import TrajectoryRecorder
 from landscape_kernels.callbacks import WindowRecorder
-from landscape_kernels.training import InstabilityGuard, SGDTrainer, StoppingRule
+from landscape_kernels.training import InstabilityGuard, SGDTrainer, StoppingRule, cosine_schedule
 
 
 def blobs(n=130, seed=0):
@@ -27,6 +27,31 @@ def test_full_batch_step_is_gradient_descent_on_least_squares():
     want = w0 - 0.05 * (2 / 20) * (X @ w0.T - t).T @ X
     assert torch.allclose(model.weight.detach(), want, rtol=1e-14, atol=0)
     assert trainer.history[0]["train_accuracy"] is None and trainer.stopped_by == "max_epochs"
+
+
+def test_cosine_schedule_and_clipping_on_least_squares():
+    """Full-batch steps: the lr follows the per-epoch cosine; a gradient above the clip is scaled to it."""
+    sched = cosine_schedule(0.1, epochs=4, steps_per_epoch=3)
+    assert sched(0) == sched(2) == pytest.approx(0.1)
+    assert sched(6) == pytest.approx((0.1 + 0.001) / 2)
+    assert sched(12) == sched(100) == pytest.approx(0.001)
+    g = torch.Generator().manual_seed(1)
+    X, t = torch.randn(20, 3, generator=g, dtype=torch.float64), 50 * torch.randn(20, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1, bias=False).double()
+    w = model.weight.detach().clone()
+    lrs = cosine_schedule(0.05, epochs=2, steps_per_epoch=1)
+    trainer = SGDTrainer(model, X, t, batch_size=20, lr=0.05, loss_fn=F.mse_loss, lr_schedule=lrs, clip_grad_norm=1.0)
+    trainer.run(max_epochs=2, stopping_rule=None)
+    for step in range(2):
+        grad = (2 / 20) * (X @ w.T - t).T @ X
+        assert grad.norm() > 1.0
+        w = w - lrs(step) * grad / grad.norm()
+    torch.testing.assert_close(model.weight.detach(), w, rtol=1e-6, atol=0)
+    assert trainer.state_dict()["settings"]["clip_grad_norm"] == 1.0
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        SGDTrainer(model, X, t, batch_size=4, clip_grad_norm=0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SGDTrainer(model, X, t, batch_size=4, lr_schedule=0.1)
 
 
 def test_epochs_visit_every_sample_once_in_a_seeded_order():
