@@ -26,6 +26,7 @@ def _reproduce_parser(sub):
     vf.add_argument("--no-progress", action="store_true")
     _forgetting_parser(jobs)
     _sharpness_parsers(jobs)
+    _noise_parsers(jobs)
     vf.add_argument("--grid", action="store_true",
                     help="run every (B, lr) of --grid-batch-sizes x --grid-lrs into OUT/B{B}_lr{lr}/ and overlay them")
     vf.add_argument("--grid-batch-sizes", type=_int_list, default=(25, 50, 100), help="comma list (default 25,50,100)")
@@ -45,6 +46,36 @@ def _forgetting_parser(jobs):
     fg.add_argument("--seed", type=int, default=0)
     fg.add_argument("--out", default="runs/forgetting")
     fg.add_argument("--quick", action="store_true")
+
+
+def _noise_parsers(jobs):
+    nc = jobs.add_parser("noise-curvature", help="the superlinear noise covariance-curvature relation (SPEC §4)")
+    nc.add_argument("--dataset", choices=["digits", "mnist"], default="mnist")
+    nc.add_argument("--data-dir", default=None, help="ROOT holding MNIST/raw (default $LANDSCAPE_KERNELS_DATA or ~/.cache)")
+    nc.add_argument("--per-class", type=int, default=2000, help="training samples per class (SPEC §4: 2000)")
+    nc.add_argument("--batch-size", type=int, default=50)
+    nc.add_argument("--lr", type=float, default=0.1, help="initial lr, cosine decay to lr/100 over --epochs")
+    nc.add_argument("--epochs", type=int, default=500)
+    nc.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping")
+    nc.add_argument("--losses", type=_str_list, default=("ce", "mse"), help="ce, mse (MSE on softmax); default both")
+    nc.add_argument("--seeds", type=_int_list, default=(0,), help="comma list (the paper: 4 seeds)")
+    nc.add_argument("--top", type=int, default=500, help="top eigen-directions of H in the fit")
+    nc.add_argument("--out", default="runs/noise-curvature")
+    nc.add_argument("--quick", action="store_true", help="a short run on the embedded digits")
+    nc.add_argument("--resume", action="store_true", help="reuse finished runs and continue unfinished ones")
+    nc.add_argument("--no-progress", action="store_true")
+
+
+def _run_noise_curvature(args):
+    from .pipelines import noise_curvature as nc
+
+    cfg = nc.NoiseCurvatureConfig(dataset=args.dataset, data_dir=args.data_dir, per_class=args.per_class,
+                                  batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, clip=args.clip,
+                                  losses=args.losses, seeds=args.seeds, top=args.top, quick=args.quick)
+    s = nc.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"report: {args.out}/report.md  (gamma " + ", ".join(
+        f"{loss} {b['gamma']['mean']:.3f}" for loss, b in s["by_loss"].items()) + ")")
+    return 0
 
 
 def _tracked_arguments(p, epochs, quick_help):
@@ -112,6 +143,10 @@ def _int_list(text):
     return tuple(int(v) for v in text.split(","))
 
 
+def _str_list(text):
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def _float_list(text):
     return tuple(float(v) for v in text.split(","))
 
@@ -129,9 +164,9 @@ def main(argv=None):
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
         return 0
-    if args.job in ("sharpest-directions", "nsgd"):
+    if args.job in ("sharpest-directions", "nsgd", "noise-curvature"):
         try:
-            return _run_sharpness_job(args)
+            return _run_noise_curvature(args) if args.job == "noise-curvature" else _run_sharpness_job(args)
         except (FileNotFoundError, ValueError) as exc:  # a missing dataset or a bad setting: one clear line
             print(f"landscape-kernels: error: {exc}", file=sys.stderr)
             return 2

@@ -39,6 +39,22 @@ def _save(plt, fig, out, name, written):
     written.append(name)
 
 
+def _checks_table(checks):
+    lines = ["| claim | measured | holds |", "|---|---|---|"]
+    for c in checks:
+        vals = ", ".join(f"{k}: {_fmt(v) if not isinstance(v, list) else ' / '.join(_fmt(t) for t in v)}"
+                         for k, v in c["values"].items())
+        note = f" ({c['caveat']})" if c.get("caveat") else ""
+        lines.append(f"| {c['claim']} | {vals}{note} | {'yes' if c['holds'] else '**no**'} |")
+    return lines
+
+
+def _figure_note(written, plt):
+    if plt is None:
+        return ["(figures skipped: matplotlib is not installed; `pip install landscape_kernels[report]`)", ""]
+    return [f"![{name}]({name})" for name in written] + [""]
+
+
 def _spectrum_figures(plt, out, s, arrays, written):
     var = np.array(s["pca"]["variances"])
     i = np.arange(1, len(var) + 1)

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from .report import _fmt, _pyplot, _save
+from .report import _checks_table, _figure_note, _fmt, _pyplot, _save
 
 
 def _curve(run, key):
@@ -16,22 +16,6 @@ def _curve(run, key):
     else:
         y = np.array([m.get(key, np.nan) if m.get(key) is not None else np.nan for m in ms], dtype=float)
     return x, y
-
-
-def _checks_table(checks):
-    lines = ["| claim | measured | holds |", "|---|---|---|"]
-    for c in checks:
-        vals = ", ".join(f"{k}: {_fmt(v) if not isinstance(v, list) else ' / '.join(_fmt(t) for t in v)}"
-                         for k, v in c["values"].items())
-        note = f" ({c['caveat']})" if c.get("caveat") else ""
-        lines.append(f"| {c['claim']} | {vals}{note} | {'yes' if c['holds'] else '**no**'} |")
-    return lines
-
-
-def _figure_note(written, plt):
-    if plt is None:
-        return ["(figures skipped: matplotlib is not installed; `pip install landscape_kernels[report]`)", ""]
-    return [f"![{name}]({name})" for name in written] + [""]
 
 
 def _sharpest_figures(plt, out, s, written):
