@@ -27,6 +27,7 @@ def _reproduce_parser(sub):
     _forgetting_parser(jobs)
     _sharpness_parsers(jobs)
     _noise_parsers(jobs)
+    _escape_parser(jobs)
     vf.add_argument("--grid", action="store_true",
                     help="run every (B, lr) of --grid-batch-sizes x --grid-lrs into OUT/B{B}_lr{lr}/ and overlay them")
     vf.add_argument("--grid-batch-sizes", type=_int_list, default=(25, 50, 100), help="comma list (default 25,50,100)")
@@ -64,6 +65,41 @@ def _noise_parsers(jobs):
     nc.add_argument("--quick", action="store_true", help="a short run on the embedded digits")
     nc.add_argument("--resume", action="store_true", help="reuse finished runs and continue unfinished ones")
     nc.add_argument("--no-progress", action="store_true")
+
+
+def _escape_parser(jobs):
+    er = jobs.add_parser("escape-rate", help="SGD's power-law escape: phi, first passage, noise strength, decoupling (SPEC §3)")
+    er.add_argument("--parts", type=_str_list, default=("linear", "noise", "decoupling"),
+                    help="comma list of linear, noise, decoupling (default all)")
+    er.add_argument("--dataset", choices=["digits", "mnist"], default="mnist", help="for the even/odd MLP parts")
+    er.add_argument("--data-dir", default=None, help="ROOT holding MNIST/raw (default $LANDSCAPE_KERNELS_DATA or ~/.cache)")
+    er.add_argument("--stationary-lrs", type=_float_list, default=(0.1, 0.05))
+    er.add_argument("--stationary-batch-sizes", type=_int_list, default=(1, 2, 4, 8))
+    er.add_argument("--passage-dims", type=_int_list, default=(1, 2, 3))
+    er.add_argument("--passage-thresholds", type=_float_list, default=(1.1, 1.2, 1.3, 1.4, 1.5, 1.6),
+                    help="factors c of L* (default 1.1,...,1.6)")
+    er.add_argument("--noise-epochs", type=int, default=100)
+    er.add_argument("--decoupling-epochs", type=_int_list, default=(0, 50, 500), help="default 0,50,500")
+    er.add_argument("--spectrum-samples", type=int, default=4000, help="samples in the dense decoupling spectra")
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--out", default="runs/escape-rate")
+    er.add_argument("--quick", action="store_true", help="a short run on the embedded digits")
+    er.add_argument("--resume", action="store_true", help="reuse finished parts and continue unfinished ones")
+    er.add_argument("--no-progress", action="store_true")
+
+
+def _run_escape_rate(args):
+    from .pipelines import escape_rate as er
+
+    cfg = er.EscapeRateConfig(parts=args.parts, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
+                              stationary_lrs=args.stationary_lrs, stationary_batch_sizes=args.stationary_batch_sizes,
+                              passage_dims=args.passage_dims, passage_thresholds=args.passage_thresholds,
+                              noise_epochs=args.noise_epochs, decoupling_epochs=args.decoupling_epochs,
+                              spectrum_samples=args.spectrum_samples, quick=args.quick)
+    s = er.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    held = sum(c["holds"] for c in s["checks"])
+    print(f"report: {args.out}/report.md  ({held} of {len(s['checks'])} checks hold)")
+    return 0
 
 
 def _run_noise_curvature(args):
@@ -164,9 +200,10 @@ def main(argv=None):
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
         return 0
-    if args.job in ("sharpest-directions", "nsgd", "noise-curvature"):
+    runners = {"noise-curvature": _run_noise_curvature, "escape-rate": _run_escape_rate}
+    if args.job in ("sharpest-directions", "nsgd", *runners):
         try:
-            return _run_noise_curvature(args) if args.job == "noise-curvature" else _run_sharpness_job(args)
+            return runners.get(args.job, _run_sharpness_job)(args)
         except (FileNotFoundError, ValueError) as exc:  # a missing dataset or a bad setting: one clear line
             print(f"landscape-kernels: error: {exc}", file=sys.stderr)
             return 2

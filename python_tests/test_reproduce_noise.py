@@ -1,5 +1,6 @@
 """`landscape-kernels reproduce noise-curvature` end to end (--quick) and its claim checks."""
 import json
+import os
 
 from landscape_kernels.cli import main
 from landscape_kernels.pipelines.noise_curvature import checks
@@ -46,3 +47,43 @@ def test_noise_curvature_checks_follow_the_stated_bounds():
     held = {c["claim"]: c["holds"] for c in checks(_by(1.0, 1.35, commutator=0.3))}
     assert not held["γ_CE in (1, 2]"] and not held["γ_MSE in [0.8, 1.3]"] and not held["γ_CE > γ_MSE"]
     assert not any(v for k, v in held.items() if "far below" in k)
+
+
+def test_escape_rate_quick_run_has_every_part_and_resumes(tmp_path, capsys):
+    out = tmp_path / "er"
+    assert main(["reproduce", "escape-rate", "--quick", "--out", str(out), "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["batch_size"] for r in s["stationary"]["rows"]] == [1, 4]
+    assert all(r["phi"] > 1 and r["theory"] == 1 + r["batch_size"] / (0.1 * r["h"]) for r in s["stationary"]["rows"])
+    (passage,) = s["passage"]["rows"]
+    assert passage["dim"] == 2 and passage["mean_times"] == sorted(passage["mean_times"])  # higher c takes longer
+    assert len(s["noise"]["noise_strength"]) == 13 and all(v > 0 for v in s["noise"]["noise_strength"])
+    assert [len(p["A"]) for p in s["decoupling"]["spectra"]] == [300, 300]
+    claims = [c["claim"] for c in s["checks"]]
+    assert len(claims) == 5 and any("decoupled spectra" in c for c in claims)
+    report = (out / "report.md").read_text()
+    assert "## First passage" in report and "fig_decoupling.png" in report
+    capsys.readouterr()
+    assert main(["reproduce", "escape-rate", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    assert "stationary: done before" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["passage"] == s["passage"]
+
+
+def test_escape_rate_resumes_an_interrupted_mlp_part(tmp_path):
+    """A run stopped after epoch 5 and resumed measures what an uninterrupted run measures."""
+    from dataclasses import replace
+
+    from landscape_kernels.pipelines import escape_rate as er
+
+    cfg = er.EscapeRateConfig(parts=("noise",), quick=True)
+    full = er.run(cfg, str(tmp_path / "full"), log=lambda *a: None)["noise"]
+    er.run(replace(cfg, quick=False, dataset="digits", train_samples=1000, hidden=24, noise_epochs=5),
+           str(tmp_path / "cut"), log=lambda *a: None)
+    os.remove(tmp_path / "cut" / "parts.json")  # as if the job had been killed before the part ended
+    again = er.run(cfg, str(tmp_path / "cut"), resume=True, log=lambda *a: None)["noise"]
+    assert again["noise_strength"] == full["noise_strength"] and again["loss"] == full["loss"]
+
+
+def test_escape_rate_bad_parts_are_one_clear_error(tmp_path, capsys):
+    code = main(["reproduce", "escape-rate", "--quick", "--parts", "linear,forward", "--out", str(tmp_path / "e")])
+    assert code == 2 and "parts must be" in capsys.readouterr().err
