@@ -88,11 +88,16 @@ def test_minibatch_assignment_partitions_and_drops_the_partial_batch():
 def test_fused_minibatch_gradients_equal_the_loop(dtype):
     model = _relu_net().to(dtype)
     x, y = torch.randn(47, 6, dtype=dtype), torch.randint(0, 3, (47,))
-    fused = minibatch_gradients(model, F.cross_entropy, x, y, "2.weight", batch_size=6, seed=1, chunk=10)
+    fused = minibatch_gradients(model, F.cross_entropy, x, y, "2.weight", batch_size=6, seed=1, method="fused", chunk=10)
+    factored = minibatch_gradients(model, F.cross_entropy, x, y, "2.weight", batch_size=6, seed=1, chunk=13)
     loop = minibatch_gradients(model, F.cross_entropy, x, y, "2.weight", batch_size=6, seed=1, method="loop")
-    assert fused.shape == (7, 20)
+    assert fused.shape == factored.shape == (7, 20)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(fused, loop, rtol=tol, atol=tol)
+    torch.testing.assert_close(factored, loop, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="needs the weight of an nn.Linear"):
+        minibatch_gradients(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).to(dtype),
+                            F.cross_entropy, torch.randn(12, 1, 6, dtype=dtype), y[:12], "0.weight", batch_size=6)
     with pytest.raises(ValueError, match="not a parameter"):
         minibatch_gradients(model, F.cross_entropy, x, y, "9.weight", batch_size=6)
 

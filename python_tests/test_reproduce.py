@@ -46,6 +46,9 @@ def test_grid_quick_run_overlays_the_settings(tmp_path):
     assert (out / "B25_lr0.1" / "report.md").exists() and (out / "B50_lr0.1" / "summary.json").exists()
     text = (out / "grid.md").read_text()
     assert "| 25 | 0.1 |" in text and "ψ > 0 for every setting: **yes**" in text
+    (out / "B25_lr0.1" / "checkpoint.pt").unlink()  # a resumed grid reads finished settings, it does not rerun them
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "grid.json").read_text())["settings"] == grid["settings"]
 
 
 def test_a_failed_grid_setting_is_recorded_and_the_others_kept(tmp_path, monkeypatch):

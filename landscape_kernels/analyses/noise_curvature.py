@@ -143,12 +143,17 @@ def minibatch_assignment(num_samples, batch_size, seed=0):
     return batch
 
 
-def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method="fused", chunk=4096):
+def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method="factored", chunk=4096):
     """(num_batches, D) float64 gradients of the minibatch-mean loss in ``param`` over one shuffled pass.
 
-    ``method``: "fused" (per-sample gradients of all samples summed into their minibatches by the
-    fused ``per_sample_weighted_sum`` kernel, one forward/backward per data chunk) or "loop" (one
-    forward/backward per minibatch, the materialising baseline). Both give the same matrix."""
+    ``method``:
+    - "factored" (a Linear weight): the layer's per-sample factors, input a_p and output gradient
+      delta_p, from one forward/backward per chunk of whole minibatches, contracted into every
+      minibatch's (1/B) sum delta_p a_p^T by one batched GEMM (O(N D), nothing per-sample materialised);
+    - "fused": per-sample gradients summed into their minibatches by the ``per_sample_weighted_sum``
+      kernel (any layer ``PerSampleGradients`` supports; O(N D num_batches));
+    - "loop": one forward/backward per minibatch, the materialising baseline.
+    All give the same matrix; ``loss_fn`` must be the mean of per-sample losses."""
     from ..persample import PerSampleGradients
 
     batch = minibatch_assignment(x.shape[0], batch_size, seed)
@@ -166,8 +171,10 @@ def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method=
             (g,) = torch.autograd.grad(loss_fn(model(x[idx]), y[idx]), [target])
             out[b] = g.reshape(-1).double()
         return out
+    if method == "factored":
+        return _factored_minibatch_gradients(model, loss_fn, x, y, param, batch, batch_size, chunk)
     if method != "fused":
-        raise ValueError(f"minibatch_gradients: method must be 'fused' or 'loop', got {method!r}")
+        raise ValueError(f"minibatch_gradients: method must be 'factored', 'fused' or 'loop', got {method!r}")
     layer = param.rpartition(".")[0]
     out = torch.zeros(nb, target.numel(), dtype=torch.float64)
     for i in range(0, x.shape[0], chunk):
@@ -184,6 +191,37 @@ def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method=
             loss_fn(model(xb), yb).backward()
         out += ps.weighted_sum(weights)[param].reshape(nb, -1).double()
     model.zero_grad(set_to_none=True)
+    return out
+
+
+def _factored_minibatch_gradients(model, loss_fn, x, y, param, batch, batch_size, chunk):
+    name, _, attr = param.rpartition(".")
+    module = dict(model.named_modules()).get(name)
+    if attr != "weight" or not isinstance(module, nn.Linear):
+        raise ValueError(f"minibatch_gradients: method 'factored' needs the weight of an nn.Linear, got {param!r}; "
+                         "use method='fused'")
+    order = torch.argsort(batch)[int((batch < 0).sum()):]  # samples grouped by minibatch, dropped ones out
+    nb = order.numel() // batch_size
+    per_chunk = max(1, chunk // batch_size)
+    out = torch.empty(nb, module.weight.numel(), dtype=torch.float64)
+    captured = {}
+
+    def hook(mod, inputs, output):
+        captured["a"], captured["z"] = inputs[0], output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for b0 in range(0, nb, per_chunk):
+            idx = order[b0 * batch_size : min(nb, b0 + per_chunk) * batch_size]
+            loss = loss_fn(model(x[idx]), y[idx]) * idx.numel()  # the sum of per-sample losses
+            (delta,) = torch.autograd.grad(loss, captured["z"])   # row p: d ell_p / d z_p
+            k = idx.numel() // batch_size
+            a = captured["a"].detach().reshape(k, batch_size, -1)
+            g = delta.reshape(k, batch_size, -1).transpose(1, 2) @ a  # (k, out, in)
+            out[b0 : b0 + k] = g.reshape(k, -1).double() / batch_size
+    finally:
+        handle.remove()
+        captured.clear()
     return out
 
 

@@ -258,7 +258,7 @@ GRID_LRS = (0.05, 0.1, 0.2)
 
 def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=True, log=print):
     """The pipeline for every (B, alpha) of the grid, each in ``out/B{B}_lr{alpha}/`` (resumable one by
-    one), then ``grid.json``, the sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per
+    one; with ``resume`` a setting with its summary.json is reused as it is), then ``grid.json``, the sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per
     setting (SPEC §1.4: the relation holds for different B and alpha)."""
     if not batch_sizes or not lrs:
         raise ValueError("run_grid: batch_sizes and lrs must each list at least one value")
@@ -268,9 +268,15 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
         for lr in lrs:
             folder = f"B{int(B)}_lr{float(lr):g}"
             log(f"--- grid setting B = {B}, lr = {lr} -> {folder}")
+            finished = os.path.join(out, folder, "summary.json")
             try:
-                s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
-                        progress=progress, log=log)
+                if resume and os.path.isfile(finished):  # a resumed grid reuses the settings it finished
+                    with open(finished) as f:
+                        s = json.load(f)
+                    log(f"{folder}: done before, reusing {finished}")
+                else:
+                    s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
+                            progress=progress, log=log)
             except (ValueError, FloatingPointError) as exc:  # one failed setting must not lose the others
                 log(f"grid setting B = {B}, lr = {lr} failed: {exc}")
                 rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder,
