@@ -333,17 +333,34 @@ class NoiseCovarianceOperator(_ModelOperator):
             raise ValueError(f"params: the per-sample kernels cover {order}, the operator was asked for {self.param_names}")
 
     def _matmat(self, V):
+        return self._moment_matmat(V, self.centred) * self.scale
+
+    def second_moment_matmat(self, V):
+        """(1/N) sum_n g_n g_n^T V, uncentred and unscaled (what a distributed operator combines)."""
+        self._check(V)
+        return self._moment_matmat(V, centred=False)
+
+    def mean_gradient(self):
+        """(P,) mean of the per-sample gradients over the data (the full-batch gradient)."""
+        means = {}
+        for ps in self._recorded:
+            n = ps.batch_size
+            for name, value in ps.mean().items():
+                means[name] = means.get(name, 0) + value * (n / self.num_samples)
+        return torch.cat([means[n].reshape(-1) for n in self.param_names])
+
+    def _moment_matmat(self, V, centred):
         vs = dict(zip(self.param_names, self._unflatten(V)))
         projections = [ps.project({n: vs[n] for n in ps.param_names}) for ps in self._recorded]  # (B_i, K)
         s = torch.cat(projections)
-        if self.centred:
+        if centred:
             s = s - s.mean(0)
         s = s / self.num_samples
         out = {n: torch.zeros_like(vs[n]) for n in self.param_names}
         for ps, weights in zip(self._recorded, s.split([p.shape[0] for p in projections])):
             for name, part in ps.weighted_sum(weights).items():
                 out[name] += part
-        return self._flatten([out[n] for n in self.param_names]) * self.scale
+        return self._flatten([out[n] for n in self.param_names])
 
 
 class FisherOperator(NoiseCovarianceOperator):

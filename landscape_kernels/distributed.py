@@ -1,0 +1,84 @@
+"""Data-parallel curvature operators over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Each rank holds a shard of the data and builds the usual operator on it; ``DistributedOperator``
+combines the ranks' products with one all-reduce per ``matmat`` so that every rank gets the operator of
+the union of the shards, up to rounding. The eigensolvers and estimators then run unchanged on every
+rank (give them the same seed): ``lanczos_eigs(DistributedOperator(...), k, seed=0)`` returns the same
+eigenpairs on every rank.
+
+- Mean operators (``HessianOperator``, ``GGNOperator``, ``FisherOperator``): A V = sum_r n_r A_r V / N.
+- ``NoiseCovarianceOperator`` (centred): C V = sum_r n_r F_r V / N - gbar (gbar^T V) with the global
+  mean gradient gbar = sum_r n_r gbar_r / N (the per-rank means are all-reduced once, at construction),
+  so the result is the covariance of the union, not an average of per-rank covariances.
+
+Launch with ``torchrun --nproc_per_node R script.py`` (see the README recipe).
+"""
+import torch
+import torch.distributed as dist
+
+from .operators import NoiseCovarianceOperator, Operator
+
+
+def _all_reduce(t, group):
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+class DistributedOperator(Operator):
+    """The operator of the union of every rank's data shard.
+
+    Args:
+        build: a callable ``data -> operator`` (e.g. ``lambda d: HessianOperator(model, loss_fn, d)``)
+            called with this rank's ``data``; ranks whose shard is empty are found before anything is
+            built, and every rank then raises the same error (no rank is left waiting in a collective).
+        data: this rank's shard, an (inputs, targets) pair of tensors.
+        group: the process group (default: the world).
+        sgd_batch_size, without_replacement: for a noise covariance, the SGD scaling of
+            ``NoiseCovarianceOperator`` applied with the global N (build the local operator without it).
+    """
+
+    def __init__(self, build, data, group=None, sgd_batch_size=None, without_replacement=False):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistributedOperator: torch.distributed is not initialised; call "
+                               "torch.distributed.init_process_group (e.g. under torchrun) first")
+        self.group = group
+        x = data[0]
+        counts = torch.zeros(dist.get_world_size(group), dtype=torch.float64)
+        counts[dist.get_rank(group)] = x.shape[0]
+        _all_reduce(counts, group)  # every rank learns every shard size
+        empty = [r for r, n in enumerate(counts.tolist()) if n == 0]
+        if empty:
+            raise ValueError(f"DistributedOperator: the data shard of rank(s) {empty} is empty; every rank needs "
+                             f"at least one sample (shard sizes {[int(n) for n in counts.tolist()]})")
+        self.local_samples, self.num_samples = int(x.shape[0]), int(counts.sum())
+        self.op = build(data)
+        self.shape, self.dtype, self.device = self.op.shape, self.op.dtype, self.op.device
+        self.column_chunk = None  # the local operator chunks its own columns
+        self.centred = isinstance(self.op, NoiseCovarianceOperator) and self.op.centred
+        if isinstance(self.op, NoiseCovarianceOperator) and self.op.scale != 1.0:
+            raise ValueError("DistributedOperator: build the local noise covariance without sgd_batch_size and pass "
+                             "sgd_batch_size to DistributedOperator, which scales with the global N")
+        self.scale = 1.0
+        if sgd_batch_size is not None:
+            if not isinstance(self.op, NoiseCovarianceOperator):
+                raise ValueError("DistributedOperator: sgd_batch_size applies to a noise covariance only")
+            N = self.num_samples
+            if not isinstance(sgd_batch_size, int) or not 1 <= sgd_batch_size <= N:
+                raise ValueError(f"sgd_batch_size must be an int in [1, N = {N}], got {sgd_batch_size!r}")
+            self.scale = 1.0 / sgd_batch_size
+            if without_replacement:
+                self.scale *= (N - sgd_batch_size) / max(N - 1, 1)
+        self.mean_gradient = None
+        if self.centred:
+            local = self.op.mean_gradient() * self.local_samples
+            self.mean_gradient = _all_reduce(local, group) / self.num_samples
+
+    def _matmat(self, V):
+        weight = self.local_samples / self.num_samples
+        if self.centred:  # the uncentred local moment, centred with the global mean afterwards
+            out = _all_reduce(self.op.second_moment_matmat(V) * weight, self.group)
+            g = self.mean_gradient
+            out = out - torch.outer(g, g @ V)
+        else:
+            out = _all_reduce(self.op.matmat(V) * weight, self.group)
+        return out * self.scale

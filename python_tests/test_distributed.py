@@ -1,0 +1,120 @@
+"""DistributedOperator with 2 and 3 gloo processes on CPU (spawned here): the products, top-5 Hessian
+eigenvalues and noise-covariance spectrum equal one process's on the union of the shards."""
+import os
+import sys
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from landscape_kernels import HessianOperator
+from landscape_kernels.lanczos import lanczos_eigs
+from landscape_kernels.operators import FisherOperator, NoiseCovarianceOperator
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.7)
+    x = torch.randn(37, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (37,), generator=g)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 4, generator=g, dtype=torch.float64)
+    return model, x, y, V
+
+
+def _results(H, C, V):
+    return {"H_V": H.matmat(V), "C_V": C.matmat(V),
+            "H_top5": lanczos_eigs(H, 5, tol=1e-12, seed=0).eigenvalues,
+            "C_top5": lanczos_eigs(C, 5, tol=1e-12, seed=0).eigenvalues}
+
+
+def _worker(rank, world, init_file, bounds, out_dir):
+    from landscape_kernels.distributed import DistributedOperator
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, x, y, V = _problem()
+        shard = (x[bounds[rank] : bounds[rank + 1]], y[bounds[rank] : bounds[rank + 1]])
+        try:
+            H = DistributedOperator(lambda d: HessianOperator(model, F.cross_entropy, d, batch_size=5), shard)
+            C = DistributedOperator(lambda d: NoiseCovarianceOperator(model, F.cross_entropy, d, batch_size=5), shard,
+                                    sgd_batch_size=4, without_replacement=True)
+            F_ = DistributedOperator(lambda d: FisherOperator(model, F.cross_entropy, d), shard)
+            out = {**_results(H, C, V), "F_V": F_.matmat(V)}
+        except ValueError as exc:
+            out = {"error": str(exc)}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, bounds):
+    world = len(bounds) - 1
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), bounds, str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("bounds", [[0, 11, 37], [0, 5, 18, 37]], ids=["2 ranks", "3 ranks"])
+def test_distributed_operators_equal_one_process_on_the_union(tmp_path, bounds):
+    model, x, y, V = _problem()
+    H = HessianOperator(model, F.cross_entropy, (x, y), batch_size=5)
+    C = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=5, sgd_batch_size=4, without_replacement=True)
+    want = {**_results(H, C, V), "F_V": FisherOperator(model, F.cross_entropy, (x, y)).matmat(V)}
+    for got in _spawn(tmp_path, bounds):
+        assert "error" not in got, got.get("error")
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-8, atol=1e-12, msg=key)
+
+
+def test_an_empty_shard_is_one_clear_error_on_every_rank(tmp_path):
+    for got in _spawn(tmp_path, [0, 20, 20, 37]):
+        assert "rank(s) [1] is empty" in got["error"]
+
+
+def test_without_an_initialised_group_it_says_so():
+    from landscape_kernels.distributed import DistributedOperator
+
+    model, x, y, _ = _problem()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        DistributedOperator(lambda d: HessianOperator(model, F.cross_entropy, d), (x, y))
+
+
+def test_the_torchrun_example_gives_one_process_eigenvalues():
+    """The README recipe: 2 ranks under torchrun print what 1 rank prints."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "distributed_spectra.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(n):
+        out = subprocess.run([torchrun, "--nproc_per_node", str(n), script], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [line for line in out.stdout.splitlines() if line.startswith("top-5")]
+
+    one, two = run(1), run(2)
+    assert len(one) == 2 and one == two
+
+
+def test_noise_covariance_parts_the_distributed_operator_combines():
+    model, x, y, V = _problem()
+    C = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=5)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(C.mean_gradient(), torch.cat([g.reshape(-1) for g in grads]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(C.second_moment_matmat(V), FisherOperator(model, F.cross_entropy, (x, y)).matmat(V),
+                               rtol=1e-12, atol=1e-14)
+    g = C.mean_gradient()
+    torch.testing.assert_close(C.matmat(V), C.second_moment_matmat(V) - torch.outer(g, g @ V), rtol=1e-10, atol=1e-13)
