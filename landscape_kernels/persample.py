@@ -1,7 +1,8 @@
 """Per-sample gradient statistics of a model from one ordinary backward pass.
 
-``PerSampleGradients`` hooks ``nn.Linear`` (inputs of any rank >= 2, with or without bias) and
-``nn.Conv2d`` (through input patches), records each layer's inputs A and output gradients D during one
+``PerSampleGradients`` hooks ``nn.Linear`` (inputs of any rank >= 2, with or without bias),
+``nn.Conv2d`` (through input patches), ``nn.Embedding`` (one-hot positions: memory B x T x vocabulary)
+and ``nn.LayerNorm`` (its few per-sample gradients formed explicitly), records each layer's inputs A and output gradients D during one
 forward + backward, and computes statistics of the per-sample gradients G_b = sum_t D[b,t]^T A[b,t]
 with the fused ops, never holding the batch x parameters tensor.
 
@@ -25,7 +26,7 @@ from torch import nn
 from . import ops
 from ._checks import check_finite
 
-SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)
 
 
 @dataclass
@@ -50,6 +51,8 @@ def _unsupported_reason(module):
         if module.padding_mode != "zeros":
             return f"Conv2d with padding_mode={module.padding_mode!r}"
         return None
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
+        return "Embedding with max_norm or scale_grad_by_freq"
     if isinstance(module, SUPPORTED_MODULES):
         return None
     return type(module).__name__
@@ -244,6 +247,8 @@ class PerSampleGradients:
                 f"PerSampleGradients: layer {layer.name!r} received no output gradient: call loss.backward() inside "
                 "the `with` block (and make sure the layer's output reaches the loss)"
             )
+        if isinstance(layer.module, nn.LayerNorm):
+            return self._layer_norm_blocks(layer)
         pieces = [self._positions(layer, layer.inputs[i], layer.grads[i]) for i in range(len(layer.inputs))]
         A = torch.cat([a for a, _ in pieces], 1) if len(pieces) > 1 else pieces[0][0]
         D = torch.cat([d for _, d in pieces], 1) if len(pieces) > 1 else pieces[0][1]
@@ -267,10 +272,49 @@ class PerSampleGradients:
             blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, A.new_ones(A.shape[0], 1, 1), D_bias))
         return blocks
 
+    def _layer_norm_blocks(self, layer):
+        """LayerNorm's per-sample gradients, sum over positions of D * x_hat (weight) and of D (bias),
+        formed explicitly (B x normalized size) and kept as fallback-style blocks (D = 1)."""
+        module = layer.module
+        size = int(torch.Size(module.normalized_shape).numel())
+        G_w = G_b = 0
+        for i, x in enumerate(layer.inputs):
+            grad = layer.grads[i]
+            x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+            G_w = G_w + (grad * x_hat).reshape(x.shape[0], -1, size).sum(1)
+            G_b = G_b + grad.reshape(x.shape[0], -1, size).sum(1)
+        B = G_w.shape[0]
+        if self._batch_size is None:
+            self._batch_size = B
+        elif B != self._batch_size:
+            raise ValueError(f"PerSampleGradients: layer {layer.name!r} saw batch size {B}, other layers {self._batch_size}: "
+                             "use one forward and one backward per `with` block")
+        check_finite(G_w, f"the per-sample gradients at layer {layer.name!r}", "PerSampleGradients")
+        if self.loss_reduction == "mean":
+            G_w, G_b = G_w * B, G_b * B
+        ones = G_w.new_ones(B, 1)
+        blocks = []
+        if layer.weight is not None:
+            blocks.append(_Block(layer.weight, self.param_shapes[layer.weight], layer.name, G_w, ones))
+        if layer.bias is not None:
+            blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, G_b, ones))
+        return blocks
+
     @staticmethod
     def _positions(layer, x, grad):
-        """(B, T, in) inputs and (B, T, out) output gradients of one call of the layer."""
+        """(B, T, in) inputs and (B, T, out) output gradients of one call of the layer (for an Embedding
+        the roles swap: the output gradients are the 'inputs' and the one-hot indices the 'outputs', so
+        that sum_t D^T A has the weight's (vocabulary, dim) shape)."""
         module = layer.module
+        if isinstance(module, nn.Embedding):
+            if x.dim() < 2:  # e.g. positions arange(T) broadcast over the batch: the per-sample parts are summed away
+                raise ValueError(f"PerSampleGradients: Embedding {layer.name!r} got unbatched indices of shape {tuple(x.shape)} "
+                                 "(shared by every sample); give it batched indices, e.g. positions.expand(B, T)")
+            B = x.shape[0]
+            onehot = F.one_hot(x.reshape(B, -1), module.num_embeddings).to(grad.dtype)
+            if module.padding_idx is not None:  # the padding row receives no gradient
+                onehot[..., module.padding_idx] = 0
+            return grad.reshape(B, -1, grad.shape[-1]), onehot
         if isinstance(module, nn.Linear):
             if x.dim() < 2:
                 raise ValueError(f"PerSampleGradients: layer {layer.name!r} got an unbatched input of shape {tuple(x.shape)}")

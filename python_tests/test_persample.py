@@ -162,7 +162,7 @@ def test_layer_subset_and_per_layer_statistics(gen):
 
 def test_vmap_fallback_for_unsupported_layers(gen):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(6, 5), nn.GroupNorm(1, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     x, y = torch.randn(8, 6, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen)
     ps = PerSampleGradients(model, fallback="vmap", vmap_chunk_size=3)
     ps.compute(lambda out, t: F.cross_entropy(out, t), x, y)
@@ -179,13 +179,13 @@ def test_vmap_fallback_for_unsupported_layers(gen):
 
 
 def test_unsupported_layer_is_listed():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv2d(2, 2, 3, groups=2))
-    with pytest.raises(ValueError, match=r"1 \(LayerNorm: 1.weight, 1.bias\).*groups > 1.*fallback='vmap'"):
+    model = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Conv2d(2, 2, 3, groups=2))
+    with pytest.raises(ValueError, match=r"1 \(GroupNorm: 1.weight, 1.bias\).*groups > 1.*fallback='vmap'"):
         PerSampleGradients(model)
 
 
 def test_fallback_needs_compute(gen):
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4))
     ps = PerSampleGradients(model, fallback="vmap")
     with ps:
         model(torch.randn(3, 4)).sum().backward()

@@ -1,0 +1,98 @@
+"""Per-sample statistics of a small GPT-style model built from torch.nn modules (Embedding, LayerNorm,
+3-D Linear attention projections and MLP blocks, scaled_dot_product_attention) against torch.func."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from landscape_kernels import PerSampleGradients
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, -1)
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
+        x = x + self.proj(a)
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=19, d=16, heads=2, layers=2, context=7, padding_idx=None):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.pos = nn.Embedding(context, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)  # batched: see below
+        x = self.tok(idx) + self.pos(positions)
+        return self.head(self.ln_f(self.blocks(x)))
+
+
+def lm_loss(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _per_sample(model, idx, targets):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, i, t):
+        return lm_loss(torch.func.functional_call(model, p, (i[None],)), t[None])
+
+    g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
+    return torch.cat([g[n].reshape(idx.shape[0], -1) for n in params], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_gpt_style_model_per_sample_statistics_match_torch_func(dtype, padding_idx):
+    torch.manual_seed(0)
+    model = TinyGPT(padding_idx=padding_idx).to(dtype)
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.add_(0.3 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    B, T = 5, 7
+    idx, targets = torch.randint(0, 19, (B, T)), torch.randint(0, 19, (B, T))
+    idx[0, :3] = 0  # repeated tokens (and padding, when padding_idx = 0)
+    ps = PerSampleGradients(model)
+    with ps:
+        lm_loss(model(idx), targets).backward()
+    G = _per_sample(model, idx, targets)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(ps.sq_norms(), G.square().sum(1), **tol)
+    torch.testing.assert_close(ps.gram(), G @ G.T, **tol)
+    V = torch.randn(3, G.shape[1], dtype=dtype)
+    torch.testing.assert_close(ps.project(V), G @ V.T, **tol)
+    var = torch.cat([v.reshape(-1) for v in ps.variance().values()])
+    torch.testing.assert_close(var, G.var(0, unbiased=False), **tol)
+    assert set(ps.layer_names) >= {"tok", "pos", "ln_f", "blocks.0.ln1", "blocks.1.qkv", "blocks.0.mlp.0"}
+
+
+def test_unbatched_position_indices_are_one_clear_error():
+    emb, head = nn.Embedding(7, 4), nn.Linear(4, 3)
+    model = nn.ModuleDict({"pos": emb, "head": head})
+    ps = PerSampleGradients(model)
+    with ps:
+        out = head(torch.randn(2, 7, 4) + emb(torch.arange(7)))
+        out.sum().backward()
+    with pytest.raises(ValueError, match="positions.expand"):
+        ps.sq_norms()
+
+
+def test_embedding_with_max_norm_is_named_as_unsupported():
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="Embedding with max_norm"):
+        PerSampleGradients(model)
