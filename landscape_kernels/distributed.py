@@ -82,3 +82,35 @@ class DistributedOperator(Operator):
         else:
             out = _all_reduce(self.op.matmat(V) * weight, self.group)
         return out * self.scale
+
+
+def distributed_moments(ps, group=None):
+    """(N, mean, variance) of the per-sample gradients over the union of every rank's batch, from a
+    ``PerSampleGradients`` that has recorded this rank's batch: dicts name -> tensor in the parameter's
+    shape, the population variance (SPEC's C_1 diagonal), combined by Chan's merge of the per-rank
+    means and variances (two all-reduces of 2P + 1 numbers), never of the per-sample gradients."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed_moments: torch.distributed is not initialised")
+    names = ps.param_names
+    local_mean, local_var = ps.mean(), ps.variance()
+    n = float(ps.batch_size)
+    flat_mean = torch.cat([local_mean[k].reshape(-1) for k in names]).double()
+    flat_var = torch.cat([local_var[k].reshape(-1) for k in names]).double()
+    head = torch.cat([flat_mean.new_tensor([n]), flat_mean * n])
+    _all_reduce(head, group)
+    N = head[0]
+    mean = head[1:] / N
+    m2 = flat_var * n + n * (flat_mean - mean).square()  # this rank's sum of squares about the global mean
+    _all_reduce(m2, group)
+    var = m2 / N
+    out_dtype = local_mean[names[0]].dtype
+
+    def split(flat):
+        parts, start = {}, 0
+        for k in names:
+            size = local_mean[k].numel()
+            parts[k] = flat[start : start + size].reshape(local_mean[k].shape).to(out_dtype)
+            start += size
+        return parts
+
+    return int(N), split(mean), split(var)

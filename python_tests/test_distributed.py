@@ -36,6 +36,22 @@ def _results(H, C, V):
             "C_top5": lanczos_eigs(C, 5, tol=1e-12, seed=0).eigenvalues}
 
 
+def _moments(model, data, distributed=False):
+    from landscape_kernels import PerSampleGradients
+    from landscape_kernels.distributed import distributed_moments
+
+    ps = PerSampleGradients(model)
+    with ps:
+        F.cross_entropy(model(data[0]), data[1]).backward()
+    model.zero_grad(set_to_none=True)
+    if distributed:
+        n, mean, var = distributed_moments(ps)
+    else:
+        n, mean, var = ps.batch_size, ps.mean(), ps.variance()
+    return {"n": n, "mean": torch.cat([m.reshape(-1) for m in mean.values()]),
+            "variance": torch.cat([v.reshape(-1) for v in var.values()])}
+
+
 def _worker(rank, world, init_file, bounds, out_dir):
     from landscape_kernels.distributed import DistributedOperator
 
@@ -49,7 +65,7 @@ def _worker(rank, world, init_file, bounds, out_dir):
             C = DistributedOperator(lambda d: NoiseCovarianceOperator(model, F.cross_entropy, d, batch_size=5), shard,
                                     sgd_batch_size=4, without_replacement=True)
             F_ = DistributedOperator(lambda d: FisherOperator(model, F.cross_entropy, d), shard)
-            out = {**_results(H, C, V), "F_V": F_.matmat(V)}
+            out = {**_results(H, C, V), "F_V": F_.matmat(V), **_moments(model, shard, distributed=True)}
         except ValueError as exc:
             out = {"error": str(exc)}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -68,11 +84,14 @@ def test_distributed_operators_equal_one_process_on_the_union(tmp_path, bounds):
     model, x, y, V = _problem()
     H = HessianOperator(model, F.cross_entropy, (x, y), batch_size=5)
     C = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=5, sgd_batch_size=4, without_replacement=True)
-    want = {**_results(H, C, V), "F_V": FisherOperator(model, F.cross_entropy, (x, y)).matmat(V)}
+    want = {**_results(H, C, V), "F_V": FisherOperator(model, F.cross_entropy, (x, y)).matmat(V),
+            **_moments(model, (x, y))}
     for got in _spawn(tmp_path, bounds):
         assert "error" not in got, got.get("error")
+        assert got.pop("n") == want["n"] == 37
         for key, value in want.items():
-            torch.testing.assert_close(got[key], value, rtol=1e-8, atol=1e-12, msg=key)
+            if key != "n":
+                torch.testing.assert_close(got[key], value, rtol=1e-8, atol=1e-12, msg=key)
 
 
 def test_an_empty_shard_is_one_clear_error_on_every_rank(tmp_path):
