@@ -153,13 +153,17 @@ class HessianOperator(_ModelOperator):
     ``batched_backward`` (double backward only): True runs the K columns of a chunk as one vmapped
     backward pass, False as K backward passes over the shared gradient graph; None (default) picks
     False for models with convolutions, whose vmapped double backward is slower than the loop on
-    CPU (measured 1.5x on the MNIST SimpleCNN), and True otherwise (1.4x faster on the MNIST MLP)."""
+    CPU (measured 1.5x on the MNIST SimpleCNN), and True otherwise (1.4x faster on the MNIST MLP).
+    ``math_attention``: run ``scaled_dot_product_attention`` on its math backend during the products;
+    the fused (flash / memory-efficient) backends have no double backward or forward-mode derivative,
+    so transformer models need this switch or ``method="finite_difference"`` (the error says so)."""
 
     METHODS = ("auto", "rop", "double_backward", "forward_over_reverse", "finite_difference")
 
     def __init__(self, model, loss_fn, data, params=None, method="auto", batch_size=None,
-                 keep_graph=False, fd_eps=None, batched_backward=None):
+                 keep_graph=False, fd_eps=None, batched_backward=None, math_attention=False):
         super().__init__(model, loss_fn, data, params, batch_size)
+        self.math_attention = bool(math_attention)
         if method not in self.METHODS:
             raise ValueError(f"HessianOperator: method must be one of {self.METHODS}, got {method!r}")
         if batched_backward not in (None, True, False):
@@ -180,8 +184,21 @@ class HessianOperator(_ModelOperator):
             self.column_chunk = 32  # no graph traversal to amortise: wider GEMMs only help
 
     def _matmat(self, V):
-        with self._eval_mode():
-            return getattr(self, "_" + self.method)(V)
+        import contextlib
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        attention = sdpa_kernel(SDPBackend.MATH) if self.math_attention else contextlib.nullcontext()
+        with self._eval_mode(), attention:
+            try:
+                return getattr(self, "_" + self.method)(V)
+            except (RuntimeError, NotImplementedError) as exc:
+                if "scaled_dot_product" in str(exc) or "_flash_attention" in str(exc) or "efficient_attention" in str(exc):
+                    raise RuntimeError(
+                        f"HessianOperator: method {self.method!r} needs second derivatives of scaled_dot_product_attention, "
+                        "which its fused backends lack; pass math_attention=True (exact, the math backend) or "
+                        f"method='finite_difference' (no second derivatives). Original error: {exc}") from exc
+                raise
 
     def _rop_states(self):
         if self._graphs is not None:

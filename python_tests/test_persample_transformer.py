@@ -96,3 +96,19 @@ def test_embedding_with_max_norm_is_named_as_unsupported():
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="Embedding with max_norm"):
         PerSampleGradients(model)
+
+
+def test_hessian_of_an_attention_model_needs_the_math_switch_or_finite_differences():
+    from landscape_kernels import HessianOperator
+
+    torch.manual_seed(1)
+    model = TinyGPT(layers=1).double()
+    idx, targets = torch.randint(0, 19, (3, 7)), torch.randint(0, 19, (3, 7))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="math_attention=True .* or method='finite_difference'"):
+        HessianOperator(model, lm_loss, (idx, targets)).matmat(V)
+    exact = HessianOperator(model, lm_loss, (idx, targets), math_attention=True).matmat(V)
+    fwd = HessianOperator(model, lm_loss, (idx, targets), method="forward_over_reverse", math_attention=True).matmat(V)
+    fd = HessianOperator(model, lm_loss, (idx, targets), method="finite_difference").matmat(V)
+    torch.testing.assert_close(fwd, exact, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(fd, exact, rtol=1e-4, atol=1e-6)
