@@ -114,3 +114,46 @@ def distributed_moments(ps, group=None):
         return parts
 
     return int(N), split(mean), split(var)
+
+
+def _all_gather_rows(t, sizes, group):
+    """Concatenate every rank's ``t`` (rows = its batch, the other dims equal) in rank order."""
+    pad = max(sizes) - t.shape[0]
+    padded = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t.contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def distributed_gram(ps, group=None):
+    """(N, N) Gram matrix <g_i, g_j> of the per-sample gradients over the union of every rank's batch
+    (rows in rank order), the same on every rank. The per-sample factors of all ranks are gathered
+    (memory: every rank holds all of them, the size of the layers' inputs and output gradients, never
+    N x P), then the fused Gram kernel runs on the union. The non-batch shapes (e.g. the sequence
+    length) must agree across ranks."""
+    from . import ops
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed_gram: torch.distributed is not initialised")
+    factors = ps.factors()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    shapes = torch.zeros(world, 1 + sum(A.dim() + D.dim() for _, A, D in factors), dtype=torch.float64)
+    shapes[rank] = torch.tensor([ps.batch_size] + [d for _, A, D in factors for d in (*A.shape, *D.shape)],
+                                dtype=torch.float64)
+    _all_reduce(shapes, group)
+    sizes = [int(n) for n in shapes[:, 0].tolist()]
+    others = shapes[:, 1:].clone()
+    start = 0
+    for _, A, D in factors:  # blank out the batch sizes before comparing the rest
+        others[:, start] = 0
+        others[:, start + A.dim()] = 0
+        start += A.dim() + D.dim()
+    if not bool((others == others[0]).all()):
+        raise ValueError("distributed_gram: the ranks recorded factors of different shapes beyond the batch (e.g. "
+                         "different sequence lengths); every rank needs the same input shape")
+    gram = None
+    for _, A, D in factors:
+        part = ops.per_sample_gram(_all_gather_rows(A, sizes, group), _all_gather_rows(D, sizes, group),
+                                   check_finite=False)
+        gram = part if gram is None else gram + part
+    return gram

@@ -376,6 +376,12 @@ class PerSampleGradients:
                 self._cache[("stats", b.name)] = {"sq_norms": sq, "gram": gram, "mean": mean, "variance": var}
         return {"sq_norms": self.sq_norms(), "gram": self.gram(), "mean": self.mean(), "variance": self.variance()}
 
+    def factors(self):
+        """[(parameter name, A, D)]: the recorded factors of every parameter's per-sample gradients,
+        G_b = sum_t D[b, t]^T A[b, t] (A, D of shape (B, T, cols) and (B, T, out), or (B, cols) and
+        (B, out) for one position), scaled to per-sample losses as the statistics are."""
+        return [(b.name, b.A, b.D) for b in self._blocks()]
+
     def sq_norms(self, layer=None):
         """(B,) squared norms ||g_b||^2 of the per-sample gradients over all hooked parameters (or one layer)."""
         return sum(self._block_stat(b, "sq_norms") for b in self._selected(layer))

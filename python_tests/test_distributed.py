@@ -38,18 +38,18 @@ def _results(H, C, V):
 
 def _moments(model, data, distributed=False):
     from landscape_kernels import PerSampleGradients
-    from landscape_kernels.distributed import distributed_moments
+    from landscape_kernels.distributed import distributed_gram, distributed_moments
 
     ps = PerSampleGradients(model)
     with ps:
         F.cross_entropy(model(data[0]), data[1]).backward()
     model.zero_grad(set_to_none=True)
     if distributed:
-        n, mean, var = distributed_moments(ps)
+        (n, mean, var), gram = distributed_moments(ps), distributed_gram(ps)
     else:
-        n, mean, var = ps.batch_size, ps.mean(), ps.variance()
+        n, mean, var, gram = ps.batch_size, ps.mean(), ps.variance(), ps.gram()
     return {"n": n, "mean": torch.cat([m.reshape(-1) for m in mean.values()]),
-            "variance": torch.cat([v.reshape(-1) for v in var.values()])}
+            "variance": torch.cat([v.reshape(-1) for v in var.values()]), "gram": gram}
 
 
 def _worker(rank, world, init_file, bounds, out_dir):
