@@ -20,7 +20,15 @@ from .operators import NoiseCovarianceOperator, Operator
 
 
 def _all_reduce(t, group):
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as exc:  # gloo / NCCL raise a RuntimeError subclass when the group's timeout passes
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            raise RuntimeError(
+                f"landscape_kernels.distributed: rank {dist.get_rank(group)} waited for the other ranks longer than the "
+                "process group's timeout; every rank must make the same calls (the same products, in the same order, "
+                "with the same seeds) and none may have stopped. Original error: " + str(exc)) from exc
+        raise
     return t
 
 

@@ -137,3 +137,29 @@ def test_noise_covariance_parts_the_distributed_operator_combines():
                                rtol=1e-12, atol=1e-14)
     g = C.mean_gradient()
     torch.testing.assert_close(C.matmat(V), C.second_moment_matmat(V) - torch.outer(g, g @ V), rtol=1e-10, atol=1e-13)
+
+
+def _timeout_worker(rank, world, init_file, out_dir):
+    from landscape_kernels.distributed import DistributedOperator
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=3))
+    model, x, y, V = _problem()
+    H = DistributedOperator(lambda d: HessianOperator(model, F.cross_entropy, d), (x[rank::2], y[rank::2]))
+    message = ""
+    if rank == 0:  # rank 1 never makes the product: rank 0 must get a clear error, not hang
+        try:
+            H.matmat(V)
+        except RuntimeError as exc:
+            message = str(exc)
+    torch.save(message, os.path.join(out_dir, f"rank{rank}.pt"))
+    if rank == 1:
+        import time
+
+        time.sleep(6)  # stay alive past rank 0's timeout
+
+
+def test_a_rank_that_stops_making_products_gives_a_clear_timeout_error(tmp_path):
+    mp.spawn(_timeout_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    message = torch.load(tmp_path / "rank0.pt")
+    assert "waited for the other ranks longer than the process group's timeout" in message
