@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 from landscape_kernels import PerSampleGradients
 
+# the torch.func oracle vmaps scaled_dot_product_attention, which has no batching rule (a slow fallback)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
 
 class Block(nn.Module):
     def __init__(self, d, heads):
