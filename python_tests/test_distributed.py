@@ -52,6 +52,20 @@ def _moments(model, data, distributed=False):
             "variance": torch.cat([v.reshape(-1) for v in var.values()]), "gram": gram}
 
 
+def _trajectory():
+    g = torch.Generator().manual_seed(5)
+    scales = torch.logspace(0, -3, 23, dtype=torch.float64)
+    return 3.0 + torch.randn(30, 23, generator=g, dtype=torch.float64) * scales  # 30 snapshots, 23 parameters
+
+
+def _pca(rank, world):
+    from landscape_kernels.distributed import sharded_pca
+
+    cols = torch.tensor_split(torch.arange(23), [4, 13] if world == 3 else [9])[rank]
+    var, comps, mean = sharded_pca(_trajectory()[:, cols], n_components=6)
+    return {"pca_var": var, "pca_comps": comps, "pca_mean": mean, "pca_cols": cols}
+
+
 def _worker(rank, world, init_file, bounds, out_dir):
     from landscape_kernels.distributed import DistributedOperator
 
@@ -65,7 +79,8 @@ def _worker(rank, world, init_file, bounds, out_dir):
             C = DistributedOperator(lambda d: NoiseCovarianceOperator(model, F.cross_entropy, d, batch_size=5), shard,
                                     sgd_batch_size=4, without_replacement=True)
             F_ = DistributedOperator(lambda d: FisherOperator(model, F.cross_entropy, d), shard)
-            out = {**_results(H, C, V), "F_V": F_.matmat(V), **_moments(model, shard, distributed=True)}
+            out = {**_results(H, C, V), "F_V": F_.matmat(V), **_moments(model, shard, distributed=True),
+                   **_pca(rank, world)}
         except ValueError as exc:
             out = {"error": str(exc)}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -86,9 +101,16 @@ def test_distributed_operators_equal_one_process_on_the_union(tmp_path, bounds):
     C = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=5, sgd_batch_size=4, without_replacement=True)
     want = {**_results(H, C, V), "F_V": FisherOperator(model, F.cross_entropy, (x, y)).matmat(V),
             **_moments(model, (x, y))}
+    from landscape_kernels.pca import StreamingPCA
+
+    pca = StreamingPCA(n_components=6, mode="exact").fit(_trajectory())
     for got in _spawn(tmp_path, bounds):
         assert "error" not in got, got.get("error")
         assert got.pop("n") == want["n"] == 37
+        cols = got.pop("pca_cols")
+        torch.testing.assert_close(got.pop("pca_var"), pca.explained_variance_, rtol=1e-8, atol=0)
+        torch.testing.assert_close(got.pop("pca_comps"), pca.components_[:, cols], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got.pop("pca_mean"), pca.mean_[cols], rtol=1e-12, atol=0)
         for key, value in want.items():
             if key != "n":
                 torch.testing.assert_close(got[key], value, rtol=1e-8, atol=1e-12, msg=key)
