@@ -6,6 +6,7 @@ of every new block against the whole basis (classical Gram-Schmidt twice) is the
 ``lanczos_reorth``; the block tridiagonal matrix is solved in float64.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,7 @@ def _extend_basis(Q, used, W, gen, tol, step):
 
 
 RESIDUALS = ("true", "estimate")
+_INITIAL_BLOCKS = 32  # basis rows (in blocks) allocated before the first doubling
 
 
 def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, block_size=1,
@@ -189,7 +191,9 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
             start = seeds      # residuals extend the basis; an invariant span breaks down into random vectors)
         else:
             start[: seeds.shape[0]] = seeds + 1e-3 * start[: seeds.shape[0]] / math.sqrt(P)
-    Q = torch.zeros(num_iter * b + b, P, dtype=dtype, device=device)
+    # the basis grows as the steps are taken (doubling), not allocated for num_iter up front: a generous
+    # num_iter on a model with millions of parameters must not reserve num_iter x P memory
+    Q = torch.zeros(min(num_iter + 1, _INITIAL_BLOCKS) * b, P, dtype=dtype, device=device)
     _extend_basis(Q, 0, start.to(device, dtype), gen, 0.0, 0)
 
     T = torch.zeros(num_iter * b, num_iter * b, dtype=torch.float64)
@@ -215,6 +219,10 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         if j > 0:
             W = W - T[lo - b : lo, lo:hi].T.to(dtype).to(device) @ Q[lo - b : lo]
         breakdown_tol = 1e-12 * max(norm_estimate, 1e-300) if dtype == torch.float64 else 1e-6 * max(norm_estimate, 1e-30)
+        if hi + b > Q.shape[0]:
+            grown = torch.zeros(min(2 * Q.shape[0], (num_iter + 1) * b), P, dtype=dtype, device=device)
+            grown[:hi] = Q[:hi]
+            Q = grown
         Bj = coupling = _extend_basis(Q, hi, W, gen, breakdown_tol, j)
         if hi < T.shape[0]:
             T[hi : hi + b, lo:hi] = Bj
@@ -238,7 +246,16 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         res = (AV - vectors * values.to(dtype).to(device)).norm(dim=0).double().cpu()
     else:  # A Q_m = Q_m T_m + Q_{m+1} B_j E_j^T, so A v_i - theta_i v_i = Q_{m+1} B_j s_i[last block]
         res = (coupling @ S[m - b : m][:, wanted]).norm(dim=0)
+    if not converged and tol > 0:  # tol = 0 asks for exactly num_iter steps
+        warnings.warn(f"lanczos_eigs: not converged to tol {tol:g} in {steps} steps (largest residual "
+                      f"{float(res.max()):.3g}, ||A|| ~ {norm_estimate:.3g}); the eigenpairs may be inaccurate or a "
+                      "wanted eigenvalue missing: raise num_iter (the result has converged=False)",
+                      LanczosNotConverged, stacklevel=2)
     return EigenResult(values, vectors, res, converged, steps, apply.products)
+
+
+class LanczosNotConverged(RuntimeWarning):
+    """``lanczos_eigs`` stopped at ``num_iter`` before its residuals reached ``tol``."""
 
 
 # ------------------------------------------------------------------ stochastic Lanczos quadrature

@@ -194,3 +194,17 @@ def test_eigs_bad_input(gen):
         lanczos_eigs(NaNAfterTwo(A), 2)
     with pytest.raises(TypeError, match="op must be a square tensor or an operator"):
         lanczos_eigs([[1.0]], 1)
+
+
+def test_eigs_warns_when_it_stops_before_tol(gen):
+    from landscape_kernels.lanczos import LanczosNotConverged
+
+    A, _ = matrix_with_spectrum(geometric(60, gen), gen)
+    with pytest.warns(LanczosNotConverged, match="raise num_iter"):
+        r = lanczos_eigs(A, 4, num_iter=6, tol=1e-12)
+    assert not r.converged
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lanczos_eigs(A, 4, num_iter=6, tol=0.0)  # tol = 0: a fixed number of steps, no warning
