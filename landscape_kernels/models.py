@@ -52,3 +52,57 @@ def _seeded(build, seed):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return build()
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention (fused q/k/v projection, ``torch.nn.functional.
+    scaled_dot_product_attention``) and a 4x GELU MLP, each with a residual connection."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"gpt: the width d = {d} must be a multiple of heads = {heads}")
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, -1)
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-style language model from ``torch.nn`` modules only (no downloads): token and position
+    ``nn.Embedding`` (positions given batched, so per-sample statistics see them), ``layers`` pre-norm
+    blocks, a final LayerNorm and an untied head. ``forward(idx)`` maps (B, T) token indices to
+    (B, T, vocab) logits."""
+
+    def __init__(self, vocab=256, d=128, heads=4, layers=2, context=128):
+        super().__init__()
+        self.context = context
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        if idx.dim() != 2 or idx.shape[1] > self.context:
+            raise ValueError(f"GPT: idx must be (B, T) with T <= context = {self.context}, got {tuple(idx.shape)}")
+        positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+        return self.head(self.ln_f(self.blocks(self.tok(idx) + self.pos(positions))))
+
+
+def gpt(vocab=256, d=128, heads=4, layers=2, context=128, seed=None):
+    """``GPT`` with a seeded initialisation (see ``mlp``)."""
+    return _seeded(lambda: GPT(vocab, d, heads, layers, context), seed)
+
+
+def lm_loss(logits, targets):
+    """Mean next-token cross-entropy over every position of every sequence (per-sample loss: the mean
+    over a sequence's positions)."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

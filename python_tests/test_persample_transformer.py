@@ -3,48 +3,19 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from landscape_kernels import PerSampleGradients
+from landscape_kernels.models import gpt, lm_loss
 
 # the torch.func oracle vmaps scaled_dot_product_attention, which has no batching rule (a slow fallback)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, -1)
-        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
-        x = x + self.proj(a)
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, vocab=19, d=16, heads=2, layers=2, context=7, padding_idx=None):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
-        self.pos = nn.Embedding(context, d)
-        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)  # batched: see below
-        x = self.tok(idx) + self.pos(positions)
-        return self.head(self.ln_f(self.blocks(x)))
-
-
-def lm_loss(logits, targets):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def TinyGPT(vocab=19, d=16, heads=2, layers=2, context=7, padding_idx=None):
+    model = gpt(vocab, d, heads, layers, context)
+    if padding_idx is not None:
+        model.tok.padding_idx = padding_idx
+    return model
 
 
 def _per_sample(model, idx, targets):

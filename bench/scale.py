@@ -1,0 +1,215 @@
+"""Transformer-size curvature and per-sample statistics (issue 8) on a GPT-style model from torch.nn.
+
+Model: ``landscape_kernels.models.gpt`` (vocabulary 1024, width 384, 6 heads, 6 layers, context 128:
+11.5M parameters; --quick: width 128, 2 layers), 16 random token sequences of length 128 (seeded),
+next-token cross-entropy over every position, float32, the model in eval mode.
+
+1. Top-5 Hessian eigenvalues at tol 1e-3 (relative): ours (``HessianOperator(math_attention=True)`` +
+   ``lanczos_eigs``) vs hessian-eigenthings ``lanczos`` and curvlinops ``HessianLinearOperator`` +
+   scipy ``eigsh`` (both under the math attention backend too: the fused one has no double backward).
+   Time, Hessian-vector products, peak memory added (each method in its own process), eigenvalues.
+2. The 16 x 16 per-sample gradient Gram matrix: ``PerSampleGradients.gram`` (never 16 x P) vs
+   ``torch.func`` vmap(grad) materialising the per-sample gradients.
+3. Data-parallel scaling on this CPU: one block of 5 Hessian-vector products with the data on 1 rank
+   vs split over 2 gloo ranks (``DistributedOperator``), each rank one thread; the speed-up per extra
+   rank is reported as measured.
+
+    python bench/scale.py --json bench/results/scale_cpu.json
+"""
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from results_io import base_parser, write_json  # noqa: E402
+from timing import PeakRSS  # noqa: E402
+
+import landscape_kernels as lk  # noqa: E402
+from landscape_kernels.models import gpt, lm_loss  # noqa: E402
+
+TOL, K, MAX_STEPS, EIGENTHINGS_STEPS = 1e-3, 5, 400, 120  # our Lanczos may take up to MAX_STEPS steps to reach TOL
+
+
+class LMLoss(nn.Module):
+    reduction = "mean"  # curvlinops reads it
+
+    def forward(self, logits, targets):
+        return lm_loss(logits, targets)
+
+
+def problem(quick, seed=0):
+    size = dict(vocab=1024, d=128, heads=4, layers=2) if quick else dict(vocab=1024, d=384, heads=6, layers=6)
+    model = gpt(context=128, seed=seed, **size).eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, size["vocab"], (16, 128), generator=g)
+    targets = torch.randint(0, size["vocab"], (16, 128), generator=g)
+    return model, idx, targets
+
+
+class Counted:
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, v):
+        self.n += 1
+        return self.fn(v)
+
+
+def ours(model, idx, targets):
+    H = lk.HessianOperator(model, lm_loss, (idx, targets), math_attention=True, batched_backward=False)
+    r = lk.lanczos_eigs(H, K, tol=TOL, seed=0, num_iter=MAX_STEPS)
+    if not r.converged:
+        raise RuntimeError(f"not converged in {MAX_STEPS} steps")
+    return r.eigenvalues.tolist(), r.num_products
+
+
+def eigenthings(model, idx, targets):
+    import hessian_eigenthings as he
+
+    op = he.HessianOperator(model, [(idx, targets)], he.supervised_loss(LMLoss()))
+    op.matvec = Counted(op.matvec)
+    with sdpa_kernel(SDPBackend.MATH):
+        # it stores and reorthogonalises against every step and ran to max_iter in the quick run: capped
+        # at EIGENTHINGS_STEPS (its eigenvalues are then compared with the converged ones)
+        r = he.lanczos(op, k=K, max_iter=EIGENTHINGS_STEPS, tol=TOL, which="LA", seed=0, reorthogonalize=True)
+    return [float(v) for v in r.eigenvalues], op.matvec.n
+
+
+def curvlinops_eigsh(model, idx, targets):
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    with sdpa_kernel(SDPBackend.MATH):
+        op = HessianLinearOperator(model, LMLoss(), list(model.parameters()), [(idx, targets)]).to_scipy()
+        mv = Counted(lambda v: op @ v)
+        P = op.shape[0]
+        vals = eigsh(LinearOperator((P, P), matvec=mv, dtype=np.float32), k=K, which="LA", tol=TOL,
+                     v0=np.random.default_rng(0).standard_normal(P).astype(np.float32))[0]
+    return sorted(vals.tolist(), reverse=True), mv.n
+
+
+def gram_ours(model, idx, targets):
+    ps = lk.PerSampleGradients(model)
+    with ps:
+        lm_loss(model(idx), targets).backward()
+    model.zero_grad(set_to_none=True)
+    return ps.gram()
+
+
+def gram_vmap(model, idx, targets):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, i, t):
+        return lm_loss(torch.func.functional_call(model, p, (i[None],)), t[None])
+
+    g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
+    G = torch.cat([g[n].reshape(idx.shape[0], -1) for n in params], 1)
+    return G @ G.T
+
+
+def measured(fn, *args):
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        seconds = time.perf_counter() - t0
+    return out, seconds, mem.added
+
+
+def _isolated_worker(_, name, quick, out_file):
+    """One top-5 method in a fresh process, so its peak memory is its own (RSS never shrinks)."""
+    model, idx, targets = problem(quick)
+    fn = {"ours": ours, "hessian-eigenthings lanczos": eigenthings, "curvlinops + scipy eigsh": curvlinops_eigsh}[name]
+    try:
+        (values, products), s, mem = measured(fn, model, idx, targets)
+        out = {"s": s, "products": products, "peak_mib": None if mem is None else mem / 2**20, "eigenvalues": values}
+    except Exception as exc:  # an optional library missing or failing is reported, not fatal
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    torch.save(out, out_file)
+
+
+def isolated(name, quick):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "out.pt")
+        mp.spawn(_isolated_worker, args=(name, quick, path), nprocs=1, join=True)
+        return torch.load(path)
+
+
+def _scaling_worker(rank, world, init_file, quick, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=1800))
+    try:
+        from landscape_kernels.distributed import DistributedOperator
+
+        model, idx, targets = problem(quick)
+        shard = (idx[rank::world], targets[rank::world])
+        H = DistributedOperator(lambda d: lk.HessianOperator(model, lm_loss, d, math_attention=True), shard)
+        V = torch.randn(H.shape[0], K, generator=torch.Generator().manual_seed(1))
+        H.matmat(V[:, :1])  # warm-up
+        dist.barrier()
+        t0 = time.perf_counter()
+        H.matmat(V)
+        seconds = time.perf_counter() - t0
+        torch.save(seconds, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def scaling(quick, world):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_scaling_worker, args=(world, os.path.join(tmp, "init"), quick, tmp), nprocs=world, join=True)
+        return max(torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world))
+
+
+def main(argv=None):
+    parser = base_parser(__doc__)
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: topk, gram, scaling")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    model, idx, targets = problem(args.quick)
+    P = sum(p.numel() for p in model.parameters())
+    print(f"GPT-style model, {P / 1e6:.2f}M parameters, 16 x 128 tokens, float32, {torch.get_num_threads()} threads")
+    results = {}
+    if "topk" not in skip:
+        for name in ("ours", "hessian-eigenthings lanczos", "curvlinops + scipy eigsh"):
+            r = results[f"top5 {name}"] = isolated(name, args.quick)
+            if "error" in r:
+                print(f"  top-5, {name}: {r['error']}")
+                continue
+            print(f"  top-5, {name:28s} {r['s']:8.1f} s {r['products']:5d} products  peak +{r['peak_mib'] or 0:7.0f} MiB  "
+                  f"lambda_1..5 {' '.join(f'{v:.5g}' for v in r['eigenvalues'])}")
+    if "gram" not in skip:
+        ref = None
+        for name, fn in (("ours", gram_ours), ("torch.func vmap(grad)", gram_vmap)):
+            fn(model, idx, targets)  # warm-up
+            G, s, mem = measured(fn, model, idx, targets)
+            ref = G if ref is None else ref
+            err = float((G - ref).abs().max() / ref.abs().max())
+            results[f"gram {name}"] = {"s": s, "peak_mib": None if mem is None else mem / 2**20, "max_rel_diff": err}
+            print(f"  gram, {name:22s} {s:8.2f} s  peak +{(mem or 0) / 2**20:7.0f} MiB  max rel. diff vs ours {err:.1e}")
+    if "scaling" not in skip:
+        one, two = scaling(args.quick, 1), scaling(args.quick, 2)
+        results["scaling"] = {"one_rank_s": one, "two_ranks_s": two, "speedup": one / two, "threads_per_rank": 1}
+        print(f"  {K} Hessian-vector products, 1 rank {one:.2f} s, 2 ranks {two:.2f} s: speed-up {one / two:.2f}x "
+              "(one thread per rank)")
+    if args.json:
+        write_json(args.json, {"benchmark": "scale (issue 8)", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "device": "CPU", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "parameters": P, "quick": args.quick, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
