@@ -32,6 +32,19 @@ def _all_reduce(t, group):
     return t
 
 
+def _require_initialised(name):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{name}: torch.distributed is not initialised; call torch.distributed.init_process_group "
+                           "(e.g. under torchrun) first")
+
+
+def _per_rank(values, group):
+    """(world, len(values)) float64 table of every rank's ``values`` (one all-reduce of a one-hot layout)."""
+    table = torch.zeros(dist.get_world_size(group), len(values), dtype=torch.float64)
+    table[dist.get_rank(group)] = torch.tensor(values, dtype=torch.float64)
+    return _all_reduce(table, group)
+
+
 class DistributedOperator(Operator):
     """The operator of the union of every rank's data shard.
 
@@ -46,14 +59,10 @@ class DistributedOperator(Operator):
     """
 
     def __init__(self, build, data, group=None, sgd_batch_size=None, without_replacement=False):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("DistributedOperator: torch.distributed is not initialised; call "
-                               "torch.distributed.init_process_group (e.g. under torchrun) first")
+        _require_initialised("DistributedOperator")
         self.group = group
         x = data[0]
-        counts = torch.zeros(dist.get_world_size(group), dtype=torch.float64)
-        counts[dist.get_rank(group)] = x.shape[0]
-        _all_reduce(counts, group)  # every rank learns every shard size
+        counts = _per_rank([x.shape[0]], group)[:, 0]  # every rank learns every shard size
         empty = [r for r, n in enumerate(counts.tolist()) if n == 0]
         if empty:
             raise ValueError(f"DistributedOperator: the data shard of rank(s) {empty} is empty; every rank needs "
@@ -97,8 +106,7 @@ def distributed_moments(ps, group=None):
     ``PerSampleGradients`` that has recorded this rank's batch: dicts name -> tensor in the parameter's
     shape, the population variance (SPEC's C_1 diagonal), combined by Chan's merge of the per-rank
     means and variances (two all-reduces of 2P + 1 numbers), never of the per-sample gradients."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("distributed_moments: torch.distributed is not initialised")
+    _require_initialised("distributed_moments")
     names = ps.param_names
     local_mean, local_var = ps.mean(), ps.variance()
     n = float(ps.batch_size)
@@ -141,14 +149,9 @@ def distributed_gram(ps, group=None):
     length) must agree across ranks."""
     from . import ops
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("distributed_gram: torch.distributed is not initialised")
+    _require_initialised("distributed_gram")
     factors = ps.factors()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    shapes = torch.zeros(world, 1 + sum(A.dim() + D.dim() for _, A, D in factors), dtype=torch.float64)
-    shapes[rank] = torch.tensor([ps.batch_size] + [d for _, A, D in factors for d in (*A.shape, *D.shape)],
-                                dtype=torch.float64)
-    _all_reduce(shapes, group)
+    shapes = _per_rank([ps.batch_size] + [d for _, A, D in factors for d in (*A.shape, *D.shape)], group)
     sizes = [int(n) for n in shapes[:, 0].tolist()]
     others = shapes[:, 1:].clone()
     start = 0
@@ -176,15 +179,12 @@ def sharded_pca(X, n_components=None, group=None):
 
     Returns (explained_variance (k,), components (k, N_r) of this rank, mean (N_r,)), float64, with
     StreamingPCA's sign rule (each component's entry of largest magnitude, over all ranks, positive)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("sharded_pca: torch.distributed is not initialised")
+    _require_initialised("sharded_pca")
     if not isinstance(X, torch.Tensor) or X.dim() != 2:
         raise ValueError(f"sharded_pca: X must be a (T, N_r) tensor, got {getattr(X, 'shape', type(X).__name__)}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     T = X.shape[0]
-    counts = torch.zeros(world, dtype=torch.float64)
-    counts[rank] = T
-    _all_reduce(counts, group)
+    counts = _per_rank([T], group)[:, 0]
     if not bool((counts == T).all()):
         raise ValueError(f"sharded_pca: every rank needs the same snapshots; snapshot counts per rank "
                          f"{[int(c) for c in counts.tolist()]}")

@@ -7,8 +7,11 @@ The loss is the mean over the dataset of ``loss_fn(model(x), y)``, which must it
 its batch; batches are weighted by their size. The model is put in eval mode for the products and
 restored afterwards.
 """
+import contextlib
+
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import mlp_hvp
 from .persample import PerSampleGradients
@@ -184,10 +187,6 @@ class HessianOperator(_ModelOperator):
             self.column_chunk = 32  # no graph traversal to amortise: wider GEMMs only help
 
     def _matmat(self, V):
-        import contextlib
-
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         attention = sdpa_kernel(SDPBackend.MATH) if self.math_attention else contextlib.nullcontext()
         with self._eval_mode(), attention:
             try:

@@ -252,14 +252,7 @@ class PerSampleGradients:
         pieces = [self._positions(layer, layer.inputs[i], layer.grads[i]) for i in range(len(layer.inputs))]
         A = torch.cat([a for a, _ in pieces], 1) if len(pieces) > 1 else pieces[0][0]
         D = torch.cat([d for _, d in pieces], 1) if len(pieces) > 1 else pieces[0][1]
-        B = A.shape[0]
-        if self._batch_size is None:
-            self._batch_size = B
-        elif B != self._batch_size:
-            raise ValueError(
-                f"PerSampleGradients: layer {layer.name!r} saw batch size {B}, other layers {self._batch_size}: "
-                "use one forward and one backward per `with` block"
-            )
+        B = self._agree_batch_size(layer, A.shape[0])
         check_finite(A, f"the inputs recorded at layer {layer.name!r}", "PerSampleGradients")
         check_finite(D, f"the output gradients recorded at layer {layer.name!r}", "PerSampleGradients")
         if self.loss_reduction == "mean":
@@ -272,6 +265,17 @@ class PerSampleGradients:
             blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, A.new_ones(A.shape[0], 1, 1), D_bias))
         return blocks
 
+    def _agree_batch_size(self, layer, B):
+        """Record the batch size of the first layer read; every other layer must have seen the same."""
+        if self._batch_size is None:
+            self._batch_size = B
+        elif B != self._batch_size:
+            raise ValueError(
+                f"PerSampleGradients: layer {layer.name!r} saw batch size {B}, other layers {self._batch_size}: "
+                "use one forward and one backward per `with` block"
+            )
+        return B
+
     def _layer_norm_blocks(self, layer):
         """LayerNorm's per-sample gradients, sum over positions of D * x_hat (weight) and of D (bias),
         formed explicitly (B x normalized size) and kept as fallback-style blocks (D = 1)."""
@@ -283,12 +287,7 @@ class PerSampleGradients:
             x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
             G_w = G_w + (grad * x_hat).reshape(x.shape[0], -1, size).sum(1)
             G_b = G_b + grad.reshape(x.shape[0], -1, size).sum(1)
-        B = G_w.shape[0]
-        if self._batch_size is None:
-            self._batch_size = B
-        elif B != self._batch_size:
-            raise ValueError(f"PerSampleGradients: layer {layer.name!r} saw batch size {B}, other layers {self._batch_size}: "
-                             "use one forward and one backward per `with` block")
+        B = self._agree_batch_size(layer, G_w.shape[0])
         check_finite(G_w, f"the per-sample gradients at layer {layer.name!r}", "PerSampleGradients")
         if self.loss_reduction == "mean":
             G_w, G_b = G_w * B, G_b * B

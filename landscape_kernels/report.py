@@ -55,6 +55,14 @@ def _figure_note(written, plt):
     return [f"![{name}]({name})" for name in written] + [""]
 
 
+def _write_report(out, lines, written, plt, s):
+    """Close a job's report with its figures and total time (``s["seconds"]``) and write OUT/report.md."""
+    lines = lines + ["", "## Figures", ""] + _figure_note(written, plt)
+    lines += [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
 def _spectrum_figures(plt, out, s, arrays, written):
     var = np.array(s["pca"]["variances"])
     i = np.arange(1, len(var) + 1)

@@ -1,9 +1,8 @@
 """``report.md`` and figures of ``reproduce noise-curvature`` (SPEC §4)."""
-import os
 
 import numpy as np
 
-from .report import _checks_table, _figure_note, _fmt, _pyplot, _save
+from .report import _checks_table, _fmt, _pyplot, _save, _write_report
 
 LOSS_TITLES = {"ce": "cross-entropy", "mse": "MSE on softmax"}
 
@@ -66,10 +65,7 @@ def write_noise_curvature_report(out, s):
                      f"{r['relation']['used']} / {r['relation']['top']} | {_fmt(r['final_full_loss'])} | "
                      f"{_fmt(r['final_train_accuracy'])} | {r['test_accuracy']:.4f} | {sec['training']:.0f} | "
                      f"{sec['hessians']:.1f} | {sec['covariance']:.1f} |")
-    lines += ["", "## Figures", ""] + _figure_note(written, plt)
-    lines += [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    _write_report(out, lines, written, plt, s)
 
 
 def _escape_figures(plt, out, s, written):
@@ -153,7 +149,4 @@ def write_escape_rate_report(out, s):
                   "difference |", "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {e} | {_fmt(p['loss'])} | {len(p['A'])} | {p['log_ratio_top']:.3f} | {p['log_ratio_bottom']:.3f} | "
                   f"{p['top_relative']:.3f} |" for e, p in zip(d["epochs"], d["spectra"])] + [""]
-    lines += ["## Figures", ""] + _figure_note(written, plt)
-    lines += [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    _write_report(out, lines, written, plt, s)

@@ -1,9 +1,8 @@
 """``report.md`` and figures of ``reproduce sharpest-directions`` and ``reproduce nsgd`` (SPEC §2)."""
-import os
 
 import numpy as np
 
-from .report import _checks_table, _figure_note, _fmt, _pyplot, _save
+from .report import _checks_table, _fmt, _pyplot, _save, _write_report
 
 
 def _curve(run, key):
@@ -108,10 +107,7 @@ def write_sharpest_directions_report(out, s):
         m = r["measurements"][-1]
         lines.append(f"| {r['batch_size']} | {r['lr']:g} | {_fmt(m.get('cos_minibatch_full'))} | "
                      f"{_fmt(m.get('step_share_topk'))} |")
-    lines += ["", "## Figures", ""] + _figure_note(written, plt)
-    lines += [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    _write_report(out, lines, written, plt, s)
 
 
 def _nsgd_figures(plt, out, s, written):
@@ -149,7 +145,4 @@ def write_nsgd_report(out, s):
         lines.append(f"| {r['gamma']:g} | {_fmt(t[0]['full_loss'])} | {_fmt(t[-1]['full_loss'])} | "
                      f"{_fmt(t[-1]['full_accuracy'])} | {_fmt(r['final_lambda1'])} | {_fmt(r['final_frobenius'])} | "
                      f"{r['test_accuracy']:.4f} |")
-    lines += ["", "## Figures", ""] + _figure_note(written, plt)
-    lines += [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    _write_report(out, lines, written, plt, s)

@@ -14,6 +14,7 @@ D x D matrices. The minibatch covariance C comes from one shuffled pass, its min
 from per-sample gradients by the fused kernels. ``superlinear_relation`` then gives the exponent gamma
 of C_ii ~ H_ii^gamma in H's eigenbasis and the commutator against a random-rotation baseline.
 """
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,10 +63,6 @@ class LayerFactors:
     a: torch.Tensor
     G: torch.Tensor
 
-    @property
-    def dim(self):
-        return self.G.shape[1] * self.a.shape[1]
-
 
 def layer_factors(model, loss_fn, x, y, param, chunk=4096, dtype=torch.float64):
     """``LayerFactors`` of the weight ``param`` (e.g. "2.weight") of an ``nn.Sequential`` over (x, y).
@@ -103,8 +100,6 @@ def layer_factors(model, loss_fn, x, y, param, chunk=4096, dtype=torch.float64):
 
 
 def _copy_in(module, dtype):
-    import copy
-
     module = copy.deepcopy(module).to(dtype).eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -143,6 +138,12 @@ def minibatch_assignment(num_samples, batch_size, seed=0):
     return batch
 
 
+def _grouped_by_minibatch(batch):
+    """Sample indices sorted by minibatch (a stable sort, so each minibatch keeps its samples' order),
+    the dropped samples (-1) left out."""
+    return torch.argsort(batch, stable=True)[int((batch < 0).sum()):]
+
+
 def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method="factored", chunk=4096):
     """(num_batches, D) float64 gradients of the minibatch-mean loss in ``param`` over one shuffled pass.
 
@@ -164,7 +165,7 @@ def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method=
                          f"it has {sorted(named)}")
     target = named[param]
     if method == "loop":
-        order = torch.argsort(batch)[(batch < 0).sum():]  # samples sorted by minibatch, dropped ones out
+        order = _grouped_by_minibatch(batch)
         out = torch.empty(nb, target.numel(), dtype=torch.float64)
         for b in range(nb):
             idx = order[b * batch_size : (b + 1) * batch_size]
@@ -200,7 +201,7 @@ def _factored_minibatch_gradients(model, loss_fn, x, y, param, batch, batch_size
     if attr != "weight" or not isinstance(module, nn.Linear):
         raise ValueError(f"minibatch_gradients: method 'factored' needs the weight of an nn.Linear, got {param!r}; "
                          "use method='fused'")
-    order = torch.argsort(batch)[int((batch < 0).sum()):]  # samples grouped by minibatch, dropped ones out
+    order = _grouped_by_minibatch(batch)
     nb = order.numel() // batch_size
     per_chunk = max(1, chunk // batch_size)
     out = torch.empty(nb, module.weight.numel(), dtype=torch.float64)

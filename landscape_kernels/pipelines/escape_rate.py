@@ -11,6 +11,7 @@ Three parts, each resumable:
 - ``decoupling``: the same network at lr 0.01, B 100: spectra of (1/N) sum ell C_f and
   L (1/N) sum C_f at initialisation, 50 and 500 epochs (dense, on a seeded subset of the data).
 """
+import copy
 import json
 import os
 import time
@@ -85,10 +86,10 @@ class EscapeRateConfig:
 # ----------------------------------------------------------------------------- linear regression
 def stationary_part(cfg, log=print):
     rows = []
+    x, y = gaussian_regression_data(cfg.stationary_samples, 1, seed=cfg.seed)  # one dataset for every (lr, B)
     for lr in cfg.stationary_lrs:
         for B in cfg.stationary_batch_sizes:
             t = time.perf_counter()
-            x, y = gaussian_regression_data(cfg.stationary_samples, 1, seed=cfg.seed)
             sgd = LinearRegressionSGD(x, y, lr=lr, batch_size=int(B), num_runs=cfg.chains, seed=cfg.seed + int(B))
             thetas = sgd.sample(cfg.samples_per_chain, every=cfg.sample_every, burn_in=cfg.burn_in)
             fit = fit_stationary_exponent(sgd.loss(thetas.reshape(-1, 1)), sgd.loss_star, 1)
@@ -199,9 +200,7 @@ def decoupling_part(cfg, folder, data, resume=False, progress=False, log=print):
     subset = torch.randperm(x.shape[0], generator=g)[: min(cfg.spectrum_samples, x.shape[0])]
 
     def measure(model):
-        model64 = glorot_mlp(x.shape[1], cfg.hidden, cfg.seed)
-        model64.load_state_dict(model.state_dict())
-        s = decoupling_spectra(model64.double(), x[subset].double(), y[subset].double())
+        s = decoupling_spectra(copy.deepcopy(model).double(), x[subset].double(), y[subset].double())
         return s.to_dict()
 
     points, _ = _train_and_measure(folder, cfg, data, cfg.decoupling_lr, list(cfg.decoupling_epochs), measure,

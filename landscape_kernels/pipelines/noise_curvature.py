@@ -12,6 +12,7 @@ ReLU, no bias) is trained on a class-balanced subset by SGD with a per-epoch cos
 Each (loss, seed) run lives in ``OUT/{loss}_seed{seed}/``: ``checkpoint.pt`` while training
 (``--resume`` continues it), then ``model.pt`` and ``result.json``.
 """
+import copy
 import json
 import os
 import statistics
@@ -102,9 +103,7 @@ def measure(cfg, model, train, loss_name, seed):
     """SPEC §4's measurement on the trained model: the relation and the stage timings."""
     loss_fn = LOSSES[loss_name]
     x, y = train
-    model64 = mlp((x.shape[1], cfg.hidden, cfg.hidden, 10), bias=False)
-    model64.load_state_dict(model.state_dict())
-    model64 = model64.double()
+    model64 = copy.deepcopy(model).double()
     x64 = x.double()
     seconds = {}
     t = time.perf_counter()
