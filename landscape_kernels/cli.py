@@ -78,6 +78,8 @@ def _escape_parser(jobs):
     er.add_argument("--passage-dims", type=_int_list, default=(1, 2, 3))
     er.add_argument("--passage-thresholds", type=_float_list, default=(1.1, 1.2, 1.3, 1.4, 1.5, 1.6),
                     help="factors c of L* (default 1.1,...,1.6)")
+    er.add_argument("--passage-datasets", type=int, default=8,
+                    help="independent datasets for the first-passage slopes (100 runs each; default 8)")
     er.add_argument("--noise-epochs", type=int, default=100)
     er.add_argument("--decoupling-epochs", type=_int_list, default=(0, 50, 500), help="default 0,50,500")
     er.add_argument("--spectrum-samples", type=int, default=4000, help="samples in the dense decoupling spectra")
@@ -94,6 +96,7 @@ def _run_escape_rate(args):
     cfg = er.EscapeRateConfig(parts=args.parts, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
                               stationary_lrs=args.stationary_lrs, stationary_batch_sizes=args.stationary_batch_sizes,
                               passage_dims=args.passage_dims, passage_thresholds=args.passage_thresholds,
+                              passage_datasets=args.passage_datasets,
                               noise_epochs=args.noise_epochs, decoupling_epochs=args.decoupling_epochs,
                               spectrum_samples=args.spectrum_samples, quick=args.quick)
     s = er.run(cfg, args.out, resume=args.resume, progress=not args.no_progress)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from landscape_kernels.analyses.escape import (LinearRegressionSGD, fit_stationary_exponent, gaussian_regression_data,
-                                               passage_slope, sample_stationary, stationary_exponent_theory)
+                                               passage_slope, passage_slope_theory, passage_time_theory,
+                                               sample_stationary, stationary_exponent_theory)
 
 
 @pytest.mark.parametrize("phi,dim", [(11.0, 1), (6.0, 3), (2.5, 2)])
@@ -57,6 +58,37 @@ def test_first_passage_times_grow_with_the_threshold():
     assert never.isnan().all()
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_passage_time_theory_limits(dim):
+    """Small c: free diffusion, mean exit time from a ball a^2 / (2 d D) = B (c - 1) / (d lr h^2).
+    Large c: the slope in log c tends to B / (lr h) + 1 - d / 2 (SPEC §3.2)."""
+    B, lr, h = 2, 0.1, 1.3
+    eps = 1e-6
+    (t,) = passage_time_theory([1 + eps], B, lr, h, dim)
+    assert t == pytest.approx(B * eps / (dim * lr * h * h), rel=1e-4)
+    t1, t2 = passage_time_theory([1e5, 2e5], B, lr, h, dim)
+    assert math.log(t2 / t1) / math.log(2) == pytest.approx(passage_slope_theory(B, lr, h, dim), rel=1e-4)
+    mid = passage_time_theory([1.6, 1.1, 1.3], B, lr, h, dim)  # any order
+    assert mid[1] < mid[2] < mid[0]
+
+
+def test_passage_time_theory_matches_a_simulated_sde():
+    """Euler-Maruyama on de = -h e dt + sqrt(2 D) dW, D = lr h L / B (SPEC §3.2's decoupled noise), d = 2."""
+    B, lr, h, loss_star, c, dt, runs = 1, 0.1, 1.0, 0.5, 1.2, 5e-4, 2000
+    g = torch.Generator().manual_seed(0)
+    e = torch.zeros(runs, 2, dtype=torch.float64)
+    exit_time = torch.full((runs,), math.nan, dtype=torch.float64)
+    step = 0
+    while exit_time.isnan().any():
+        step += 1
+        loss = loss_star + 0.5 * h * (e * e).sum(1)
+        e = e - h * e * dt + torch.sqrt(2 * lr * h * loss / B * dt)[:, None] * torch.randn(runs, 2, generator=g, dtype=torch.float64)
+        out = (loss_star + 0.5 * h * (e * e).sum(1) > c * loss_star) & exit_time.isnan()
+        exit_time[out] = step * dt
+    (theory,) = passage_time_theory([c], B, lr, h, 2)
+    assert exit_time.mean().item() == pytest.approx(theory, rel=0.07)
+
+
 def test_bad_input_names_the_argument():
     x, y = gaussian_regression_data(20, 2)
     with pytest.raises(ValueError, match="batch_size"):
@@ -69,5 +101,11 @@ def test_bad_input_names_the_argument():
         LinearRegressionSGD(x, y, lr=0.1, batch_size=1).first_passage([0.5], 10)
     with pytest.raises(ValueError, match="loss_star"):
         fit_stationary_exponent([1.0, 2.0], 1.5, 1)
+    with pytest.raises(ValueError, match="thresholds"):
+        passage_time_theory([1.0], 1, 0.1, 1.0, 1)
+    with pytest.raises(ValueError, match="no stationary state"):
+        passage_time_theory([1.5], 1, 1.0, 1.0, 6)
+    with pytest.raises(ValueError, match="dim"):
+        passage_time_theory([1.5], 1, 0.1, 1.0, 0)
     with pytest.raises(ValueError, match="phi must exceed"):
         sample_stationary(0.4, torch.eye(1, dtype=torch.float64), 0.5, 10)

@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from landscape_kernels.cli import main
 from landscape_kernels.pipelines.noise_curvature import checks
 
@@ -57,10 +59,14 @@ def test_escape_rate_quick_run_has_every_part_and_resumes(tmp_path, capsys):
     assert all(r["phi"] > 1 and r["theory"] == 1 + r["batch_size"] / (0.1 * r["h"]) for r in s["stationary"]["rows"])
     (passage,) = s["passage"]["rows"]
     assert passage["dim"] == 2 and passage["mean_times"] == sorted(passage["mean_times"])  # higher c takes longer
+    assert len(passage["datasets"]) == 2 and passage["datasets"][0]["seed"] != passage["datasets"][1]["seed"]
+    assert passage["slope"] == pytest.approx(sum(d["slope"] for d in passage["datasets"]) / 2)
+    assert passage["sde_times"] == sorted(passage["sde_times"]) and 0 < passage["sde_slope"] < passage["theory"]
     assert len(s["noise"]["noise_strength"]) == 13 and all(v > 0 for v in s["noise"]["noise_strength"])
     assert [len(p["A"]) for p in s["decoupling"]["spectra"]] == [300, 300]
     claims = [c["claim"] for c in s["checks"]]
-    assert len(claims) == 5 and any("decoupled spectra" in c for c in claims)
+    assert len(claims) == 6 and any("decoupled spectra" in c for c in claims)
+    assert sum("first-passage slope" in c for c in claims) == 2
     report = (out / "report.md").read_text()
     assert "## First passage" in report and "fig_decoupling.png" in report
     capsys.readouterr()
@@ -87,3 +93,5 @@ def test_escape_rate_resumes_an_interrupted_mlp_part(tmp_path):
 def test_escape_rate_bad_parts_are_one_clear_error(tmp_path, capsys):
     code = main(["reproduce", "escape-rate", "--quick", "--parts", "linear,forward", "--out", str(tmp_path / "e")])
     assert code == 2 and "parts must be" in capsys.readouterr().err
+    code = main(["reproduce", "escape-rate", "--parts", "linear", "--passage-datasets", "0", "--out", str(tmp_path / "e")])
+    assert code == 2 and "passage_datasets must be" in capsys.readouterr().err

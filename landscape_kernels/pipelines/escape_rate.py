@@ -4,7 +4,8 @@ Three parts, each resumable:
 
 - ``linear``: SGD on linear regression (vectorised chains). The stationary distribution's exponent
   phi (maximum likelihood) for every (lr, B) against 1 + B/(lr h*), and the slope of the mean first
-  passage time to L = c L* against log c for d = 1, 2, 3 against B/(lr h*) + 1 - d/2.
+  passage time to L = c L* against log c for d = 1, 2, 3 (averaged over independent datasets) against
+  the theory's SDE at the same c and against its large-c limit B/(lr h*) + 1 - d/2.
 - ``noise``: the SPEC §3.3 even/odd MNIST MLP (784-100-100-1 ReLU, Glorot, MSE (f - y)^2/2) trained
   with lr 0.1, B 100: the noise strength N(t) and L(t) after every epoch, and the late-time slope of
   log N against log L (the paper: 1).
@@ -19,12 +20,13 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+from scipy import stats
 import torch.nn as nn
 
 from .. import __version__
 from ..analyses.escape import (
     LinearRegressionSGD, fit_stationary_exponent, gaussian_regression_data, passage_slope, passage_slope_theory,
-    stationary_exponent_theory)
+    passage_time_theory, stationary_exponent_theory)
 from ..analyses.fits import power_law_fit
 from ..analyses.noise_structure import decoupling_spectra, half_squared_error, noise_strength
 from ..data import load_dataset
@@ -52,7 +54,8 @@ class EscapeRateConfig:
     burn_in: int = 2000
     passage_dims: tuple = (1, 2, 3)
     passage_samples: int = 10_000
-    passage_runs: int = 100
+    passage_runs: int = 100  # per dataset, as in SPEC §3.3
+    passage_datasets: int = 8  # independent draws of the N points; the slope is averaged over them
     passage_thresholds: tuple = (1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
     passage_lr: float = 0.1
     passage_batch_size: int = 1
@@ -74,10 +77,13 @@ class EscapeRateConfig:
             c.dataset, c.stationary_lrs, c.stationary_batch_sizes, c.stationary_samples = "digits", (0.1,), (1, 4), 20_000
             c.chains, c.samples_per_chain, c.burn_in = 50, 40, 500
             c.passage_dims, c.passage_samples, c.passage_runs, c.passage_thresholds = (2,), 2000, 50, (1.1, 1.2, 1.3, 1.4)
+            c.passage_datasets = 2
             c.train_samples, c.hidden, c.noise_epochs, c.decoupling_epochs, c.spectrum_samples = 1000, 24, 12, (0, 5), 300
         bad = [p for p in c.parts if p not in PARTS]
         if bad or not c.parts:
             raise ValueError(f"parts must be a non-empty list of {PARTS}, got {c.parts}")
+        if not isinstance(c.passage_datasets, int) or c.passage_datasets < 1:
+            raise ValueError(f"passage_datasets must be a positive int, got {c.passage_datasets!r}")
         if sorted(c.decoupling_epochs) != list(c.decoupling_epochs) or min(c.decoupling_epochs, default=0) < 0:
             raise ValueError(f"decoupling_epochs must be non-negative and increasing, got {c.decoupling_epochs}")
         return c
@@ -102,28 +108,49 @@ def stationary_part(cfg, log=print):
     return rows
 
 
+def _passage_on_one_dataset(cfg, d, seed):
+    """Mean first-passage times (lr x steps) of ``passage_runs`` chains from theta* on one dataset."""
+    x, y = gaussian_regression_data(cfg.passage_samples, d, seed=seed)
+    sgd = LinearRegressionSGD(x, y, lr=cfg.passage_lr, batch_size=cfg.passage_batch_size, num_runs=cfg.passage_runs,
+                              seed=seed)
+    first = sgd.first_passage(cfg.passage_thresholds, max_steps=cfg.passage_max_steps)
+    reached = (~first.isnan()).sum(0)
+    times = cfg.passage_lr * first.nanmean(0)
+    return {"seed": seed, "h": float(torch.linalg.eigvalsh(sgd.hessian).max()),  # the outlier scale h* (all near 1)
+            "mean_times": times.tolist(), "reached": reached.tolist(), "steps": sgd.step_count,
+            "slope": passage_slope(cfg.passage_thresholds, times.numpy()).exponent}
+
+
 def passage_part(cfg, log=print):
+    """Slopes of log t_p on log c for every d, on ``passage_datasets`` independent datasets (the slope of
+    one draw of N = 10^4 points varies by about 5 % between draws), against two references: the exact
+    mean passage time of the theory's SDE at the same thresholds, and its large-c limit
+    B/(lr h*) + 1 - d/2, which c <= 1.6 is still far from for d = 2, 3 (SPEC gives no c range)."""
     rows = []
     for d in cfg.passage_dims:
         t = time.perf_counter()
-        x, y = gaussian_regression_data(cfg.passage_samples, int(d), seed=cfg.seed + int(d))
-        sgd = LinearRegressionSGD(x, y, lr=cfg.passage_lr, batch_size=cfg.passage_batch_size,
-                                  num_runs=cfg.passage_runs, seed=cfg.seed + int(d))
-        first = sgd.first_passage(cfg.passage_thresholds, max_steps=cfg.passage_max_steps)
-        reached = (~first.isnan()).sum(0)
-        if int(reached.min()) < cfg.passage_runs:
-            log(f"passage d {d}: {cfg.passage_runs - int(reached.min())} runs did not reach the highest threshold in "
+        d = int(d)
+        sets = [_passage_on_one_dataset(cfg, d, cfg.seed + d + 1000 * k) for k in range(cfg.passage_datasets)]
+        short = [s["seed"] for s in sets if min(s["reached"]) < cfg.passage_runs]
+        if short:
+            log(f"passage d {d}: on datasets {short} some runs did not reach the highest threshold in "
                 f"{cfg.passage_max_steps} steps; their means use the runs that did")
-        times = cfg.passage_lr * first.nanmean(0)
-        fit = passage_slope(cfg.passage_thresholds, times.numpy())
-        h = float(torch.linalg.eigvalsh(sgd.hessian).max())  # the outlier scale h* (all d near 1 here)
-        theory = passage_slope_theory(cfg.passage_batch_size, cfg.passage_lr, h, int(d))
-        rows.append({"dim": int(d), "h": h, "thresholds": list(cfg.passage_thresholds), "mean_times": times.tolist(),
-                     "reached": reached.tolist(), "slope": fit.exponent, "slope_ci95": list(fit.ci95),
-                     "theory": theory, "relative_error": fit.exponent / theory - 1, "steps": sgd.step_count,
+        slopes = np.array([s["slope"] for s in sets])
+        mean, sd = float(slopes.mean()), float(slopes.std(ddof=1)) if len(sets) > 1 else float("nan")
+        half = stats.t.ppf(0.975, len(sets) - 1) * sd / np.sqrt(len(sets)) if len(sets) > 1 else float("nan")
+        h = float(np.mean([s["h"] for s in sets]))
+        large_c = passage_slope_theory(cfg.passage_batch_size, cfg.passage_lr, h, d)
+        sde_times = passage_time_theory(cfg.passage_thresholds, cfg.passage_batch_size, cfg.passage_lr, h, d)
+        sde = passage_slope(cfg.passage_thresholds, sde_times).exponent
+        rows.append({"dim": d, "h": h, "thresholds": list(cfg.passage_thresholds),
+                     "mean_times": np.mean([s["mean_times"] for s in sets], axis=0).tolist(),
+                     "sde_times": sde_times.tolist(), "slope": mean, "slope_sd": sd,
+                     "slope_ci95": [mean - half, mean + half], "slope_range": [float(slopes.min()), float(slopes.max())],
+                     "sde_slope": sde, "relative_error_sde": mean / sde - 1,
+                     "theory": large_c, "relative_error": mean / large_c - 1, "datasets": sets,
                      "seconds": time.perf_counter() - t})
-        log(f"passage d {d}: slope {fit.exponent:.2f} [{fit.ci95[0]:.2f}, {fit.ci95[1]:.2f}] (theory {theory:.2f}, "
-            f"{fit.exponent / theory - 1:+.1%})")
+        log(f"passage d {d}: slope {mean:.2f} ± {sd:.2f} over {len(sets)} datasets (SDE at these c {sde:.2f}, "
+            f"{mean / sde - 1:+.1%}; large-c limit {large_c:.2f}, {mean / large_c - 1:+.1%})")
     return rows
 
 
@@ -246,7 +273,9 @@ def run(cfg, out, resume=False, progress=False, log=print):
             value = fn(cfg, os.path.join(out, name), data, resume, progress, log)
             keep(name, {**value, "seconds": time.perf_counter() - t})
     summary = {"library_version": __version__, "config": asdict(cfg), **results,
-               "checks": checks(results), "seconds": time.perf_counter() - t0}
+               "checks": checks(results),
+               # compute time over every invocation (parts reused with --resume keep their own seconds)
+               "seconds": max(time.perf_counter() - t0, sum(v["seconds"] for v in results.values()))}
     from ..report_noise import write_escape_rate_report
 
     write_escape_rate_report(out, summary)
@@ -262,8 +291,14 @@ def checks(results):
         out.append({"claim": f"φ = 1 + B/(η h*) within 15 % (η {r['lr']:g}, B {r['batch_size']})",
                     "values": {"φ": r["phi"], "theory": r["theory"]}, "holds": abs(r["relative_error"]) <= TOLERANCE})
     for r in results.get("passage", {}).get("rows", []):
-        out.append({"claim": f"first-passage slope = B/(η h*) + 1 − d/2 within 15 % (d = {r['dim']})",
-                    "values": {"slope": r["slope"], "theory": r["theory"]}, "holds": abs(r["relative_error"]) <= TOLERANCE})
+        k = len(r["datasets"])
+        out.append({"claim": f"first-passage slope = the theory's SDE at the same c within 15 % (d = {r['dim']}, "
+                             f"mean of {k} datasets)",
+                    "values": {"slope": r["slope"], "SDE": r["sde_slope"]}, "holds": abs(r["relative_error_sde"]) <= TOLERANCE})
+        out.append({"claim": f"first-passage slope = B/(η h*) + 1 − d/2 (its large-c limit) within 15 % (d = {r['dim']}, "
+                             f"mean of {k} datasets)",
+                    "values": {"slope": r["slope"], "theory": r["theory"], "SDE at these c": r["sde_slope"]},
+                    "holds": abs(r["relative_error"]) <= TOLERANCE})
     if "noise" in results:
         slope = results["noise"]["late_slope"]["exponent"]
         out.append({"claim": f"noise strength ∝ L late in training (slope 1 ± {NOISE_SLOPE_TOLERANCE:g})",
