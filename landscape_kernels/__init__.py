@@ -9,6 +9,7 @@ Public API (small and explicit):
     hutchinson_trace, hutchpp_trace, frobenius_norm   randomised estimators with standard errors
     HessianOperator, GGNOperator, NoiseCovarianceOperator, FisherOperator   matrix-free operators
     TrajectoryRecorder   weight snapshots along training, in memory or a crash-safe store on disk
+    open_sharded_trajectory   per-rank stores of parameter-sharded snapshots, read as one trajectory
     StreamingPCA         trajectory PCA (exact / gram / sketch), scikit-learn's attribute names
     loss_profiles, flatness   batched loss along directions; SPEC §1.3 flatness
     SharpnessTracker     top-K Hessian eigenpairs along training, warm-started (SPEC §2.1-2.2)
@@ -34,8 +35,9 @@ from .profiles import FlatnessResult, flatness, loss_profiles  # noqa: E402
 from .sharpness import SharpnessTracker  # noqa: E402
 from .traces import frobenius_norm, hutchinson_trace, hutchpp_trace  # noqa: E402
 from .trajectory import TrajectoryRecorder, open_trajectory  # noqa: E402
+from .sharded_trajectory import open_sharded_trajectory  # noqa: E402
 
 __all__ = ["PerSampleGradients", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
            "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
-           "NoiseCovarianceOperator", "FisherOperator", "TrajectoryRecorder", "open_trajectory", "StreamingPCA",
+           "NoiseCovarianceOperator", "FisherOperator", "TrajectoryRecorder", "open_trajectory", "open_sharded_trajectory", "StreamingPCA",
            "loss_profiles", "flatness", "FlatnessResult", "SharpnessTracker", "NSGD", "ops", "reference", "info", "__version__"]

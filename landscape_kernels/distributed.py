@@ -11,12 +11,17 @@ eigenpairs on every rank.
   mean gradient gbar = sum_r n_r gbar_r / N (the per-rank means are all-reduced once, at construction),
   so the result is the covariance of the union, not an average of per-rank covariances.
 
+Parameter-sharded trajectories: each rank records its slice of theta with a ``TrajectoryRecorder`` into
+``rank_trajectory_store(root)``; ``sharded_pca`` analyses them in the group, and
+``sharded_trajectory.open_sharded_trajectory(root)`` reopens all ranks' stores together afterwards.
+
 Launch with ``torchrun --nproc_per_node R script.py`` (see the README recipe).
 """
 import torch
 import torch.distributed as dist
 
 from .operators import NoiseCovarianceOperator, Operator
+from .sharded_trajectory import rank_store_path
 
 
 def _all_reduce(t, group):
@@ -210,3 +215,10 @@ def sharded_pca(X, n_components=None, group=None):
     signs = best[best[:, :, 0].argmax(0), torch.arange(k), 1]
     components = components * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
     return evals[:k] / (T - 1), components, mean
+
+
+def rank_trajectory_store(root, group=None):
+    """This rank's trajectory store directory under ``root`` (pass it as ``TrajectoryRecorder(store=...)``);
+    every rank records its own slice of theta, and ``open_sharded_trajectory(root)`` joins them."""
+    _require_initialised("rank_trajectory_store")
+    return rank_store_path(root, dist.get_rank(group), dist.get_world_size(group))

@@ -58,11 +58,19 @@ def _trajectory():
     return 3.0 + torch.randn(30, 23, generator=g, dtype=torch.float64) * scales  # 30 snapshots, 23 parameters
 
 
-def _pca(rank, world):
-    from landscape_kernels.distributed import sharded_pca
+def _pca(rank, world, out_dir):
+    """Each rank records its columns of the trajectory into its own store, then sharded_pca runs on them."""
+    from landscape_kernels import TrajectoryRecorder
+    from landscape_kernels.distributed import rank_trajectory_store, sharded_pca
 
     cols = torch.tensor_split(torch.arange(23), [4, 13] if world == 3 else [9])[rank]
-    var, comps, mean = sharded_pca(_trajectory()[:, cols], n_components=6)
+    source = {"shard": torch.zeros(len(cols), dtype=torch.float64)}
+    with TrajectoryRecorder(source, store=rank_trajectory_store(os.path.join(out_dir, "traj")), dtype=torch.float64,
+                            chunk_size=7) as recorder:
+        for step, theta in enumerate(_trajectory()):
+            source["shard"] = theta[cols]
+            recorder.record(step)
+    var, comps, mean = sharded_pca(recorder.snapshots(), n_components=6)
     return {"pca_var": var, "pca_comps": comps, "pca_mean": mean, "pca_cols": cols}
 
 
@@ -80,7 +88,7 @@ def _worker(rank, world, init_file, bounds, out_dir):
                                     sgd_batch_size=4, without_replacement=True)
             F_ = DistributedOperator(lambda d: FisherOperator(model, F.cross_entropy, d), shard)
             out = {**_results(H, C, V), "F_V": F_.matmat(V), **_moments(model, shard, distributed=True),
-                   **_pca(rank, world)}
+                   **_pca(rank, world, out_dir)}
         except ValueError as exc:
             out = {"error": str(exc)}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -104,7 +112,13 @@ def test_distributed_operators_equal_one_process_on_the_union(tmp_path, bounds):
     from landscape_kernels.pca import StreamingPCA
 
     pca = StreamingPCA(n_components=6, mode="exact").fit(_trajectory())
-    for got in _spawn(tmp_path, bounds):
+    results = _spawn(tmp_path, bounds)
+    from landscape_kernels import open_sharded_trajectory
+
+    joined = open_sharded_trajectory(tmp_path / "traj")  # the per-rank stores read as one trajectory
+    assert joined.world_size == len(bounds) - 1 and joined.steps.tolist() == list(range(30))
+    torch.testing.assert_close(joined.snapshots(), _trajectory(), rtol=0, atol=0)
+    for got in results:
         assert "error" not in got, got.get("error")
         assert got.pop("n") == want["n"] == 37
         cols = got.pop("pca_cols")
