@@ -316,18 +316,25 @@ class GGNOperator(_ModelOperator):
 class NoiseCovarianceOperator(_ModelOperator):
     """Per-sample gradient covariance over the dataset, C_1 = (1/N) sum_n (g_n - g)(g_n - g)^T (SPEC
     conventions), applied through the fused per-sample kernels: layer inputs and output gradients are
-    recorded once (one forward and backward per batch) and every product is a projection and a weighted
-    sum over them, never an N x P matrix. ``sgd_batch_size`` B' returns the SGD noise covariance C_1 / B'
+    recorded (one forward and backward per batch) and every product is a projection and a weighted sum
+    over them, never an N x P matrix. ``sgd_batch_size`` B' returns the SGD noise covariance C_1 / B'
     instead (times (N - B') / (N - 1) with ``without_replacement``). Supports the layers
-    ``PerSampleGradients`` supports."""
+    ``PerSampleGradients`` supports.
+
+    ``keep_factors``: True (default) records every batch's factors once and keeps them (memory: the
+    layer inputs and output gradients of the whole dataset, i.e. its activations); False holds one
+    ``batch_size`` batch at a time and records it again in every product (one forward and backward per
+    batch per product), so memory is that of one batch, as in training. Then the model must not change
+    while the operator is in use. Products are centred with the mean gradient, computed at construction.
+    """
 
     centred = True
     column_chunk = None  # projections and weighted sums take all columns at once
 
     def __init__(self, model, loss_fn, data, params=None, batch_size=None, sgd_batch_size=None,
-                 without_replacement=False):
+                 without_replacement=False, keep_factors=True):
         super().__init__(model, loss_fn, data, params, batch_size)
-        modules = {n.rsplit(".", 1)[0] if "." in n else "" for n in self.param_names}
+        self._modules = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.param_names})
         self.scale = 1.0
         if sgd_batch_size is not None:
             if not isinstance(sgd_batch_size, int) or not 1 <= sgd_batch_size <= self.num_samples:
@@ -336,17 +343,38 @@ class NoiseCovarianceOperator(_ModelOperator):
             if without_replacement:
                 N = self.num_samples
                 self.scale *= (N - sgd_batch_size) / max(N - 1, 1)
-        self._recorded = []
-        with self._eval_mode():
-            for x, y in self.batches:
-                ps = PerSampleGradients(model, layers=sorted(modules), loss_reduction="mean")
-                values = [p for n, p in model.named_parameters() if n in ps.param_shapes]
-                with ps:
-                    torch.autograd.grad(loss_fn(model(x), y), values, allow_unused=True)
-                self._recorded.append(ps)
-        order = self._recorded[0].param_names
+        if keep_factors not in (True, False):
+            raise ValueError(f"keep_factors must be True or False, got {keep_factors!r}")
+        self.keep_factors = keep_factors
+        self._recorded = None
+        means = {}
+        recorded = []
+        for ps in self._factors():  # one pass: the mean gradient, and the factors when they are kept
+            for name, value in ps.mean().items():
+                means[name] = means.get(name, 0) + value * (ps.batch_size / self.num_samples)
+            if keep_factors:
+                recorded.append(ps)
+        if keep_factors:
+            self._recorded = recorded
+        order = ps.param_names
         if sorted(order) != sorted(self.param_names):
             raise ValueError(f"params: the per-sample kernels cover {order}, the operator was asked for {self.param_names}")
+        self._mean = torch.cat([means[n].reshape(-1) for n in self.param_names])
+
+    def _record(self, x, y):
+        ps = PerSampleGradients(self.model, layers=self._modules, loss_reduction="mean")
+        values = [p for n, p in self.model.named_parameters() if n in ps.param_shapes]
+        with self._eval_mode(), ps:
+            torch.autograd.grad(self.loss_fn(self.model(x), y), values, allow_unused=True)
+        return ps
+
+    def _factors(self):
+        """Each batch's recorded per-sample factors: the kept ones, or recorded now one batch at a time."""
+        if self._recorded is not None:
+            yield from self._recorded
+            return
+        for x, y in self.batches:
+            yield self._record(x, y)
 
     def _matmat(self, V):
         return self._moment_matmat(V, self.centred) * self.scale
@@ -358,22 +386,16 @@ class NoiseCovarianceOperator(_ModelOperator):
 
     def mean_gradient(self):
         """(P,) mean of the per-sample gradients over the data (the full-batch gradient)."""
-        means = {}
-        for ps in self._recorded:
-            n = ps.batch_size
-            for name, value in ps.mean().items():
-                means[name] = means.get(name, 0) + value * (n / self.num_samples)
-        return torch.cat([means[n].reshape(-1) for n in self.param_names])
+        return self._mean
 
     def _moment_matmat(self, V, centred):
+        # (1/N) sum_n g_n (g_n - g)^T V: the weights are centred projections (they sum to zero up to
+        # rounding), so no large uncentred moment is formed and cancelled
         vs = dict(zip(self.param_names, self._unflatten(V)))
-        projections = [ps.project({n: vs[n] for n in ps.param_names}) for ps in self._recorded]  # (B_i, K)
-        s = torch.cat(projections)
-        if centred:
-            s = s - s.mean(0)
-        s = s / self.num_samples
+        shift = self._mean @ V if centred else 0.0
         out = {n: torch.zeros_like(vs[n]) for n in self.param_names}
-        for ps, weights in zip(self._recorded, s.split([p.shape[0] for p in projections])):
+        for ps in self._factors():
+            weights = (ps.project({n: vs[n] for n in ps.param_names}) - shift) / self.num_samples
             for name, part in ps.weighted_sum(weights).items():
                 out[name] += part
         return self._flatten([out[n] for n in self.param_names])

@@ -140,6 +140,26 @@ def test_noise_covariance_and_fisher_match_per_sample_gradients(kind, gen):
     assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(C).flip(0)[:3], rtol=1e-8)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_noise_operators_without_kept_factors_hold_one_batch_and_agree(kind, gen):
+    """keep_factors=False records one batch at a time in every product (memory of one batch) and gives
+    the same products as the kept factors."""
+    model, x, y = problem(kind, gen)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 4, dtype=torch.float64, generator=gen)
+    forwards = []
+    model[0].register_forward_hook(lambda m, args, out: forwards.append(args[0].shape[0]))
+    for cls in (NoiseCovarianceOperator, FisherOperator):
+        kept = cls(model, F.cross_entropy, (x, y), batch_size=8, sgd_batch_size=3)
+        lean = cls(model, F.cross_entropy, (x, y), batch_size=8, sgd_batch_size=3, keep_factors=False)
+        torch.testing.assert_close(lean.mean_gradient(), kept.mean_gradient(), rtol=1e-13, atol=0)
+        forwards.clear()
+        assert rel(lean.matmat(V), kept.matmat(V)) <= 1e-13
+        assert forwards == [8, 8, 5]  # the lean product recorded each batch again; the kept one none
+        assert lean._recorded is None and len(kept._recorded) == 3
+    with pytest.raises(ValueError, match="keep_factors must be True or False"):
+        NoiseCovarianceOperator(model, F.cross_entropy, (x, y), keep_factors="no")
+
+
 def test_lanczos_on_the_hessian_and_the_scipy_bridge(gen):
     from scipy.sparse.linalg import eigsh
 
