@@ -120,6 +120,62 @@ def test_eigs_degenerate_with_block(gen):
     assert float((r.eigenvectors.T @ r.eigenvectors - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-8
 
 
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_a_basis_in_many_segments_gives_the_same_eigenpairs(block_size, gen, monkeypatch):
+    """The basis of a large model is kept in segments of 16+ rows (no copy as it grows); small problems
+    fit one segment, so force many here: a clustered top (slow convergence, many steps) and a breakdown."""
+    from landscape_kernels import lanczos
+
+    A, lam = matrix_with_spectrum(torch.linspace(0, 1, 300, dtype=torch.float64) ** 0.5, gen)  # no gap: many steps
+    one = lanczos_eigs(A, 4, block_size=block_size, num_iter=300 // block_size, tol=1e-9, seed=3)
+    monkeypatch.setattr(lanczos, "_SEGMENT_ELEMENTS", 1)
+    many = lanczos_eigs(A, 4, block_size=block_size, num_iter=300 // block_size, tol=1e-9, seed=3)
+    assert many.num_steps * block_size > 3 * 18  # the basis spanned more than three segments
+    assert one.converged and many.converged and many.num_products == one.num_products
+    torch.testing.assert_close(many.eigenvalues, one.eigenvalues, rtol=1e-11, atol=0)
+    torch.testing.assert_close(many.eigenvalues, expected(lam, 4, "LA"), rtol=1e-9, atol=0)
+    V = many.eigenvectors
+    assert float((V.T @ V - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-9
+    v0 = torch.zeros(300, dtype=torch.float64)
+    v0[[5, 9, 20]] = 1.0  # breakdown at step 3 of a single-vector run, inside the first segment
+    r = lanczos_eigs(torch.diag(torch.arange(300, 0, -1, dtype=torch.float64)), 5, v0=v0, num_iter=300, seed=7)
+    assert r.converged and torch.allclose(r.eigenvalues, torch.arange(300.0, 295.0, -1, dtype=torch.float64), rtol=1e-8)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE"])
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_thick_restarts_bound_the_basis_and_find_the_same_eigenpairs(which, block_size, gen, monkeypatch):
+    from landscape_kernels import lanczos
+
+    lam = torch.linspace(0, 1, 300, dtype=torch.float64) ** 0.5  # no gap at the top: many restarts
+    lam[:3] = torch.tensor([1.5, 1.5, 1.5], dtype=torch.float64)  # a triple eigenvalue among the wanted
+    A, lam = matrix_with_spectrum(lam, gen)
+    sizes = []
+
+    class Recorded(lanczos._Basis):
+        def _segment(self, row):
+            sizes.append(row + 1)
+            return super()._segment(row)
+
+    monkeypatch.setattr(lanczos, "_Basis", Recorded)
+    full = lanczos_eigs(A, 4, which=which, block_size=block_size, num_iter=300, tol=1e-9, seed=4)
+    sizes.clear()
+    r = lanczos_eigs(A, 4, which=which, block_size=block_size, max_basis=24, num_iter=600, tol=1e-9, seed=4,
+                     residuals="estimate")
+    assert r.converged and max(sizes) <= 24  # no basis row beyond max_basis was ever touched
+    want = expected(lam, 4, which)
+    torch.testing.assert_close(r.eigenvalues, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(full.eigenvalues, want, rtol=1e-9, atol=1e-9)
+    V = r.eigenvectors
+    true = (A @ V - V * r.eigenvalues).norm(dim=0)
+    assert float(true.max()) <= 1e-8 and torch.allclose(r.residuals, true, rtol=1e-4, atol=1e-12)
+    assert float((V.T @ V - torch.eye(4, dtype=torch.float64)).abs().max()) < 1e-9
+    if which == "LA":
+        assert r.num_products > full.num_products  # the price of the bound: more products
+    with pytest.raises(ValueError, match="max_basis must be an int >= k \\+ 3 \\* block_size"):
+        lanczos_eigs(A, 4, block_size=block_size, max_basis=4 + 3 * block_size - 1)
+
+
 def test_eigs_float32(gen):
     A, lam = matrix_with_spectrum(geometric(300, gen), gen, dtype=torch.float32)
     r = lanczos_eigs(A, 5, tol=1e-6, seed=4)
