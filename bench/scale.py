@@ -5,12 +5,15 @@ Model: ``landscape_kernels.models.gpt`` (vocabulary 1024, width 384, 6 heads, 6 
 next-token cross-entropy over every position, float32, the model in eval mode.
 
 1. Top-5 Hessian eigenvalues at tol 1e-3 (relative): ours (``HessianOperator(math_attention=True)`` +
-   ``lanczos_eigs``) vs hessian-eigenthings ``lanczos`` and curvlinops ``HessianLinearOperator`` +
+   ``lanczos_eigs``, with the full basis and with ``max_basis=30``) vs hessian-eigenthings ``lanczos`` and curvlinops ``HessianLinearOperator`` +
    scipy ``eigsh`` (both under the math attention backend too: the fused one has no double backward).
    Time, Hessian-vector products, peak memory added (each method in its own process), eigenvalues.
 2. The 16 x 16 per-sample gradient Gram matrix: ``PerSampleGradients.gram`` (never 16 x P) vs
    ``torch.func`` vmap(grad) materialising the per-sample gradients.
-3. Data-parallel scaling on this CPU: one block of 5 Hessian-vector products with the data on 1 rank
+3. Memory of one analysis step against one training step, each in its own process: a Hessian product
+   of the 16 sequences at once and 4 at a time (``batch_size``), and a noise-covariance product with the
+   per-sample factors kept and with ``keep_factors=False``.
+4. Data-parallel scaling on this CPU: one block of 5 Hessian-vector products with the data on 1 rank
    vs split over 2 gloo ranks (``DistributedOperator``), each rank one thread; the speed-up per extra
    rank is reported as measured.
 
@@ -36,6 +39,7 @@ import landscape_kernels as lk  # noqa: E402
 from landscape_kernels.models import gpt, lm_loss  # noqa: E402
 
 TOL, K, MAX_STEPS, EIGENTHINGS_STEPS = 1e-3, 5, 400, 120  # our Lanczos may take up to MAX_STEPS steps to reach TOL
+BOUNDED_BASIS = 30  # lanczos_eigs(max_basis=...): thick restarts keep at most this many vectors
 
 
 class LMLoss(nn.Module):
@@ -63,12 +67,16 @@ class Counted:
         return self.fn(v)
 
 
-def ours(model, idx, targets):
+def ours(model, idx, targets, max_basis=None):
     H = lk.HessianOperator(model, lm_loss, (idx, targets), math_attention=True, batched_backward=False)
-    r = lk.lanczos_eigs(H, K, tol=TOL, seed=0, num_iter=MAX_STEPS)
+    r = lk.lanczos_eigs(H, K, tol=TOL, seed=0, num_iter=MAX_STEPS, max_basis=max_basis)
     if not r.converged:
         raise RuntimeError(f"not converged in {MAX_STEPS} steps")
     return r.eigenvalues.tolist(), r.num_products
+
+
+def ours_bounded(model, idx, targets):
+    return ours(model, idx, targets, max_basis=BOUNDED_BASIS)
 
 
 def eigenthings(model, idx, targets):
@@ -123,10 +131,54 @@ def measured(fn, *args):
     return out, seconds, mem.added
 
 
+def _one_vector(model):
+    P = sum(p.numel() for p in model.parameters())
+    return torch.randn(P, generator=torch.Generator().manual_seed(2))
+
+
+def training_step(model, idx, targets):
+    lm_loss(model(idx), targets).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def hessian_product(batch_size):
+    def run(model, idx, targets):
+        H = lk.HessianOperator(model, lm_loss, (idx, targets), math_attention=True, batched_backward=False,
+                               batch_size=batch_size)
+        H.matvec(_one_vector(model))
+    return run
+
+
+def noise_product(keep_factors):
+    def run(model, idx, targets):
+        C = lk.NoiseCovarianceOperator(model, lm_loss, (idx, targets), batch_size=4, keep_factors=keep_factors)
+        C.matvec(_one_vector(model))
+    return run
+
+
+MEMORY = {"training step (forward + backward, 16 sequences)": training_step,
+          "Hessian product, 16 sequences at once": hessian_product(None),
+          "Hessian product, 4 at a time (batch_size=4)": hessian_product(4),
+          "noise-covariance product, factors kept (batch_size=4)": noise_product(True),
+          "noise-covariance product, keep_factors=False (batch_size=4)": noise_product(False)}
+
+
+TOP5 = {"ours": ours, f"ours max_basis={BOUNDED_BASIS}": ours_bounded, "hessian-eigenthings lanczos": eigenthings,
+        "curvlinops + scipy eigsh": curvlinops_eigsh}
+
+
 def _isolated_worker(_, name, quick, out_file):
-    """One top-5 method in a fresh process, so its peak memory is its own (RSS never shrinks)."""
+    """One method in a fresh process, so its peak memory is its own (RSS never shrinks)."""
     model, idx, targets = problem(quick)
-    fn = {"ours": ours, "hessian-eigenthings lanczos": eigenthings, "curvlinops + scipy eigsh": curvlinops_eigsh}[name]
+    if name in MEMORY:
+        try:
+            _, s, mem = measured(MEMORY[name], model, idx, targets)
+            out = {"s": s, "peak_mib": None if mem is None else mem / 2**20}
+        except Exception as exc:
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        torch.save(out, out_file)
+        return
+    fn = TOP5[name]
     try:
         (values, products), s, mem = measured(fn, model, idx, targets)
         out = {"s": s, "products": products, "peak_mib": None if mem is None else mem / 2**20, "eigenvalues": values}
@@ -175,15 +227,20 @@ def scaling(quick, world):
 
 def main(argv=None):
     parser = base_parser(__doc__)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: topk, gram, scaling")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: topk, gram, memory, scaling")
+    parser.add_argument("--top5", type=lambda v: [m for m in v.split(",") if m], default=None,
+                        help=f"comma list of top-5 methods to run (default all): {', '.join(TOP5)}")
     args = parser.parse_args(argv)
+    unknown = [m for m in args.top5 or [] if m not in TOP5]
+    if unknown:
+        parser.error(f"--top5: unknown methods {unknown}; choose from {list(TOP5)}")
     skip = set(filter(None, args.skip.split(",")))
     model, idx, targets = problem(args.quick)
     P = sum(p.numel() for p in model.parameters())
     print(f"GPT-style model, {P / 1e6:.2f}M parameters, 16 x 128 tokens, float32, {torch.get_num_threads()} threads")
     results = {}
     if "topk" not in skip:
-        for name in ("ours", "hessian-eigenthings lanczos", "curvlinops + scipy eigsh"):
+        for name in args.top5 or TOP5:
             r = results[f"top5 {name}"] = isolated(name, args.quick)
             if "error" in r:
                 print(f"  top-5, {name}: {r['error']}")
@@ -199,6 +256,10 @@ def main(argv=None):
             err = float((G - ref).abs().max() / ref.abs().max())
             results[f"gram {name}"] = {"s": s, "peak_mib": None if mem is None else mem / 2**20, "max_rel_diff": err}
             print(f"  gram, {name:22s} {s:8.2f} s  peak +{(mem or 0) / 2**20:7.0f} MiB  max rel. diff vs ours {err:.1e}")
+    if "memory" not in skip:
+        for name in MEMORY:
+            r = results[f"memory {name}"] = isolated(name, args.quick)
+            print(f"  memory, {name:60s} " + (r["error"] if "error" in r else f"{r['s']:6.2f} s  peak +{r['peak_mib'] or 0:6.0f} MiB"))
     if "scaling" not in skip:
         one, two = scaling(args.quick, 1), scaling(args.quick, 2)
         results["scaling"] = {"one_rank_s": one, "two_ranks_s": two, "speedup": one / two, "threads_per_rank": 1}
