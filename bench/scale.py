@@ -18,6 +18,10 @@ next-token cross-entropy over every position, float32, the model in eval mode.
    rank is reported as measured.
 
     python bench/scale.py --json bench/results/scale_cpu.json
+    python bench/scale.py --size 100m --device cuda --json bench/results/scale_<gpu>.json   # on a GPU
+
+On CUDA the memory column is the peak allocated device memory added (``torch.cuda.max_memory_allocated``)
+and the CPU-rank scaling part is skipped.
 """
 import os
 import sys
@@ -49,12 +53,17 @@ class LMLoss(nn.Module):
         return lm_loss(logits, targets)
 
 
-def problem(quick, seed=0):
-    size = dict(vocab=1024, d=128, heads=4, layers=2) if quick else dict(vocab=1024, d=384, heads=6, layers=6)
-    model = gpt(context=128, seed=seed, **size).eval()
+SIZES = {"quick": dict(vocab=1024, d=128, heads=4, layers=2),  # 0.68M parameters
+         "10m": dict(vocab=1024, d=384, heads=6, layers=6),  # 11.5M
+         "100m": dict(vocab=1024, d=768, heads=12, layers=14)}  # 100.8M, for a GPU
+
+
+def problem(size, device="cpu", seed=0):
+    shape = SIZES[size]
+    model = gpt(context=128, seed=seed, **shape).eval().to(device)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, size["vocab"], (16, 128), generator=g)
-    targets = torch.randint(0, size["vocab"], (16, 128), generator=g)
+    idx = torch.randint(0, shape["vocab"], (16, 128), generator=g).to(device)
+    targets = torch.randint(0, shape["vocab"], (16, 128), generator=g).to(device)
     return model, idx, targets
 
 
@@ -123,17 +132,25 @@ def gram_vmap(model, idx, targets):
     return G @ G.T
 
 
-def measured(fn, *args):
+def measured(fn, model, *args):
+    """(output, seconds, peak bytes added): peak RSS on the CPU, peak allocated device memory on CUDA."""
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        out = fn(*args)
+        out = fn(model, *args)
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    return out, seconds, mem.added
+    return out, seconds, torch.cuda.max_memory_allocated() - base if cuda else mem.added
 
 
 def _one_vector(model):
     P = sum(p.numel() for p in model.parameters())
-    return torch.randn(P, generator=torch.Generator().manual_seed(2))
+    return torch.randn(P, generator=torch.Generator().manual_seed(2)).to(next(model.parameters()).device)
 
 
 def training_step(model, idx, targets):
@@ -167,9 +184,9 @@ TOP5 = {"ours": ours, f"ours max_basis={BOUNDED_BASIS}": ours_bounded, "hessian-
         "curvlinops + scipy eigsh": curvlinops_eigsh}
 
 
-def _isolated_worker(_, name, quick, out_file):
+def _isolated_worker(_, name, size, device, out_file):
     """One method in a fresh process, so its peak memory is its own (RSS never shrinks)."""
-    model, idx, targets = problem(quick)
+    model, idx, targets = problem(size, device)
     if name in MEMORY:
         try:
             _, s, mem = measured(MEMORY[name], model, idx, targets)
@@ -187,23 +204,23 @@ def _isolated_worker(_, name, quick, out_file):
     torch.save(out, out_file)
 
 
-def isolated(name, quick):
+def isolated(name, size, device):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.pt")
-        mp.spawn(_isolated_worker, args=(name, quick, path), nprocs=1, join=True)
+        mp.spawn(_isolated_worker, args=(name, size, device, path), nprocs=1, join=True)
         return torch.load(path)
 
 
-def _scaling_worker(rank, world, init_file, quick, out_dir):
+def _scaling_worker(rank, world, init_file, size, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=1800))
     try:
         from landscape_kernels.distributed import DistributedOperator
 
-        model, idx, targets = problem(quick)
+        model, idx, targets = problem(size)
         shard = (idx[rank::world], targets[rank::world])
         H = DistributedOperator(lambda d: lk.HessianOperator(model, lm_loss, d, math_attention=True), shard)
         V = torch.randn(H.shape[0], K, generator=torch.Generator().manual_seed(1))
@@ -217,17 +234,20 @@ def _scaling_worker(rank, world, init_file, quick, out_dir):
         dist.destroy_process_group()
 
 
-def scaling(quick, world):
+def scaling(size, world):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_scaling_worker, args=(world, os.path.join(tmp, "init"), quick, tmp), nprocs=world, join=True)
+        mp.spawn(_scaling_worker, args=(world, os.path.join(tmp, "init"), size, tmp), nprocs=world, join=True)
         return max(torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world))
 
 
 def main(argv=None):
     parser = base_parser(__doc__)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: topk, gram, memory, scaling")
+    parser.add_argument("--size", choices=[k for k in SIZES if k != "quick"], default="10m",
+                        help="10m (11.5M parameters, default) or 100m (100.8M, for a GPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--top5", type=lambda v: [m for m in v.split(",") if m], default=None,
                         help=f"comma list of top-5 methods to run (default all): {', '.join(TOP5)}")
     args = parser.parse_args(argv)
@@ -235,13 +255,19 @@ def main(argv=None):
     if unknown:
         parser.error(f"--top5: unknown methods {unknown}; choose from {list(TOP5)}")
     skip = set(filter(None, args.skip.split(",")))
-    model, idx, targets = problem(args.quick)
+    size = "quick" if args.quick else args.size
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.device == "cuda":
+        skip.add("scaling")  # gloo ranks on the CPU; a multi-GPU NCCL run is launched with torchrun instead
+    model, idx, targets = problem(size, args.device)
     P = sum(p.numel() for p in model.parameters())
-    print(f"GPT-style model, {P / 1e6:.2f}M parameters, 16 x 128 tokens, float32, {torch.get_num_threads()} threads")
+    print(f"GPT-style model, {P / 1e6:.2f}M parameters, 16 x 128 tokens, float32, {args.device}, "
+          f"{torch.get_num_threads()} threads")
     results = {}
     if "topk" not in skip:
         for name in args.top5 or TOP5:
-            r = results[f"top5 {name}"] = isolated(name, args.quick)
+            r = results[f"top5 {name}"] = isolated(name, size, args.device)
             if "error" in r:
                 print(f"  top-5, {name}: {r['error']}")
                 continue
@@ -258,17 +284,18 @@ def main(argv=None):
             print(f"  gram, {name:22s} {s:8.2f} s  peak +{(mem or 0) / 2**20:7.0f} MiB  max rel. diff vs ours {err:.1e}")
     if "memory" not in skip:
         for name in MEMORY:
-            r = results[f"memory {name}"] = isolated(name, args.quick)
+            r = results[f"memory {name}"] = isolated(name, size, args.device)
             print(f"  memory, {name:60s} " + (r["error"] if "error" in r else f"{r['s']:6.2f} s  peak +{r['peak_mib'] or 0:6.0f} MiB"))
     if "scaling" not in skip:
-        one, two = scaling(args.quick, 1), scaling(args.quick, 2)
+        one, two = scaling(size, 1), scaling(size, 2)
         results["scaling"] = {"one_rank_s": one, "two_ranks_s": two, "speedup": one / two, "threads_per_rank": 1}
         print(f"  {K} Hessian-vector products, 1 rank {one:.2f} s, 2 ranks {two:.2f} s: speed-up {one / two:.2f}x "
               "(one thread per rank)")
     if args.json:
         write_json(args.json, {"benchmark": "scale (issue 8)", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "device": "CPU", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "parameters": P, "quick": args.quick, "results": results})
+                               "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+                               "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "parameters": P, "size": size, "results": results})
     return 0
 
 

@@ -1,5 +1,6 @@
 """DistributedOperator with 2 and 3 gloo processes on CPU (spawned here): the products, top-5 Hessian
-eigenvalues and noise-covariance spectrum equal one process's on the union of the shards."""
+eigenvalues, noise-covariance spectrum, SLQ density and trace estimates equal one process's on the union
+of the shards."""
 import os
 import sys
 from datetime import timedelta
@@ -12,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from landscape_kernels import HessianOperator
-from landscape_kernels.lanczos import lanczos_eigs
+from landscape_kernels.lanczos import lanczos_eigs, spectral_density
+from landscape_kernels.traces import hutchinson_trace, hutchpp_trace
 from landscape_kernels.operators import FisherOperator, NoiseCovarianceOperator
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
@@ -31,9 +33,14 @@ def _problem():
 
 
 def _results(H, C, V):
+    """Products, eigenvalues, the SLQ density and the trace estimators: unchanged code on either operator."""
+    density = spectral_density(H, num_probes=3, num_steps=12, seed=0)
     return {"H_V": H.matmat(V), "C_V": C.matmat(V),
             "H_top5": lanczos_eigs(H, 5, tol=1e-12, seed=0).eigenvalues,
-            "C_top5": lanczos_eigs(C, 5, tol=1e-12, seed=0).eigenvalues}
+            "C_top5": lanczos_eigs(C, 5, tol=1e-12, seed=0).eigenvalues,
+            "H_slq_nodes": density.nodes, "H_slq_weights": density.weights,
+            "H_hutchpp": torch.tensor(hutchpp_trace(H, num_products=12, seed=0)),
+            "C_hutchinson": torch.tensor(hutchinson_trace(C, num_probes=6, seed=0))}
 
 
 def _moments(model, data, distributed=False):
