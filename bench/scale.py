@@ -158,10 +158,10 @@ def training_step(model, idx, targets):
     model.zero_grad(set_to_none=True)
 
 
-def hessian_product(batch_size):
+def hessian_product(batch_size, method="double_backward"):
     def run(model, idx, targets):
         H = lk.HessianOperator(model, lm_loss, (idx, targets), math_attention=True, batched_backward=False,
-                               batch_size=batch_size)
+                               batch_size=batch_size, method=method)
         H.matvec(_one_vector(model))
     return run
 
@@ -176,6 +176,7 @@ def noise_product(keep_factors):
 MEMORY = {"training step (forward + backward, 16 sequences)": training_step,
           "Hessian product, 16 sequences at once": hessian_product(None),
           "Hessian product, 4 at a time (batch_size=4)": hessian_product(4),
+          "Hessian product, finite differences (batch_size=4)": hessian_product(4, "finite_difference"),
           "noise-covariance product, factors kept (batch_size=4)": noise_product(True),
           "noise-covariance product, keep_factors=False (batch_size=4)": noise_product(False)}
 
