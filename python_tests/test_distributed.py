@@ -94,7 +94,9 @@ def _worker(rank, world, init_file, bounds, out_dir):
             C = DistributedOperator(lambda d: NoiseCovarianceOperator(model, F.cross_entropy, d, batch_size=5), shard,
                                     sgd_batch_size=4, without_replacement=True)
             F_ = DistributedOperator(lambda d: FisherOperator(model, F.cross_entropy, d), shard)
-            out = {**_results(H, C, V), "F_V": F_.matmat(V), **_moments(model, shard, distributed=True),
+            lean = DistributedOperator(lambda d: NoiseCovarianceOperator(model, F.cross_entropy, d, batch_size=5,
+                                                                         keep_factors=False), shard)
+            out = {**_results(H, C, V), "F_V": F_.matmat(V), "C1_V": lean.matmat(V), **_moments(model, shard, distributed=True),
                    **_pca(rank, world, out_dir)}
         except ValueError as exc:
             out = {"error": str(exc)}
@@ -115,6 +117,7 @@ def test_distributed_operators_equal_one_process_on_the_union(tmp_path, bounds):
     H = HessianOperator(model, F.cross_entropy, (x, y), batch_size=5)
     C = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=5, sgd_batch_size=4, without_replacement=True)
     want = {**_results(H, C, V), "F_V": FisherOperator(model, F.cross_entropy, (x, y)).matmat(V),
+            "C1_V": NoiseCovarianceOperator(model, F.cross_entropy, (x, y)).matmat(V),
             **_moments(model, (x, y))}
     from landscape_kernels.pca import StreamingPCA
 
