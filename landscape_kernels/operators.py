@@ -200,12 +200,20 @@ class HessianOperator(_ModelOperator):
                 raise
 
     def _rop_states(self):
+        """Each batch's state for the products: the kept ones, or (keep_graph=False) one batch at a time,
+        so that memory holds one batch's state, not every batch's at once."""
         if self._graphs is not None:
-            return self._graphs
-        states = [self._rop_engine.prepare(x, y, self._weight(x)) for x, y in self.batches]
-        if self.keep_graph:
-            self._graphs = states
-        return states
+            yield from self._graphs
+            return
+        kept = [] if self.keep_graph else None
+        for x, y in self.batches:
+            state = self._rop_engine.prepare(x, y, self._weight(x))
+            if kept is not None:
+                kept.append(state)
+            yield state
+            del state  # the caller's loop variable is then the last reference
+        if kept is not None:
+            self._graphs = kept
 
     def _rop(self, V):
         vs = self._unflatten(V)
@@ -213,19 +221,26 @@ class HessianOperator(_ModelOperator):
         for state in self._rop_states():
             hv = self._rop_engine.products(state, vs)
             out = hv if out is None else [o.add_(h) for o, h in zip(out, hv)]
+            del state  # free this batch's state before the next one is prepared
         return self._flatten(out)
 
     def _gradients_with_graph(self):
+        """Each batch's (parameters, gradients with their graph): the kept ones, or (keep_graph=False) one
+        batch at a time, so that memory holds one batch's graph, not every batch's at once."""
         if self._graphs is not None:
-            return self._graphs
-        graphs = []
+            yield from self._graphs
+            return
+        kept = [] if self.keep_graph else None
         for x, y in self.batches:
             values = [p.detach().requires_grad_(True) for p in self.params]
             loss = self._batch_loss(values, x, y) * self._weight(x)
-            graphs.append((values, torch.autograd.grad(loss, values, create_graph=True)))
-        if self.keep_graph:
-            self._graphs = graphs
-        return graphs
+            graph = (values, torch.autograd.grad(loss, values, create_graph=True))
+            if kept is not None:
+                kept.append(graph)
+            yield graph
+            del graph, loss  # the caller's loop variables are then the last references
+        if kept is not None:
+            self._graphs = kept
 
     def _double_backward(self, V):
         vs = self._unflatten(V)
@@ -235,11 +250,12 @@ class HessianOperator(_ModelOperator):
                 hv = torch.autograd.grad(grads, values, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
                 for o, h in zip(out, hv):
                     o.add_(h)
-                continue
-            for k in range(V.shape[1]):
-                hv = torch.autograd.grad(grads, values, grad_outputs=[v[k] for v in vs], retain_graph=True)
-                for o, h in zip(out, hv):
-                    o[k].add_(h)
+            else:
+                for k in range(V.shape[1]):
+                    hv = torch.autograd.grad(grads, values, grad_outputs=[v[k] for v in vs], retain_graph=True)
+                    for o, h in zip(out, hv):
+                        o[k].add_(h)
+            del values, grads, hv  # free this batch's graph before the next one is built
         return self._flatten(out)
 
     def _forward_over_reverse(self, V):
@@ -354,9 +370,10 @@ class NoiseCovarianceOperator(_ModelOperator):
                 means[name] = means.get(name, 0) + value * (ps.batch_size / self.num_samples)
             if keep_factors:
                 recorded.append(ps)
+            order = ps.param_names
+            del ps  # without keep_factors, free this batch's factors before the next are recorded
         if keep_factors:
             self._recorded = recorded
-        order = ps.param_names
         if sorted(order) != sorted(self.param_names):
             raise ValueError(f"params: the per-sample kernels cover {order}, the operator was asked for {self.param_names}")
         self._mean = torch.cat([means[n].reshape(-1) for n in self.param_names])
@@ -398,6 +415,7 @@ class NoiseCovarianceOperator(_ModelOperator):
             weights = (ps.project({n: vs[n] for n in ps.param_names}) - shift) / self.num_samples
             for name, part in ps.weighted_sum(weights).items():
                 out[name] += part
+            del ps  # without keep_factors, free this batch's factors before the next are recorded
         return self._flatten([out[n] for n in self.param_names])
 
 

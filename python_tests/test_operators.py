@@ -160,6 +160,93 @@ def test_noise_operators_without_kept_factors_hold_one_batch_and_agree(kind, gen
         NoiseCovarianceOperator(model, F.cross_entropy, (x, y), keep_factors="no")
 
 
+def _handovers(model, run):
+    """For each batch after the first that goes through model[1]: was the previous batch's output alive?"""
+    import weakref
+
+    previous, alive = [], []
+
+    def hook(module, args, out):
+        if previous:
+            alive.append(previous[-1]() is not None)
+        previous.append(weakref.ref(out))
+
+    handle = model[1].register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return alive
+
+
+def test_noise_factors_are_recorded_one_batch_at_a_time_unless_kept(gen, monkeypatch):
+    """keep_factors=False: when a batch's factors are recorded, the previous batch's are already freed."""
+    import weakref
+
+    model, x, y = problem("mlp", gen)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64, generator=gen)
+    record, previous, alive = NoiseCovarianceOperator._record, [], []
+
+    def watched(self, *args):
+        if previous:
+            alive.append(previous[-1]() is not None)
+        ps = record(self, *args)
+        previous.append(weakref.ref(ps))
+        return ps
+
+    monkeypatch.setattr(NoiseCovarianceOperator, "_record", watched)
+    lean = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=8, keep_factors=False)
+    previous.clear()
+    lean.matmat(V)
+    assert alive == [False] * 4  # two hand-overs in the construction pass, two in the product
+    alive.clear()
+    previous.clear()
+    NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=8)
+    assert alive == [True, True]
+
+
+def _product_handovers(model, x, y, V, method, keep):
+    """For each batch after the first in one product: was the previous batch's graph (double backward:
+    the model's activations) or product state (rop) still alive when this batch began?"""
+    import weakref
+
+    previous, alive = [], []
+
+    def seen(obj):
+        if previous:
+            alive.append(previous[-1]() is not None)
+        previous.append(weakref.ref(obj))
+
+    handle = model[1].register_forward_hook(lambda module, args, out: seen(out))
+    H = HessianOperator(model, F.cross_entropy, (x, y), batch_size=8, method=method, keep_graph=keep)
+    if method == "rop":  # the R-operator engine runs its own GEMMs: watch the states it prepares
+        prepare = H._rop_engine.prepare
+
+        def watched(*args):
+            state = prepare(*args)
+            seen(state)
+            return state
+
+        H._rop_engine.prepare = watched
+    previous.clear()
+    alive.clear()
+    try:
+        H.matmat(V)
+    finally:
+        handle.remove()
+    return alive
+
+
+@pytest.mark.parametrize("method", ["double_backward", "rop"])
+def test_products_hold_one_batch_at_a_time_unless_graphs_are_kept(method, gen):
+    """batch_size bounds memory: when batch i + 1 goes in, batch i's graph or state is already freed;
+    with keep_graph they all stay."""
+    model, x, y = problem("mlp", gen)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64, generator=gen)
+    for keep in (False, True):
+        assert _product_handovers(model, x, y, V, method, keep) == [keep, keep]  # three batches: two hand-overs
+
+
 def test_lanczos_on_the_hessian_and_the_scipy_bridge(gen):
     from scipy.sparse.linalg import eigsh
 
