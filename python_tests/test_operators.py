@@ -160,25 +160,6 @@ def test_noise_operators_without_kept_factors_hold_one_batch_and_agree(kind, gen
         NoiseCovarianceOperator(model, F.cross_entropy, (x, y), keep_factors="no")
 
 
-def _handovers(model, run):
-    """For each batch after the first that goes through model[1]: was the previous batch's output alive?"""
-    import weakref
-
-    previous, alive = [], []
-
-    def hook(module, args, out):
-        if previous:
-            alive.append(previous[-1]() is not None)
-        previous.append(weakref.ref(out))
-
-    handle = model[1].register_forward_hook(hook)
-    try:
-        run()
-    finally:
-        handle.remove()
-    return alive
-
-
 def test_noise_factors_are_recorded_one_batch_at_a_time_unless_kept(gen, monkeypatch):
     """keep_factors=False: when a batch's factors are recorded, the previous batch's are already freed."""
     import weakref
