@@ -5,7 +5,7 @@ Model: ``landscape_kernels.models.gpt`` (vocabulary 1024, width 384, 6 heads, 6 
 next-token cross-entropy over every position, float32, the model in eval mode.
 
 1. Top-5 Hessian eigenvalues at tol 1e-3 (relative): ours (``HessianOperator(math_attention=True)`` +
-   ``lanczos_eigs``, with the full basis and with ``max_basis=30``) vs hessian-eigenthings ``lanczos`` and curvlinops ``HessianLinearOperator`` +
+   ``lanczos_eigs``, with the full basis, with ``max_basis=30``, and with that and 4 sequences per chunk) vs hessian-eigenthings ``lanczos`` and curvlinops ``HessianLinearOperator`` +
    scipy ``eigsh`` (both under the math attention backend too: the fused one has no double backward).
    Time, Hessian-vector products, peak memory added (each method in its own process), eigenvalues.
 2. The 16 x 16 per-sample gradient Gram matrix: ``PerSampleGradients.gram`` (never 16 x P) vs
@@ -76,8 +76,9 @@ class Counted:
         return self.fn(v)
 
 
-def ours(model, idx, targets, max_basis=None):
-    H = lk.HessianOperator(model, lm_loss, (idx, targets), math_attention=True, batched_backward=False)
+def ours(model, idx, targets, max_basis=None, batch_size=None):
+    H = lk.HessianOperator(model, lm_loss, (idx, targets), math_attention=True, batched_backward=False,
+                           batch_size=batch_size)
     r = lk.lanczos_eigs(H, K, tol=TOL, seed=0, num_iter=MAX_STEPS, max_basis=max_basis)
     if not r.converged:
         raise RuntimeError(f"not converged in {MAX_STEPS} steps")
@@ -86,6 +87,10 @@ def ours(model, idx, targets, max_basis=None):
 
 def ours_bounded(model, idx, targets):
     return ours(model, idx, targets, max_basis=BOUNDED_BASIS)
+
+
+def ours_lean(model, idx, targets):
+    return ours(model, idx, targets, max_basis=BOUNDED_BASIS, batch_size=4)
 
 
 def eigenthings(model, idx, targets):
@@ -181,7 +186,8 @@ MEMORY = {"training step (forward + backward, 16 sequences)": training_step,
           "noise-covariance product, keep_factors=False (batch_size=4)": noise_product(False)}
 
 
-TOP5 = {"ours": ours, f"ours max_basis={BOUNDED_BASIS}": ours_bounded, "hessian-eigenthings lanczos": eigenthings,
+TOP5 = {"ours": ours, f"ours max_basis={BOUNDED_BASIS}": ours_bounded,
+        f"ours max_basis={BOUNDED_BASIS} batch_size=4": ours_lean, "hessian-eigenthings lanczos": eigenthings,
         "curvlinops + scipy eigsh": curvlinops_eigsh}
 
 

@@ -128,6 +128,8 @@ class _Basis:
     def rows(self, lo, hi):
         """Rows lo..hi of one block (a view)."""
         segment, start = self._segment(lo)
+        if start + hi - lo > self.rows_per_segment:
+            raise AssertionError(f"lanczos: basis rows {lo}..{hi} straddle a segment boundary")
         return segment[start : start + hi - lo]
 
     def set_row(self, row, value):
@@ -143,6 +145,22 @@ class _Basis:
             count = min(self.rows_per_segment, n - index * self.rows_per_segment)
             w, norm = ops.lanczos_reorth(self.segments[index].unsqueeze(0), w, count)
         return w, norm
+
+    def rotate(self, Y):
+        """Replace rows 0..l-1 by Y^T Q[:m] for Y (m, l), l <= m, in place: each slice of columns of the
+        new rows depends only on the same slice of the old rows, so the work goes slice by slice and the
+        scratch memory is two slices, not l rows."""
+        m, l = Y.shape
+        Yt = Y.T.to(self.dtype).to(self.device)
+        width = max(1, _SEGMENT_ELEMENTS // m)
+        for c0 in range(0, self.P, width):
+            cols = slice(c0, min(self.P, c0 + width))
+            old = torch.cat([self.segments[i][: min(self.rows_per_segment, m - start), cols]
+                             for i, start in enumerate(range(0, m, self.rows_per_segment))])
+            new = Yt @ old  # (l, width)
+            for i, start in enumerate(range(0, l, self.rows_per_segment)):
+                count = min(self.rows_per_segment, l - start)
+                self.segments[i][:count, cols] = new[start : start + count]
 
     def combine(self, S):
         """(k, P) = S^T Q[:m] for S (m, k)."""
@@ -186,12 +204,11 @@ def _thick_restart(Q, T, theta, S, coupling, m, k, which, b, max_basis):
     next block (rows m..m+b, orthogonal to them all) as the new basis rows 0..l+b-1. With
     A Q_m = Q_m T_m + Q_next B E^T, the kept vectors satisfy A Y = Y diag(theta) + Q_next (B S_last)^T,
     so T restarts as diag(theta) bordered by the arrow B S_last. Returns l, the next block's first row."""
-    l = k + (max_basis - k - 2 * b) // 2
+    first = -(-k // b) * b  # l is a multiple of b, so the blocks after the restart stay within segments
+    l = first + b * ((max_basis - first - 2 * b) // (2 * b))
     keep = _select(theta, l, which)
-    kept = Q.combine(S[:, keep])  # (l, P): the one temporary of the restart
     following = Q.rows(m, m + b).clone()
-    for i in range(l):
-        Q.set_row(i, kept[i])
+    Q.rotate(S[:, keep])
     for i in range(b):
         Q.set_row(l + i, following[i])
     arrow = coupling @ S[m - b : m][:, keep]  # (b, l)

@@ -158,6 +158,7 @@ def test_thick_restarts_bound_the_basis_and_find_the_same_eigenpairs(which, bloc
             return super()._segment(row)
 
     monkeypatch.setattr(lanczos, "_Basis", Recorded)
+    monkeypatch.setattr(lanczos, "_SEGMENT_ELEMENTS", 4800)  # 16-row segments, restarts in column slices
     full = lanczos_eigs(A, 4, which=which, block_size=block_size, num_iter=300, tol=1e-9, seed=4)
     sizes.clear()
     r = lanczos_eigs(A, 4, which=which, block_size=block_size, max_basis=24, num_iter=600, tol=1e-9, seed=4,
