@@ -341,6 +341,7 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
     wanted = _select(theta, k, which)
     values = theta[wanted]
     vectors = Q.combine(S[:, wanted]).T  # (P, k)
+    del Q  # free the basis before the residual products: on a large model it is most of the memory
     if residuals == "true":
         AV = apply(vectors, steps)
         res = (AV - vectors * values.to(dtype).to(device)).norm(dim=0).double().cpu()
