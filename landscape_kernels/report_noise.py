@@ -161,4 +161,13 @@ def write_escape_rate_report(out, s):
                   "difference |", "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {e} | {_fmt(p['loss'])} | {len(p['A'])} | {p['log_ratio_top']:.3f} | {p['log_ratio_bottom']:.3f} | "
                   f"{p['top_relative']:.3f} |" for e, p in zip(d["epochs"], d["spectra"])] + [""]
+        # where along the spectrum the two part: the median |log10 ratio| in each tenth of the ranks
+        lines += ["Median |log10(a_i / b_i)| in each tenth of the eigenvalues, largest tenth first:", "",
+                  "| epoch | " + " | ".join(f"{10 * i}–{10 * i + 10} %" for i in range(10)) + " |",
+                  "|---:|" + "---:|" * 10]
+        for e, p in zip(d["epochs"], d["spectra"]):
+            ratio = np.abs(np.log10(np.asarray(p["A"]) / np.asarray(p["B"])))
+            tenths = [np.median(part) for part in np.array_split(ratio, 10)]
+            lines.append(f"| {e} | " + " | ".join(f"{t:.2f}" for t in tenths) + " |")
+        lines.append("")
     _write_report(out, lines, written, plt, s)
