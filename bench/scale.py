@@ -55,7 +55,7 @@ class LMLoss(nn.Module):
 
 SIZES = {"quick": dict(vocab=1024, d=128, heads=4, layers=2),  # 0.68M parameters
          "10m": dict(vocab=1024, d=384, heads=6, layers=6),  # 11.5M
-         "100m": dict(vocab=1024, d=768, heads=12, layers=14)}  # 100.8M, for a GPU
+         "100m": dict(vocab=1024, d=768, heads=12, layers=14)}  # 100.9M, for a GPU
 
 
 def problem(size, device="cpu", seed=0):
@@ -253,7 +253,7 @@ def main(argv=None):
     parser = base_parser(__doc__)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: topk, gram, memory, scaling")
     parser.add_argument("--size", choices=[k for k in SIZES if k != "quick"], default="10m",
-                        help="10m (11.5M parameters, default) or 100m (100.8M, for a GPU)")
+                        help="10m (11.5M parameters, default) or 100m (100.9M, for a GPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--top5", type=lambda v: [m for m in v.split(",") if m], default=None,
                         help=f"comma list of top-5 methods to run (default all): {', '.join(TOP5)}")
