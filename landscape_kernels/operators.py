@@ -199,15 +199,15 @@ class HessianOperator(_ModelOperator):
                         f"method='finite_difference' (no second derivatives). Original error: {exc}") from exc
                 raise
 
-    def _rop_states(self):
-        """Each batch's state for the products: the kept ones, or (keep_graph=False) one batch at a time,
-        so that memory holds one batch's state, not every batch's at once."""
+    def _per_batch(self, make):
+        """``make(x, y)`` for each batch: the kept results (keep_graph=True, after the first pass), or one
+        batch at a time, so that memory holds one batch's graph or state, not every batch's at once."""
         if self._graphs is not None:
             yield from self._graphs
             return
         kept = [] if self.keep_graph else None
         for x, y in self.batches:
-            state = self._rop_engine.prepare(x, y, self._weight(x))
+            state = make(x, y)
             if kept is not None:
                 kept.append(state)
             yield state
@@ -215,37 +215,28 @@ class HessianOperator(_ModelOperator):
         if kept is not None:
             self._graphs = kept
 
+    def _rop_state(self, x, y):
+        return self._rop_engine.prepare(x, y, self._weight(x))
+
     def _rop(self, V):
         vs = self._unflatten(V)
         out = None
-        for state in self._rop_states():
+        for state in self._per_batch(self._rop_state):
             hv = self._rop_engine.products(state, vs)
             out = hv if out is None else [o.add_(h) for o, h in zip(out, hv)]
             del state  # free this batch's state before the next one is prepared
         return self._flatten(out)
 
-    def _gradients_with_graph(self):
-        """Each batch's (parameters, gradients with their graph): the kept ones, or (keep_graph=False) one
-        batch at a time, so that memory holds one batch's graph, not every batch's at once."""
-        if self._graphs is not None:
-            yield from self._graphs
-            return
-        kept = [] if self.keep_graph else None
-        for x, y in self.batches:
-            values = [p.detach().requires_grad_(True) for p in self.params]
-            loss = self._batch_loss(values, x, y) * self._weight(x)
-            graph = (values, torch.autograd.grad(loss, values, create_graph=True))
-            if kept is not None:
-                kept.append(graph)
-            yield graph
-            del graph, loss  # the caller's loop variables are then the last references
-        if kept is not None:
-            self._graphs = kept
+    def _gradient_with_graph(self, x, y):
+        """(parameters, the batch's gradients with their graph) for double backward."""
+        values = [p.detach().requires_grad_(True) for p in self.params]
+        loss = self._batch_loss(values, x, y) * self._weight(x)
+        return values, torch.autograd.grad(loss, values, create_graph=True)
 
     def _double_backward(self, V):
         vs = self._unflatten(V)
         out = [torch.zeros_like(v) for v in vs]
-        for values, grads in self._gradients_with_graph():
+        for values, grads in self._per_batch(self._gradient_with_graph):
             if self.batched_backward:
                 hv = torch.autograd.grad(grads, values, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
                 for o, h in zip(out, hv):
@@ -363,26 +354,31 @@ class NoiseCovarianceOperator(_ModelOperator):
             raise ValueError(f"keep_factors must be True or False, got {keep_factors!r}")
         self.keep_factors = keep_factors
         self._recorded = None
-        means = {}
-        recorded = []
-        for ps in self._factors():  # one pass: the mean gradient, and the factors when they are kept
-            for name, value in ps.mean().items():
-                means[name] = means.get(name, 0) + value * (ps.batch_size / self.num_samples)
+        recorded, self._mean = [], torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        for x, y in self.batches:  # one pass: the mean gradient, and the factors when they are kept
+            ps = self._record(x, y, mean_into=self._mean)
             if keep_factors:
                 recorded.append(ps)
-            order = ps.param_names
             del ps  # without keep_factors, free this batch's factors before the next are recorded
         if keep_factors:
             self._recorded = recorded
-        if sorted(order) != sorted(self.param_names):
-            raise ValueError(f"params: the per-sample kernels cover {order}, the operator was asked for {self.param_names}")
-        self._mean = torch.cat([means[n].reshape(-1) for n in self.param_names])
 
-    def _record(self, x, y):
+    def _record(self, x, y, mean_into=None):
+        """One batch's per-sample factors. ``mean_into``: add the batch's gradient (which autograd returns
+        anyway), weighted by the batch's share of the data, to this (P,) mean gradient."""
         ps = PerSampleGradients(self.model, layers=self._modules, loss_reduction="mean")
-        values = [p for n, p in self.model.named_parameters() if n in ps.param_shapes]
+        if sorted(ps.param_names) != sorted(self.param_names):
+            raise ValueError(f"params: the per-sample kernels cover {ps.param_names}, the operator was asked for "
+                             f"{self.param_names}")
+        params = dict(self.model.named_parameters())
         with self._eval_mode(), ps:
-            torch.autograd.grad(self.loss_fn(self.model(x), y), values, allow_unused=True)
+            grads = torch.autograd.grad(self.loss_fn(self.model(x), y), [params[n] for n in self.param_names],
+                                        allow_unused=True)
+        if mean_into is not None:
+            share = x.shape[0] / self.num_samples
+            for part, g in zip(mean_into.split(self.sizes), grads):
+                if g is not None:
+                    part.add_(g.reshape(-1), alpha=share)
         return ps
 
     def _factors(self):

@@ -32,6 +32,15 @@ def _fmt(v):
     return str(v)
 
 
+def _draw_figures(draw, out, s):
+    """(plt, written): pyplot (None without matplotlib) and the figure files ``draw(plt, out, s, written)``
+    saved (nothing is drawn without matplotlib; the report says so)."""
+    plt, written = _pyplot(), []
+    if plt is not None:
+        draw(plt, out, s, written)
+    return plt, written
+
+
 def _save(plt, fig, out, name, written):
     fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=110)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .report import _checks_table, _fmt, _pyplot, _save, _write_report
+from .report import _checks_table, _draw_figures, _fmt, _save, _write_report
 
 LOSS_TITLES = {"ce": "cross-entropy", "mse": "MSE on softmax"}
 
@@ -33,9 +33,7 @@ def _relation_figure(plt, out, s, written):
 
 
 def write_noise_curvature_report(out, s):
-    plt, written = _pyplot(), []
-    if plt is not None:
-        _relation_figure(plt, out, s, written)
+    plt, written = _draw_figures(_relation_figure, out, s)
     cfg = s["config"]
     lines = ["# Noise covariance against curvature: the superlinear relation (Zhang, Yang & Tu; SPEC §4)", "",
              f"{cfg['dataset']}, {cfg['per_class']} samples per class, network in-{cfg['hidden']}-{cfg['hidden']}-10 "
@@ -121,9 +119,7 @@ def _escape_figures(plt, out, s, written):
 
 
 def write_escape_rate_report(out, s):
-    plt, written = _pyplot(), []
-    if plt is not None:
-        _escape_figures(plt, out, s, written)
+    plt, written = _draw_figures(_escape_figures, out, s)
     cfg = s["config"]
     lines = ["# Power-law escape rate of SGD (Mori et al.; SPEC §3)", "", "## Paper's claims", ""]
     lines += _checks_table(s["checks"]) + [""]

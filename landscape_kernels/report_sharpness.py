@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .report import _checks_table, _fmt, _pyplot, _save, _write_report
+from .report import _checks_table, _draw_figures, _fmt, _save, _write_report
 
 
 def _curve(run, key):
@@ -65,9 +65,7 @@ def _largest_lr_run(s):
 
 
 def write_sharpest_directions_report(out, s):
-    plt, written = _pyplot(), []
-    if plt is not None:
-        _sharpest_figures(plt, out, s, written)
+    plt, written = _draw_figures(_sharpest_figures, out, s)
     cfg = s["config"]
     first = next(iter(s["runs"].values()))
     lines = ["# Sharpest directions along SGD training (Jastrzębski et al. 2019; SPEC §2)", "",
@@ -127,9 +125,7 @@ def _nsgd_figures(plt, out, s, written):
 
 
 def write_nsgd_report(out, s):
-    plt, written = _pyplot(), []
-    if plt is not None:
-        _nsgd_figures(plt, out, s, written)
+    plt, written = _draw_figures(_nsgd_figures, out, s)
     cfg = s["config"]
     first = next(iter(s["runs"].values()))
     lines = ["# Nudged SGD (Jastrzębski et al. 2019; SPEC §2.4)", "",

@@ -168,10 +168,10 @@ def test_noise_factors_are_recorded_one_batch_at_a_time_unless_kept(gen, monkeyp
     V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64, generator=gen)
     record, previous, alive = NoiseCovarianceOperator._record, [], []
 
-    def watched(self, *args):
+    def watched(self, *args, **kwargs):
         if previous:
             alive.append(previous[-1]() is not None)
-        ps = record(self, *args)
+        ps = record(self, *args, **kwargs)
         previous.append(weakref.ref(ps))
         return ps
 
