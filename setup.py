@@ -1,4 +1,4 @@
-"""Build of landscape_kernels._C (CPU kernels always; CUDA kernels when torch and a toolkit have CUDA).
+"""Build of landscape_kernels.kernels._C (CPU kernels always; CUDA kernels when torch and a toolkit have CUDA).
 
 Environment switches:
   LANDSCAPE_KERNELS_NO_EXT=1      build nothing: the package runs on its pure-torch reference ops
@@ -10,6 +10,8 @@ import glob
 import os
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _flag(name):
@@ -23,7 +25,7 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))  # relative: setuptools requires it
     has_toolkit = cpp_extension.CUDA_HOME is not None
     torch_has_cuda = torch.version.cuda is not None
     if _flag("LANDSCAPE_KERNELS_NO_CUDA"):
@@ -54,8 +56,9 @@ def _extensions():
         % (torch.__version__, "yes" if with_cuda else "no", why, " ".join(cxx), ", ".join(sources))
     )
     ext = ext_cls(
-        "landscape_kernels._C",
+        "landscape_kernels.kernels._C",
         sources,
+        include_dirs=[os.path.join(HERE, "landscape_kernels", "kernels")],  # schemas.def, the op table
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         extra_link_args=["-fopenmp"],

@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import landscape_kernels as lk  # noqa: E402
 from results_io import base_parser, write_json  # noqa: E402
 from timing import timed  # noqa: E402
-from landscape_kernels import lanczos as lk_lanczos  # noqa: E402
-from landscape_kernels.data import load_mnist  # noqa: E402
+from landscape_kernels.kernels import ops as lk_ops  # noqa: E402
+from landscape_kernels.linalg import density as lk_density  # noqa: E402
+from landscape_kernels.training.data import load_mnist  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -75,7 +76,7 @@ def rel_err(values, reference):
 def ours(model, x, y, k, tol, residuals="true"):
     H = lk.HessianOperator(model, F.cross_entropy, (x, y), keep_graph=True)
     spent = [0.0]
-    reorth = lk_lanczos.ops.lanczos_reorth
+    reorth = lk_ops.lanczos_reorth
 
     def timed_reorth(*args):
         t0 = time.perf_counter()
@@ -83,13 +84,13 @@ def ours(model, x, y, k, tol, residuals="true"):
         spent[0] += time.perf_counter() - t0
         return out
 
-    lk_lanczos.ops.lanczos_reorth = timed_reorth
+    lk_ops.lanczos_reorth = timed_reorth
     try:
         t0 = time.perf_counter()
         r = lk.lanczos_eigs(H, k, tol=tol, seed=0, residuals=residuals)
         total = time.perf_counter() - t0
     finally:
-        lk_lanczos.ops.lanczos_reorth = reorth
+        lk_ops.lanczos_reorth = reorth
     return r.eigenvalues.tolist(), r.num_products, {"reorth_share": spent[0] / total, "converged": r.converged}
 
 
@@ -207,14 +208,14 @@ def gemm_batching_bound(x, width, probes, repeats):
 def density_and_trace(model, x, y, repeats, probes, steps):
     out = {}
     H = lk.HessianOperator(model, F.cross_entropy, (x, y), keep_graph=True)
-    V = lk_lanczos.rademacher(H.shape[0], probes, torch.Generator().manual_seed(0), torch.float32)
+    V = lk_density.rademacher(H.shape[0], probes, torch.Generator().manual_seed(0), torch.float32)
     H.matmat(V[:, :1])  # builds the kept gradient graph outside the timings
-    _, t_batched = timed(lambda: lk_lanczos.lanczos_quadrature(H, V, steps), repeats)
-    _, t_seq = timed(lambda: [lk_lanczos.lanczos_quadrature(H, V[:, c : c + 1], steps) for c in range(probes)], repeats)
+    _, t_batched = timed(lambda: lk_density.lanczos_quadrature(H, V, steps), repeats)
+    _, t_seq = timed(lambda: [lk_density.lanczos_quadrature(H, V[:, c : c + 1], steps) for c in range(probes)], repeats)
     # the default operator rebuilds the gradient graph per product, which batching shares over the probes
     H_default = lk.HessianOperator(model, F.cross_entropy, (x, y))
-    _, t_batched_default = timed(lambda: lk_lanczos.lanczos_quadrature(H_default, V, steps), repeats)
-    _, t_seq_default = timed(lambda: [lk_lanczos.lanczos_quadrature(H_default, V[:, c : c + 1], steps)
+    _, t_batched_default = timed(lambda: lk_density.lanczos_quadrature(H_default, V, steps), repeats)
+    _, t_seq_default = timed(lambda: [lk_density.lanczos_quadrature(H_default, V[:, c : c + 1], steps)
                                       for c in range(probes)], repeats)
 
     def pyhessian_density():

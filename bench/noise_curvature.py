@@ -29,8 +29,8 @@ from timing import timed  # noqa: E402
 from landscape_kernels.analyses.noise_curvature import (  # noqa: E402
     hessian_second_moment, layer_factors, layer_hessian, minibatch_assignment, minibatch_covariance,
     minibatch_gradients)
-from landscape_kernels.data import balanced_subset, load_mnist  # noqa: E402
-from landscape_kernels.models import mlp  # noqa: E402
+from landscape_kernels.training.data import balanced_subset, load_mnist  # noqa: E402
+from landscape_kernels.training.models import mlp  # noqa: E402
 
 PARAM = "2.weight"
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from landscape_kernels.pca import StreamingPCA, subspace_angles  # noqa: E402
+from landscape_kernels.trajectory.pca import StreamingPCA, subspace_angles  # noqa: E402
 from results_io import base_parser, write_json  # noqa: E402
 from timing import PeakRSS, timed  # noqa: E402
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from landscape_kernels.data import load_mnist  # noqa: E402
-from landscape_kernels.profiles import flatness, loss_profiles  # noqa: E402
+from landscape_kernels.training.data import load_mnist  # noqa: E402
+from landscape_kernels.linalg.profiles import flatness, loss_profiles  # noqa: E402
 from lanczos import trained_mlp  # noqa: E402
 from results_io import base_parser, write_json  # noqa: E402
 from timing import PeakRSS, timed  # noqa: E402

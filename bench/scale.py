@@ -1,6 +1,6 @@
 """Transformer-size curvature and per-sample statistics (issue 8) on a GPT-style model from torch.nn.
 
-Model: ``landscape_kernels.models.gpt`` (vocabulary 1024, width 384, 6 heads, 6 layers, context 128:
+Model: ``landscape_kernels.training.models.gpt`` (vocabulary 1024, width 384, 6 heads, 6 layers, context 128:
 11.5M parameters; --quick: width 128, 2 layers), 16 random token sequences of length 128 (seeded),
 next-token cross-entropy over every position, float32, the model in eval mode.
 
@@ -41,7 +41,7 @@ from results_io import base_parser, write_json  # noqa: E402
 from timing import PeakRSS  # noqa: E402
 
 import landscape_kernels as lk  # noqa: E402
-from landscape_kernels.models import gpt, lm_loss  # noqa: E402
+from landscape_kernels.training.models import gpt, lm_loss  # noqa: E402
 
 TOL, K, MAX_STEPS, EIGENTHINGS_STEPS = 1e-3, 5, 400, 120  # our Lanczos may take up to MAX_STEPS steps to reach TOL
 BOUNDED_BASIS = 30  # lanczos_eigs(max_basis=...): thick restarts keep at most this many vectors
@@ -218,7 +218,7 @@ def _scaling_worker(rank, world, init_file, size, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=1800))
     try:
-        from landscape_kernels.distributed import DistributedOperator
+        from landscape_kernels.operators.distributed import DistributedOperator
 
         model, idx, targets = problem(size)
         shard = (idx[rank::world], targets[rank::world])

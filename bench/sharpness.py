@@ -31,11 +31,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from results_io import base_parser, write_json  # noqa: E402
 
 from landscape_kernels import HessianOperator  # noqa: E402
-from landscape_kernels.data import load_mnist  # noqa: E402
-from landscape_kernels.lanczos import lanczos_eigs  # noqa: E402
-from landscape_kernels.models import simple_cnn  # noqa: E402
-from landscape_kernels.sharpness import fixed_subset  # noqa: E402
-from landscape_kernels.training import SGDTrainer  # noqa: E402
+from landscape_kernels.training.data import load_mnist  # noqa: E402
+from landscape_kernels.linalg.lanczos import lanczos_eigs  # noqa: E402
+from landscape_kernels.training.models import simple_cnn  # noqa: E402
+from landscape_kernels.training.sharpness import fixed_subset  # noqa: E402
+from landscape_kernels.training.trainer import SGDTrainer  # noqa: E402
 
 
 def relative_residual(H, values, vectors):

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from landscape_kernels.pipelines import variance_flatness as vf  # noqa: E402
+from landscape_kernels.reproduce import variance_flatness as vf  # noqa: E402
 from results_io import base_parser, write_json  # noqa: E402
 
 ANALYSIS = ("pca", "flatness", "mlf", "temperature")

@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from landscape_kernels import HessianOperator
-from landscape_kernels.data import load_digits
-from landscape_kernels.distributed import DistributedOperator
-from landscape_kernels.lanczos import lanczos_eigs
-from landscape_kernels.models import mlp
-from landscape_kernels.operators import NoiseCovarianceOperator
+from landscape_kernels.training.data import load_digits
+from landscape_kernels.operators.distributed import DistributedOperator
+from landscape_kernels.linalg.lanczos import lanczos_eigs
+from landscape_kernels.training.models import mlp
+from landscape_kernels.operators.noise import NoiseCovarianceOperator
 
 
 def main():

@@ -1,43 +1,47 @@
 """landscape_kernels: fused kernels for SGD gradient noise and loss-landscape curvature.
 
-Public API (small and explicit):
-    PerSampleGradients   per-sample gradient statistics of a model from one backward pass
-    ops                  the compiled ops (torch.ops.landscape_kernels.<name>) with validation
-    reference            the pure-torch reference of every op
-    lanczos_eigs         extreme eigenpairs of a symmetric operator (block Lanczos, full reorthogonalisation)
-    spectral_density     stochastic Lanczos quadrature, all probes advanced together
-    hutchinson_trace, hutchpp_trace, frobenius_norm   randomised estimators with standard errors
-    HessianOperator, GGNOperator, NoiseCovarianceOperator, FisherOperator   matrix-free operators
-    TrajectoryRecorder   weight snapshots along training, in memory or a crash-safe store on disk
-    open_sharded_trajectory   per-rank stores of parameter-sharded snapshots, read as one trajectory
-    StreamingPCA         trajectory PCA (exact / gram / sketch), scikit-learn's attribute names
-    loss_profiles, flatness   batched loss along directions; SPEC §1.3 flatness
-    SharpnessTracker     top-K Hessian eigenpairs along training, warm-started (SPEC §2.1-2.2)
-    NSGD                 Nudged SGD, the step along the top-K subspace scaled by gamma (SPEC §2.4)
-    info()               which backends are active
+The package is layered; each subpackage imports only from the ones listed before it
+(``docs/architecture.md``):
 
-Modules for whole analyses (imported on use): ``data`` (MNIST, digits, subsets, download), ``models``
-(the papers' networks), ``training`` (SGDTrainer, StoppingRule), ``callbacks`` (WindowRecorder,
-EpochStates), ``analyses.variance_flatness`` / ``analyses.forgetting`` (SPEC §1), ``analyses.sharpest`` (the
-decomposed step and cross-sections of SPEC §2.2), ``sharpness`` and ``optim`` (SPEC §2), ``pipelines``
-(the ``landscape-kernels reproduce`` jobs), ``report`` (figures and report.md).
+    kernels     the compiled ops (torch.ops.landscape_kernels.<name>), their reference and checks
+    capture     per-sample gradient capture (PerSampleGradients, layer rules); model/data plumbing
+    operators   Hessian, GGN, noise covariance, Fisher, data-parallel operators
+    linalg      Lanczos eigenpairs, spectral density, traces, loss profiles, flatness
+    trajectory  trajectory recorder and stores, sharded stores, streaming PCA
+    training    SGD trainer, callbacks, NSGD, sharpness tracking, datasets, models
+    analyses    one module per published analysis
+    reproduce   the ``landscape-kernels reproduce`` jobs and their reports
+    cli         the ``landscape-kernels`` command
+
+The names below are the public API; everything else is reached through its subpackage.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
-from . import ops, reference  # noqa: E402  (ops registers the operators)
-from ._info import info  # noqa: E402
-from .lanczos import EigenResult, SpectralDensity, lanczos_eigs, spectral_density  # noqa: E402
-from .optim import NSGD  # noqa: E402
-from .operators import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator  # noqa: E402
-from .pca import StreamingPCA  # noqa: E402
-from .persample import PerSampleGradients  # noqa: E402
-from .profiles import FlatnessResult, flatness, loss_profiles  # noqa: E402
-from .sharpness import SharpnessTracker  # noqa: E402
-from .traces import frobenius_norm, hutchinson_trace, hutchpp_trace  # noqa: E402
-from .trajectory import TrajectoryRecorder, open_trajectory  # noqa: E402
-from .sharded_trajectory import open_sharded_trajectory  # noqa: E402
+from .kernels import ops, reference  # noqa: E402  (importing ops registers the operators)
+from .kernels.info import info  # noqa: E402
+from .capture.distributed import distributed_gram, distributed_moments  # noqa: E402
+from .capture.persample import PerSampleGradients  # noqa: E402
+from .operators.base import DenseOperator  # noqa: E402
+from .operators.distributed import DistributedOperator  # noqa: E402
+from .operators.ggn import GGNOperator  # noqa: E402
+from .operators.hessian import HessianOperator  # noqa: E402
+from .operators.noise import FisherOperator, NoiseCovarianceOperator  # noqa: E402
+from .linalg.density import SpectralDensity, spectral_density  # noqa: E402
+from .linalg.profiles import FlatnessResult, flatness, loss_profiles  # noqa: E402
+from .linalg.lanczos import EigenResult, lanczos_eigs  # noqa: E402
+from .linalg.traces import frobenius_norm, hutchinson_trace, hutchpp_trace  # noqa: E402
+from .trajectory.distributed import rank_trajectory_store, sharded_pca  # noqa: E402
+from .trajectory.pca import StreamingPCA  # noqa: E402
+from .trajectory.recorder import TrajectoryRecorder  # noqa: E402
+from .trajectory.sharded import open_sharded_trajectory  # noqa: E402
+from .trajectory.store import open_trajectory  # noqa: E402
+from .training.optim import NSGD  # noqa: E402
+from .training.sharpness import SharpnessTracker  # noqa: E402
 
 __all__ = ["PerSampleGradients", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
            "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
-           "NoiseCovarianceOperator", "FisherOperator", "TrajectoryRecorder", "open_trajectory", "open_sharded_trajectory", "StreamingPCA",
-           "loss_profiles", "flatness", "FlatnessResult", "SharpnessTracker", "NSGD", "ops", "reference", "info", "__version__"]
+           "NoiseCovarianceOperator", "FisherOperator", "DenseOperator", "DistributedOperator",
+           "distributed_moments", "distributed_gram", "sharded_pca", "rank_trajectory_store",
+           "TrajectoryRecorder", "open_trajectory", "open_sharded_trajectory", "StreamingPCA",
+           "loss_profiles", "flatness", "FlatnessResult", "SharpnessTracker", "NSGD", "ops", "reference", "info",
+           "__version__"]

@@ -91,7 +91,7 @@ def _escape_parser(jobs):
 
 
 def _run_escape_rate(args):
-    from .pipelines import escape_rate as er
+    from .reproduce import escape_rate as er
 
     cfg = er.EscapeRateConfig(parts=args.parts, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
                               stationary_lrs=args.stationary_lrs, stationary_batch_sizes=args.stationary_batch_sizes,
@@ -106,7 +106,7 @@ def _run_escape_rate(args):
 
 
 def _run_noise_curvature(args):
-    from .pipelines import noise_curvature as nc
+    from .reproduce import noise_curvature as nc
 
     cfg = nc.NoiseCurvatureConfig(dataset=args.dataset, data_dir=args.data_dir, per_class=args.per_class,
                                   batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, clip=args.clip,
@@ -158,7 +158,7 @@ def _run_sharpness_job(args):
                   train_samples=args.train_samples, subset=args.subset, k=args.k, seed=args.seed, quick=args.quick)
     progress = not args.no_progress
     if args.job == "sharpest-directions":
-        from .pipelines import sharpest_directions as sd
+        from .reproduce import sharpest_directions as sd
 
         cfg = sd.SharpestDirectionsConfig(lrs=args.lrs, lr_grid_batch_size=args.lr_grid_batch_size,
                                           batch_sizes=args.batch_sizes, batch_grid_lr=args.batch_grid_lr,
@@ -169,7 +169,7 @@ def _run_sharpness_job(args):
         print(f"report: {args.out}/report.md  (peak lambda_1 " + ", ".join(
             f"{name} {r['peak_lambda1']:.3g}" for name, r in s["runs"].items()) + ")")
     else:
-        from .pipelines import nsgd
+        from .reproduce import nsgd
 
         cfg = nsgd.NSGDConfig(lr=args.lr, batch_size=args.batch_size, gammas=args.gammas, **common)
         s = nsgd.run(cfg, args.out, resume=args.resume, progress=progress)
@@ -198,7 +198,7 @@ def main(argv=None):
     _reproduce_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
-        from ._info import format_info, info
+        from .kernels.info import format_info, info
 
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
@@ -211,7 +211,7 @@ def main(argv=None):
             print(f"landscape-kernels: error: {exc}", file=sys.stderr)
             return 2
     if args.job == "forgetting":
-        from .pipelines import forgetting as fg
+        from .reproduce import forgetting as fg
 
         cfg = fg.ForgettingConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, lr=args.lr,
                                   task1_epochs=args.task1_epochs, task2_epochs=args.task2_epochs,
@@ -225,7 +225,7 @@ def main(argv=None):
                                                           for r in s["runs"]) + ")")
         return 0
     if args.job == "variance-flatness":
-        from .pipelines import variance_flatness as vf
+        from .reproduce import variance_flatness as vf
 
         cfg = vf.VarianceFlatnessConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
                                         lr=args.lr, window=args.window, max_epochs=args.max_epochs,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from landscape_kernels.data import (MD5, balanced_subset, digit_subset, download_mnist, load_dataset, load_digits,
+from landscape_kernels.training.data import (MD5, balanced_subset, digit_subset, download_mnist, load_dataset, load_digits,
                                     load_mnist, read_idx, with_label_noise)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

@@ -13,9 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from landscape_kernels import HessianOperator
-from landscape_kernels.lanczos import lanczos_eigs, spectral_density
-from landscape_kernels.traces import hutchinson_trace, hutchpp_trace
-from landscape_kernels.operators import FisherOperator, NoiseCovarianceOperator
+from landscape_kernels.linalg.density import spectral_density
+from landscape_kernels.linalg.lanczos import lanczos_eigs
+from landscape_kernels.linalg.traces import hutchinson_trace, hutchpp_trace
+from landscape_kernels.operators.noise import FisherOperator, NoiseCovarianceOperator
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
 
@@ -45,7 +46,7 @@ def _results(H, C, V):
 
 def _moments(model, data, distributed=False):
     from landscape_kernels import PerSampleGradients
-    from landscape_kernels.distributed import distributed_gram, distributed_moments
+    from landscape_kernels.capture.distributed import distributed_gram, distributed_moments
 
     ps = PerSampleGradients(model)
     with ps:
@@ -68,7 +69,7 @@ def _trajectory():
 def _pca(rank, world, out_dir):
     """Each rank records its columns of the trajectory into its own store, then sharded_pca runs on them."""
     from landscape_kernels import TrajectoryRecorder
-    from landscape_kernels.distributed import rank_trajectory_store, sharded_pca
+    from landscape_kernels.trajectory.distributed import rank_trajectory_store, sharded_pca
 
     cols = torch.tensor_split(torch.arange(23), [4, 13] if world == 3 else [9])[rank]
     source = {"shard": torch.zeros(len(cols), dtype=torch.float64)}
@@ -82,7 +83,7 @@ def _pca(rank, world, out_dir):
 
 
 def _worker(rank, world, init_file, bounds, out_dir):
-    from landscape_kernels.distributed import DistributedOperator
+    from landscape_kernels.operators.distributed import DistributedOperator
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -119,7 +120,7 @@ def test_distributed_operators_equal_one_process_on_the_union(tmp_path, bounds):
     want = {**_results(H, C, V), "F_V": FisherOperator(model, F.cross_entropy, (x, y)).matmat(V),
             "C1_V": NoiseCovarianceOperator(model, F.cross_entropy, (x, y)).matmat(V),
             **_moments(model, (x, y))}
-    from landscape_kernels.pca import StreamingPCA
+    from landscape_kernels.trajectory.pca import StreamingPCA
 
     pca = StreamingPCA(n_components=6, mode="exact").fit(_trajectory())
     results = _spawn(tmp_path, bounds)
@@ -146,7 +147,7 @@ def test_an_empty_shard_is_one_clear_error_on_every_rank(tmp_path):
 
 
 def test_without_an_initialised_group_it_says_so():
-    from landscape_kernels.distributed import DistributedOperator
+    from landscape_kernels.operators.distributed import DistributedOperator
 
     model, x, y, _ = _problem()
     with pytest.raises(RuntimeError, match="not initialised"):
@@ -186,7 +187,7 @@ def test_noise_covariance_parts_the_distributed_operator_combines():
 
 
 def _timeout_worker(rank, world, init_file, out_dir):
-    from landscape_kernels.distributed import DistributedOperator
+    from landscape_kernels.operators.distributed import DistributedOperator
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=3))

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 
 from landscape_kernels.analyses.forgetting import EWCPenalty, LDCPenalty, diagonal_fisher
 from landscape_kernels.cli import main
-from landscape_kernels.training import SGDTrainer
+from landscape_kernels.training.trainer import SGDTrainer
 
 
 def net():

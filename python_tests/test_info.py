@@ -38,7 +38,7 @@ def test_cli_info_json_and_backend_override():
 def test_package_works_without_the_extension():
     code = """
 import sys, json, torch
-sys.modules['landscape_kernels._C'] = None  # as if the build failed or was skipped
+sys.modules['landscape_kernels.kernels._C'] = None  # as if the build failed or was skipped
 import landscape_kernels as lk
 A, D, V = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64), torch.randn(2, 2, 4, dtype=torch.float64)
 raw = torch.ops.landscape_kernels.per_sample_gram(A, D)
@@ -58,7 +58,7 @@ print(json.dumps(lk.info()))
 def test_compiled_backend_request_without_kernels_is_an_error():
     code = """
 import sys
-sys.modules['landscape_kernels._C'] = None
+sys.modules['landscape_kernels.kernels._C'] = None
 import torch, landscape_kernels as lk
 try:
     lk.ops.per_sample_sq_norms(torch.randn(2, 3), torch.randn(2, 1))

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from landscape_kernels import ops, reference
-from landscape_kernels.lanczos import DenseOperator, check_symmetric, lanczos_eigs
+from landscape_kernels.linalg.lanczos import lanczos_eigs
+from landscape_kernels.operators.base import DenseOperator, check_symmetric
 from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, randn
 
 
@@ -124,7 +125,7 @@ def test_eigs_degenerate_with_block(gen):
 def test_a_basis_in_many_segments_gives_the_same_eigenpairs(block_size, gen, monkeypatch):
     """The basis of a large model is kept in segments of 16+ rows (no copy as it grows); small problems
     fit one segment, so force many here: a clustered top (slow convergence, many steps) and a breakdown."""
-    from landscape_kernels import lanczos
+    from landscape_kernels.linalg import lanczos
 
     A, lam = matrix_with_spectrum(torch.linspace(0, 1, 300, dtype=torch.float64) ** 0.5, gen)  # no gap: many steps
     one = lanczos_eigs(A, 4, block_size=block_size, num_iter=300 // block_size, tol=1e-9, seed=3)
@@ -145,7 +146,7 @@ def test_a_basis_in_many_segments_gives_the_same_eigenpairs(block_size, gen, mon
 @pytest.mark.parametrize("which", ["LA", "SA", "BE"])
 @pytest.mark.parametrize("block_size", [1, 3])
 def test_thick_restarts_bound_the_basis_and_find_the_same_eigenpairs(which, block_size, gen, monkeypatch):
-    from landscape_kernels import lanczos
+    from landscape_kernels.linalg import lanczos
 
     lam = torch.linspace(0, 1, 300, dtype=torch.float64) ** 0.5  # no gap at the top: many restarts
     lam[:3] = torch.tensor([1.5, 1.5, 1.5], dtype=torch.float64)  # a triple eigenvalue among the wanted
@@ -254,7 +255,7 @@ def test_eigs_bad_input(gen):
 
 
 def test_eigs_warns_when_it_stops_before_tol(gen):
-    from landscape_kernels.lanczos import LanczosNotConverged
+    from landscape_kernels.linalg.lanczos import LanczosNotConverged
 
     A, _ = matrix_with_spectrum(geometric(60, gen), gen)
     with pytest.warns(LanczosNotConverged, match="raise num_iter"):

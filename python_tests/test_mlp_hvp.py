@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape_kernels.mlp_hvp import loss_kind, unsupported_reason
-from landscape_kernels.operators import HessianOperator
+from landscape_kernels.operators.rop import loss_kind, unsupported_reason
+from landscape_kernels.operators.hessian import HessianOperator
 
 ARCHITECTURES = {
     "relu, biases": lambda: nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)),

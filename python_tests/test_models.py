@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from landscape_kernels.models import mlp, simple_cnn
+from landscape_kernels.training.models import mlp, simple_cnn
 
 
 def test_reference_mlp_is_spec_1_1():

@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from landscape_kernels import lanczos_eigs
-from landscape_kernels.operators import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator
+from landscape_kernels import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator
 
 
 def mlp():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from landscape_kernels.optim import NSGD
+from landscape_kernels.training.optim import NSGD
 
 
 def quadratic(seed=0, P=6):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from landscape_kernels.pca import StreamingPCA, subspace_angles
+from landscape_kernels.trajectory.pca import StreamingPCA, subspace_angles
 
 
 def trajectory(T, N, seed, offset=0.0, gamma=1.5):
@@ -121,8 +121,8 @@ def test_bad_input():
 
 
 def test_memory_lean_helpers_equal_the_plain_computations():
-    from landscape_kernels._checks import all_finite
-    from landscape_kernels.pca import _mean64, _row_sq_norms64
+    from landscape_kernels.kernels.checks import all_finite
+    from landscape_kernels.trajectory.pca import _mean64, _row_sq_norms64
 
     x = torch.full((3, 5), 3e38)  # finite, but its float32 sum overflows: the tiled exact test decides
     assert all_finite(x)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from landscape_kernels import PerSampleGradients
-from landscape_kernels.models import gpt, lm_loss
+from landscape_kernels.training.models import gpt, lm_loss
 
 # the torch.func oracle vmaps scaled_dot_product_attention, which has no batching rule (a slow fallback)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")

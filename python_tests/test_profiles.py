@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from landscape_kernels.profiles import LossEvaluator, flatness, loss_profiles
+from landscape_kernels.linalg.profiles import LossEvaluator, flatness, loss_profiles
 
 
 def mlp():

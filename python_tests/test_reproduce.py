@@ -52,7 +52,7 @@ def test_grid_quick_run_overlays_the_settings(tmp_path):
 
 
 def test_a_failed_grid_setting_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
-    from landscape_kernels.pipelines import variance_flatness as vf
+    from landscape_kernels.reproduce import variance_flatness as vf
 
     real_run = vf.run
 
@@ -73,8 +73,8 @@ def test_a_failed_grid_setting_is_recorded_and_the_others_kept(tmp_path, monkeyp
 
 
 def test_an_unstable_run_is_rolled_back_reported_and_not_retrained_on_resume(tmp_path, monkeypatch):
-    from landscape_kernels.pipelines import variance_flatness as vf
-    from landscape_kernels.training import InstabilityGuard
+    from landscape_kernels.reproduce import variance_flatness as vf
+    from landscape_kernels.training.trainer import InstabilityGuard
 
     class FiresAfter30Epochs(InstabilityGuard):  # stands in for a burst: epochs 27-29 (0-based) are unstable
         def streak(self, history):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from landscape_kernels.cli import main
-from landscape_kernels.pipelines.noise_curvature import checks
+from landscape_kernels.reproduce.noise_curvature import checks
 
 
 def test_noise_curvature_quick_run_reports_both_losses_and_resumes(tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_escape_rate_resumes_an_interrupted_mlp_part(tmp_path):
     """A run stopped after epoch 5 and resumed measures what an uninterrupted run measures."""
     from dataclasses import replace
 
-    from landscape_kernels.pipelines import escape_rate as er
+    from landscape_kernels.reproduce import escape_rate as er
 
     cfg = er.EscapeRateConfig(parts=("noise",), quick=True)
     full = er.run(cfg, str(tmp_path / "full"), log=lambda *a: None)["noise"]

@@ -62,7 +62,7 @@ def test_simple_cnn_on_the_8x8_digits_is_one_clear_error(tmp_path, capsys):
 
 
 def test_nsgd_checks_compare_with_the_sgd_run():
-    from landscape_kernels.pipelines.nsgd import checks
+    from landscape_kernels.reproduce.nsgd import checks
 
     def run(gamma, losses, lam, frob, acc):
         return {"gamma": gamma, "training": [{"full_loss": v} for v in losses], "final_lambda1": lam,
@@ -76,7 +76,7 @@ def test_nsgd_checks_compare_with_the_sgd_run():
 
 
 def test_sharpest_directions_checks_need_strict_order():
-    from landscape_kernels.pipelines.sharpest_directions import SharpestDirectionsConfig, checks
+    from landscape_kernels.reproduce.sharpest_directions import SharpestDirectionsConfig, checks
 
     def run(B, lr, peak):
         return {"batch_size": B, "lr": lr, "peak_lambda1": peak, "peak_at_end": False, "measurements": []}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from landscape_kernels import StreamingPCA, TrajectoryRecorder, open_sharded_trajectory
-from landscape_kernels.sharded_trajectory import rank_store_path
-from landscape_kernels.trajectory import CorruptChunkError
+from landscape_kernels.trajectory.sharded import rank_store_path
+from landscape_kernels.trajectory.store import CorruptChunkError
 
 CUTS = [5, 17]  # three ranks hold theta[:5], theta[5:17], theta[17:] (uneven, as FSDP's flat shards)
 

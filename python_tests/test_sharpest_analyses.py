@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape_kernels.analyses.sharpest import GAMMAS, cross_sections, decomposed_step, minibatch_gradients
+from landscape_kernels.analyses.sharpest import GAMMAS, cross_sections, decomposed_step
+from landscape_kernels.training.sharpness import minibatch_gradients
 
 
 def _least_squares(N=203, d=7, seed=0):

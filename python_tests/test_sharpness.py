@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape_kernels.models import mlp
-from landscape_kernels.optim import NSGD
-from landscape_kernels.sharpness import DenseEarly, SharpnessTracker, fixed_subset
-from landscape_kernels.training import SGDTrainer
+from landscape_kernels.training.models import mlp
+from landscape_kernels.training.optim import NSGD
+from landscape_kernels.training.sharpness import DenseEarly, SharpnessTracker, fixed_subset
+from landscape_kernels.training.trainer import SGDTrainer
 
 
 def regression(n=300, d=12, seed=0):

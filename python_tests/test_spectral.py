@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from landscape_kernels.lanczos import DenseOperator, lanczos_quadrature, rademacher, spectral_density
-from landscape_kernels.traces import frobenius_norm, hutchinson_trace, hutchpp_trace
+from landscape_kernels.linalg.density import lanczos_quadrature, spectral_density
+from landscape_kernels.linalg.products import rademacher
+from landscape_kernels.operators.base import DenseOperator
+from landscape_kernels.linalg.traces import frobenius_norm, hutchinson_trace, hutchpp_trace
 
 
 def decaying(P, gen):

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape_kernels.models import mlp
-from landscape_kernels.trajectory import TrajectoryRecorder
-from landscape_kernels.callbacks import WindowRecorder
-from landscape_kernels.training import InstabilityGuard, SGDTrainer, StoppingRule, cosine_schedule
+from landscape_kernels.training.models import mlp
+from landscape_kernels.trajectory.recorder import TrajectoryRecorder
+from landscape_kernels.training.callbacks import WindowRecorder
+from landscape_kernels.training.trainer import InstabilityGuard, SGDTrainer, StoppingRule, cosine_schedule
 
 
 def blobs(n=130, seed=0):
@@ -64,7 +64,7 @@ def test_epochs_visit_every_sample_once_in_a_seeded_order():
             seen.append(x[_order(trainer)][b : b + trainer.batch_size].flatten().tolist())
 
     def _order(trainer):
-        from landscape_kernels.training import _epoch_order
+        from landscape_kernels.training.trainer import _epoch_order
         return _epoch_order(23, trainer.seed, trainer.epoch, "cpu")
 
     trainer = SGDTrainer(nn.Linear(1, 1), x, torch.zeros(23, 1), batch_size=5, loss_fn=F.mse_loss, callbacks=[Spy()])

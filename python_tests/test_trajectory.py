@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from landscape_kernels.trajectory import CorruptChunkError, TrajectoryRecorder, open_trajectory
+from landscape_kernels.trajectory.recorder import TrajectoryRecorder
+from landscape_kernels.trajectory.store import CorruptChunkError, open_trajectory
 
 
 def model():
@@ -66,10 +67,11 @@ def test_reopening_with_another_layout_is_refused(tmp_path):
 CHILD = textwrap.dedent("""
     import os, signal, sys, torch
     from torch import nn
-    import landscape_kernels.trajectory as tr
+    import landscape_kernels.trajectory.store as tr
     torch.manual_seed(0)
     net = nn.Linear(50, 40)
-    rec = tr.TrajectoryRecorder(net, store=sys.argv[1], chunk_size=5)
+    from landscape_kernels import TrajectoryRecorder
+    rec = TrajectoryRecorder(net, store=sys.argv[1], chunk_size=5)
     real = tr._write_chunk_file
     def torn(tmp_path, steps, snapshots):  # the fourth chunk: half written, then the process is killed
         if len(rec.store) == 3:

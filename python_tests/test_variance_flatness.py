@@ -12,7 +12,7 @@ from landscape_kernels.analyses.directional import per_sample_directional_deriva
 from landscape_kernels.analyses.fits import power_law_fit
 from landscape_kernels.analyses.variance_flatness import (active_temperature, flatness_along_pcs, mlf_ensemble,
                                                           n90_excluding_pc1, psi_fit, trajectory_pca)
-from landscape_kernels.profiles import FlatnessResult
+from landscape_kernels.linalg.profiles import FlatnessResult
 
 
 def orthonormal(n, gen):

@@ -1,1 +1,1 @@
-"""Reproductions of the published analyses, built on the kernels (one module per paper section)."""
+"""The published analyses, layer 6: one module per paper, each function usable on its own."""

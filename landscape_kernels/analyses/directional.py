@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from .._checks import all_finite
-from ..operators import chosen_parameters
+from ..capture.model import chosen_parameters, eval_mode
+from ..kernels.checks import all_finite
 
 
 def _split_at(model, name):
@@ -49,9 +49,7 @@ def per_sample_directional_derivatives(model, loss_fn, x, y, param, directions, 
         raise ValueError("per_sample_directional_derivatives: directions contain NaN/Inf")
     V = directions.reshape(-1, *theta.shape).to(theta.device, theta.dtype)
     split = _split_at(model, name)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         d1, d2 = [], []
         for s in range(0, x.shape[0], chunk):
             xs, ys = x[s : s + chunk], y[s : s + chunk]
@@ -84,8 +82,6 @@ def per_sample_directional_derivatives(model, loss_fn, x, y, param, directions, 
             d1.append(torch.cat(parts1).T.detach().double().cpu())
             if order == 2:
                 d2.append(torch.cat(parts2).T.detach().double().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(d1), (torch.cat(d2) if order == 2 else None)
 
 

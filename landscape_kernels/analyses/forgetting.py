@@ -11,7 +11,8 @@ on the N_c weights of largest Fisher when N_c is given (None: all weights).
 """
 import torch
 
-from ..persample import PerSampleGradients
+from ..capture.model import eval_mode
+from ..capture.persample import PerSampleGradients
 
 FORMS = ("quadratic", "hinge")
 XI_FACTOR = 0.008  # xi_i = 0.008 F_1i [paper]
@@ -81,9 +82,7 @@ def diagonal_fisher(model, loss_fn, x, y, chunk=4096):
     """Empirical diagonal Fisher E_p[g_p^2] of every Linear/Conv2d parameter over (x, y) (per-sample
     gradients from the fused kernels: E[g^2] = Var[g] + E[g]^2, merged over chunks by sample counts)."""
     total, n = None, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for s in range(0, x.shape[0], chunk):
             xs, ys = x[s : s + chunk], y[s : s + chunk]
             ps = PerSampleGradients(model)
@@ -95,6 +94,4 @@ def diagonal_fisher(model, loss_fn, x, y, chunk=4096):
             total = part if total is None else {k: total[k] + part[k] for k in total}
             n += xs.shape[0]
         model.zero_grad(set_to_none=True)
-    finally:
-        model.train(was_training)
     return {k: v / n for k, v in total.items()}

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..capture.persample import PerSampleGradients
 from .fits import power_law_fit
 
 PIECEWISE_LINEAR = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Identity)
@@ -155,8 +156,6 @@ def minibatch_gradients(model, loss_fn, x, y, param, batch_size, seed=0, method=
       kernel (any layer ``PerSampleGradients`` supports; O(N D num_batches));
     - "loop": one forward/backward per minibatch, the materialising baseline.
     All give the same matrix; ``loss_fn`` must be the mean of per-sample losses."""
-    from ..persample import PerSampleGradients
-
     batch = minibatch_assignment(x.shape[0], batch_size, seed)
     nb = int(batch.max()) + 1
     named = dict(model.named_parameters())

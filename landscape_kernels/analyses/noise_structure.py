@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..persample import PerSampleGradients
+from ..capture.persample import PerSampleGradients
 
 
 def half_squared_error(outputs, targets):

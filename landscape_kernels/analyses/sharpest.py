@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..operators import _as_batches, chosen_parameters
-from ..profiles import LossEvaluator
-from ..sharpness import minibatch_gradients  # noqa: F401 (re-exported for the step analyses)
+from ..capture.model import as_batches, chosen_parameters
+from ..linalg.profiles import LossEvaluator
 
 GAMMAS = (0.25, 0.33, 0.5, 1.0, 2.0, 3.0, 4.0)
 EPSILONS = (-16.0, -8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -88,7 +87,7 @@ def decomposed_step(model, loss_fn, data, E, gradients, lr, gammas=GAMMAS, param
     batch = torch.arange(n)[None, :, None].expand_as(offsets)
     dir_index = torch.where(rows == K + 1, K + 1 + batch, rows)  # the full step of minibatch b is direction K+1+b
     p0 = chosen[0]
-    ev = LossEvaluator(model, loss_fn, _as_batches(data, batch_size), directions.to(p0.device, p0.dtype), params=names)
+    ev = LossEvaluator(model, loss_fn, as_batches(data, batch_size), directions.to(p0.device, p0.dtype), params=names)
     k_all = torch.cat([torch.zeros(1, dtype=torch.long), dir_index.reshape(-1)])
     d_all = torch.cat([torch.zeros(1, dtype=torch.float64), offsets.reshape(-1)])
     losses = ev.losses(k_all, d_all)
@@ -125,6 +124,6 @@ def cross_sections(model, loss_fn, data, E, step_lengths, epsilons=EPSILONS, par
         raise ValueError("cross_sections: epsilons is empty")
     K = E.shape[1]
     p0 = chosen[0]
-    ev = LossEvaluator(model, loss_fn, _as_batches(data, batch_size), E.T.to(p0.device, p0.dtype), params=names)
+    ev = LossEvaluator(model, loss_fn, as_batches(data, batch_size), E.T.to(p0.device, p0.dtype), params=names)
     losses = ev.losses(torch.arange(K).repeat_interleave(eps.numel()), (s[:, None] * eps).reshape(-1))
     return CrossSections(eps.tolist(), s.tolist(), losses.reshape(K, eps.numel()))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..pca import StreamingPCA
-from ..profiles import flatness, loss_profiles
+from ..linalg.profiles import flatness, loss_profiles
+from ..trajectory.pca import StreamingPCA
 from .directional import per_sample_directional_derivatives
 from .fits import power_law_fit
 

@@ -1,1 +1,0 @@
-"""End-to-end jobs behind ``landscape-kernels reproduce ...``: train, record, analyse, report."""

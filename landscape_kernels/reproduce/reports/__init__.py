@@ -1,0 +1,1 @@
+"""Figures and ``report.md`` of the reproduce jobs (``common`` holds what every report shares)."""

@@ -1,0 +1,303 @@
+"""``landscape-kernels reproduce variance-flatness``: train, record, analyse (SPEC §1.1-§1.6), report.
+
+Stages, each timed: training (SGD with a snapshot of W2 before every step kept for the last ``window``
+steps, and the whole model at every epoch end), PCA, flatness (with the loss profiles), MLF ensemble,
+active temperature. The run folder holds ``checkpoint.pt`` (resumable with ``resume=True``),
+``summary.json``, the figures and ``report.md``.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..version import __version__
+from ..analyses.variance_flatness import (active_temperature, flatness_along_pcs, mlf_ensemble, psi_fit,
+                                          trajectory_pca)
+from ..training.callbacks import EpochStates, WindowRecorder
+from ..training.data import load_dataset
+from ..training.models import mlp
+from ..linalg.profiles import loss_profiles
+from ..training.trainer import InstabilityGuard, SGDTrainer, StoppingRule
+
+LAYER = "2.weight"  # W2, the hidden -> hidden matrix (SPEC §1.2)
+
+# SPEC §1.4: the checkable numbers of the reference system (MNIST, B = 50, alpha = 0.1)
+MNIST_CHECKS = {"gamma": (2.0, 3.2, "2-3"), "n90": (20, 60, "≈ 35"), "psi": (3.5, 5.0, "≈ 4"),
+                "cos_p1_mean": (0.8, 1.0, "≈ 0.9"), "ratio_12": (10.0, float("inf"), "≫ 1")}
+
+
+@dataclass
+class VarianceFlatnessConfig:
+    dataset: str = "digits"
+    data_dir: str = None
+    batch_size: int = 50
+    lr: float = 0.1
+    window: int = None  # default: 12,000 snapshots on MNIST (SPEC §1.2), 6,000 on digits
+    max_epochs: int = 1000
+    seed: int = 0
+    pcs_every: int = 10  # analyse PCs 1, 1 + every, ... (SPEC §1.3: every 10th)
+    gamma_max_pc: int = 1000  # upper end of the gamma fit (SPEC fixes only i >= 20) [unverified]
+    profile_pcs: tuple = (1, 11, 101, 1001)  # loss profiles, parabola MLF and T(delta) profiles
+    mlf_minibatches: int = 100
+    temperature_offsets: int = 11  # points of T_i(delta) in [-F_i / 2, F_i / 2]
+    temperature_samples: int = 10000  # samples for T(t) along training
+    center: str = "final"  # flatness from w0 (end of training) or "mean" (<w> of the window)
+    device: str = "cpu"
+    stop_accuracy: float = 0.99
+    stop_loss: float = 5e-5
+    stop_window: int = 9
+    instability_drop: float = 0.02  # roll back and stop when full accuracy stays this far below its best (None: off)
+    instability_patience: int = 3  # ... for this many epochs
+    quick: bool = False
+
+    def resolved(self):
+        c = VarianceFlatnessConfig(**asdict(self))
+        if c.window is None:
+            c.window = 12000 if c.dataset == "mnist" else 6000
+        if c.quick:  # a smoke run of the whole pipeline in well under a minute
+            c.max_epochs, c.window, c.pcs_every = min(c.max_epochs, 40), min(c.window, 800), max(c.pcs_every, 40)
+            c.mlf_minibatches, c.temperature_offsets, c.temperature_samples = 12, 5, 500
+        if c.center not in ("final", "mean"):
+            raise ValueError(f"center must be 'final' or 'mean', got {c.center!r}")
+        return c
+
+
+@dataclass
+class StageTimer:
+    seconds: dict = field(default_factory=dict)
+
+    def __call__(self, name):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+def _train(cfg, x, y, out, resume, progress, timer):
+    model = mlp((x.shape[1], 50, 50, 10), seed=cfg.seed)
+    window = WindowRecorder(model, [LAYER], cfg.window)
+    epochs = EpochStates(model)
+    trainer = SGDTrainer(model, x, y, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                         callbacks=[window, epochs], checkpoint=os.path.join(out, "checkpoint.pt"))
+    if resume and os.path.isfile(trainer.checkpoint):
+        trainer.resume()
+        print(f"resumed from {trainer.checkpoint} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
+    rule = StoppingRule(cfg.stop_window, cfg.stop_accuracy, cfg.stop_loss)
+    guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop, cfg.instability_patience)
+    with timer("training"):
+        if trainer.history and rule.satisfied(trainer.history):
+            trainer.stopped_by = "stopping_rule"  # a checkpoint from before stopped_by was saved
+        elif not (trainer.history and trainer.stopped_by == "unstable"):
+            trainer.run(max_epochs=cfg.max_epochs, stopping_rule=rule, progress=progress, guard=guard)
+    return model.cpu(), trainer, window, epochs
+
+
+def analyse(cfg, model, x, y, window, epochs, history, timer, log=print):
+    """Every SPEC §1.2-§1.6 quantity from a trained model and its recorded window; returns the summary
+    dict and the arrays the figures need."""
+    data = (x, y)
+    steps, snaps = window.snapshots()
+    with timer("pca"):
+        pca = trajectory_pca(snaps, gamma_range=(20, cfg.gamma_max_pc))
+        rank = int((pca.variances > 1e-12 * pca.variances[0]).sum())
+        gamma_by_end = _gamma_by_upper_end(pca.variances, rank)
+        pcs = list(range(1, rank + 1, cfg.pcs_every))
+        theta = pca.project(snaps, [1, 2, min(10, rank), min(20, rank)])
+    log(f"PCA of {snaps.shape[0]} snapshots: gamma = {pca.gamma:.2f}, n90 = {pca.n90}, cos(p1, <w>) = "
+        f"{pca.cos_p1_mean:.3f}; {len(pcs)} PCs analysed")
+    comps = pca.components.float()
+    w_shape = dict(model.named_parameters())[LAYER].shape
+    with timer("flatness"):
+        center = None if cfg.center == "final" else pca.mean.float()
+        flat = flatness_along_pcs(model, F.cross_entropy, data, comps, pcs, param=LAYER, center=center)
+        psi = psi_fit(pca.variances, pcs, flat)
+        # the analysed PC nearest each requested profile PC (PCs beyond the rank have no variance)
+        prof_pcs = sorted({min(pcs, key=lambda q: abs(q - p)) for p in cfg.profile_pcs})
+        half = float(flat.widths.max())
+        deltas = torch.linspace(-half, half, 41, dtype=torch.float64)
+        profiles = loss_profiles(model, F.cross_entropy, data, comps[[p - 1 for p in prof_pcs]], deltas, params=[LAYER])
+    log(f"flatness: psi = {psi.psi:.2f} (95 % CI {-psi.fit.ci95[1]:.2f} .. {-psi.fit.ci95[0]:.2f}) over {len(psi.pcs)} PCs")
+    dirs = comps[[p - 1 for p in pcs]].reshape(len(pcs), *w_shape)
+    widths = {p: float(w) for p, w in zip(pcs, flat.widths)}
+    with timer("mlf"):
+        count = min(cfg.mlf_minibatches, x.shape[0] // cfg.batch_size)
+        mlf = mlf_ensemble(model, F.cross_entropy, x, y, dirs, cfg.batch_size, count, cfg.seed, LAYER)
+        prof_dirs = dirs[[pcs.index(p) for p in prof_pcs]]
+        halfwidths = torch.tensor([widths[p] / 4 for p in prof_pcs], dtype=torch.float64)
+        mlf_parabola = mlf_ensemble(model, F.cross_entropy, x, y, prof_dirs, cfg.batch_size, count, cfg.seed, LAYER,
+                                    method="parabola", halfwidth=halfwidths)
+    with timer("temperature"):
+        T0 = active_temperature(model, F.cross_entropy, x, y, dirs, cfg.lr, cfg.batch_size, param=LAYER)[:, 0]
+        unit = torch.linspace(-0.5, 0.5, cfg.temperature_offsets, dtype=torch.float64)
+        T_profiles = torch.stack([active_temperature(model, F.cross_entropy, x, y, prof_dirs[j : j + 1], cfg.lr,
+                                                     cfg.batch_size, offsets=(unit * widths[p]).tolist(), param=LAYER)[0]
+                                  for j, p in enumerate(prof_pcs)])
+        sub = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.temperature_samples]
+        T_t = []
+        probe = mlp((x.shape[1], 50, 50, 10))
+        for _, _, params in epochs.states:
+            probe.load_state_dict(params)
+            T_t.append(active_temperature(probe, F.cross_entropy, x[sub], y[sub], prof_dirs, cfg.lr, cfg.batch_size,
+                                          param=LAYER)[:, 0])
+        T_t = torch.stack(T_t) if T_t else torch.empty(0, len(prof_pcs), dtype=torch.float64)
+    loss_t = np.array([r["full_loss"] for r in history])
+    corr = float(np.corrcoef(np.log(loss_t), np.log(T_t.mean(1).numpy()))[0, 1]) if len(loss_t) > 2 else float("nan")
+    t_fit_keep = ~flat.saturated_left & ~flat.saturated_right & (torch.tensor(pcs) != 1)
+    summary = {
+        "pca": {**pca.to_dict(), "rank": rank, "gamma_by_upper_end": gamma_by_end,
+                "window_steps": [int(steps[0]), int(steps[-1])] if len(steps) else []},
+        "pcs": pcs,
+        "flatness": {**flat.to_dict(), "center": cfg.center},
+        "psi": psi.to_dict(),
+        "profiles": {"pcs": prof_pcs, "deltas": deltas.tolist(), "losses": profiles.tolist()},
+        "mlf": {"derivatives": mlf.to_dict(), "parabola": {**mlf_parabola.to_dict(), "pcs": prof_pcs}},
+        "temperature": {"T0": T0.tolist(), "profile_pcs": prof_pcs, "offsets_per_width": unit.tolist(),
+                        "profiles": T_profiles.tolist(), "along_training": T_t.tolist(),
+                        "along_training_samples": int(len(sub)), "corr_log_T_log_L": corr,
+                        "T0_vs_F_exponent": _exponent(flat.widths[t_fit_keep], T0[t_fit_keep])},
+    }
+    arrays = {"theta": theta, "steps": steps, "loss_t": loss_t}
+    return summary, arrays
+
+
+def _gamma_by_upper_end(variances, rank, ends=(100, 200, 500, 1000, 2000)):
+    """gamma fitted over PCs 20..end for several ends and the whole rank: how the fit range matters."""
+    from ..analyses.fits import power_law_fit
+
+    out = {}
+    for end in sorted({e for e in ends if 22 < e < rank} | {rank}):
+        if end <= 22:
+            continue
+        i = np.arange(20, end + 1)
+        out[str(end)] = -power_law_fit(i, variances[19:end].numpy()).exponent
+    return out
+
+
+def _exponent(x, y):
+    from ..analyses.fits import power_law_fit
+
+    ok = (y > 0) & (x > 0)
+    if int(ok.sum()) < 3:
+        return None
+    return power_law_fit(x[ok].numpy(), y[ok].numpy()).to_dict()
+
+
+def checks(summary, dataset):
+    """The checkable numbers beside the paper's values, each marked within or outside its tolerance."""
+    values = {"gamma": summary["pca"]["gamma"], "n90": summary["pca"]["n90"], "psi": summary["psi"]["psi"],
+              "cos_p1_mean": summary["pca"]["cos_p1_mean"], "ratio_12": summary["pca"]["ratio_12"]}
+    rows = []
+    for key, (lo, hi, paper) in MNIST_CHECKS.items():
+        rows.append({"quantity": key, "value": values[key], "paper": paper, "tolerance": [lo, hi],
+                     "within": bool(lo <= values[key] <= hi), "applies": dataset == "mnist"})
+    rows.append({"quantity": "psi > 0", "value": values["psi"], "paper": "> 0", "tolerance": [0.0, float("inf")],
+                 "within": bool(values["psi"] > 0), "applies": True})
+    return rows
+
+
+def run(cfg, out, resume=False, progress=True, log=print):
+    """The whole job into the folder ``out``; returns the summary dict (also written as summary.json)."""
+    cfg = cfg.resolved()
+    os.makedirs(out, exist_ok=True)
+    timer = StageTimer()
+    torch.manual_seed(cfg.seed)
+    with timer("data"):
+        x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
+        x_test, y_test = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    log(f"{cfg.dataset}: {x.shape[0]} training images of {x.shape[1]} pixels; B = {cfg.batch_size}, lr = {cfg.lr}")
+    model, trainer, window, epochs = _train(cfg, x, y, out, resume, progress, timer)
+    last = trainer.history[-1] if trainer.history else {}
+    if trainer.instability is not None:
+        u = trainer.instability
+        accuracies = ", ".join(f"{r['full_accuracy']:.4f}" for r in u)
+        log(f"SGD turned unstable: full accuracy {accuracies} in epochs "
+            f"{u[0]['epoch']}-{u[-1]['epoch']}; rolled back to the end of epoch {u[0]['epoch'] - 1} and analysing that window")
+    log(f"trained {len(trainer.history)} epochs ({trainer.step} steps, stopped by {trainer.stopped_by or 'checkpoint'}): "
+        f"full loss {last.get('full_loss', float('nan')):.3g}, training accuracy {last.get('train_accuracy') or 0:.4f}")
+    summary, arrays = analyse(cfg, model, x, y, window, epochs, trainer.history, timer, log)
+    test_loss, test_acc = trainer.evaluate(x_test, y_test)
+    summary.update({
+        "library_version": __version__, "config": asdict(cfg), "dataset": cfg.dataset,
+        "training": {"epochs": len(trainer.history), "steps": trainer.step, "stopped_by": trainer.stopped_by,
+                     "instability": trainer.instability,
+                     "history": trainer.history, "test_loss": test_loss, "test_accuracy": test_acc},
+        "timings_s": timer.seconds,
+    })
+    summary["checks"] = checks(summary, cfg.dataset)
+    from .reports.common import write_variance_flatness_report
+
+    with timer("report"):
+        write_variance_flatness_report(out, summary, arrays)
+    summary["timings_s"] = timer.seconds
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=_jsonable)
+    return summary
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+GRID_BATCH_SIZES = (25, 50, 100)
+GRID_LRS = (0.05, 0.1, 0.2)
+
+
+def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=True, log=print):
+    """The pipeline for every (B, alpha) of the grid, each in ``out/B{B}_lr{alpha}/`` (resumable one by
+    one; with ``resume`` a setting with its summary.json is reused as it is), then ``grid.json``, the sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per
+    setting (SPEC §1.4: the relation holds for different B and alpha)."""
+    if not batch_sizes or not lrs:
+        raise ValueError("run_grid: batch_sizes and lrs must each list at least one value")
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for B in batch_sizes:
+        for lr in lrs:
+            folder = f"B{int(B)}_lr{float(lr):g}"
+            log(f"--- grid setting B = {B}, lr = {lr} -> {folder}")
+            finished = os.path.join(out, folder, "summary.json")
+            try:
+                if resume and os.path.isfile(finished):  # a resumed grid reuses the settings it finished
+                    with open(finished) as f:
+                        s = json.load(f)
+                    log(f"{folder}: done before, reusing {finished}")
+                else:
+                    s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
+                            progress=progress, log=log)
+            except (ValueError, FloatingPointError) as exc:  # one failed setting must not lose the others
+                log(f"grid setting B = {B}, lr = {lr} failed: {exc}")
+                rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder,
+                             "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            pcs = s["pcs"]
+            rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder, "psi": s["psi"]["psi"],
+                         "psi_ci95": [-s["psi"]["fit"]["ci95"][1], -s["psi"]["fit"]["ci95"][0]],
+                         "gamma": s["pca"]["gamma"], "n90": s["pca"]["n90"], "pcs": pcs,
+                         "variances": [s["pca"]["variances"][p - 1] for p in pcs],
+                         "widths": s["flatness"]["widths"],
+                         "saturated": [a or b for a, b in zip(s["flatness"]["saturated_left"],
+                                                              s["flatness"]["saturated_right"])],
+                         "epochs": s["training"]["epochs"], "stopped_by": s["training"]["stopped_by"],
+                         "test_accuracy": s["training"]["test_accuracy"]})
+    grid = {"dataset": cfg.dataset, "settings": rows,
+            "all_psi_positive": all("psi" in r and r["psi"] > 0 for r in rows),
+            "library_version": __version__}
+    from .reports.common import write_grid_report
+
+    write_grid_report(out, grid)
+    with open(os.path.join(out, "grid.json"), "w") as f:
+        json.dump(grid, f, indent=1, default=_jsonable)
+    return grid
