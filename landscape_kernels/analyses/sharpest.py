@@ -127,3 +127,14 @@ def cross_sections(model, loss_fn, data, E, step_lengths, epsilons=EPSILONS, par
     ev = LossEvaluator(model, loss_fn, as_batches(data, batch_size), E.T.to(p0.device, p0.dtype), params=names)
     losses = ev.losses(torch.arange(K).repeat_interleave(eps.numel()), (s[:, None] * eps).reshape(-1))
     return CrossSections(eps.tolist(), s.tolist(), losses.reshape(K, eps.numel()))
+
+
+def early_e1_changes(run):
+    """Mean loss change of the partial step along e_1 per gamma, averaged over the early analyses
+    (every measurement that has one except the one at initialisation)."""
+    analysed = [m["decomposed"] for m in run["measurements"] if "decomposed" in m and m["step"] > 0]
+    if not analysed:
+        return None
+    gammas = analysed[0]["gammas"]
+    means = [sum(a["mean_changes"][0][j] for a in analysed) / len(analysed) for j in range(len(gammas))]
+    return dict(zip(gammas, means))

@@ -5,5 +5,7 @@
 - ``model``: ``chosen_parameters``, ``as_batches``, ``eval_mode`` (used by every layer above);
 - ``collectives``, ``distributed``: per-sample statistics over the ranks of a process group.
 """
-from .model import as_batches, chosen_parameters, eval_mode  # noqa: F401
-from .persample import PerSampleGradients  # noqa: F401
+from .model import as_batches, chosen_parameters, eval_mode
+from .persample import PerSampleGradients
+
+__all__ = ["PerSampleGradients", "as_batches", "chosen_parameters", "eval_mode"]

@@ -7,5 +7,7 @@
 - ``checks``: the argument checks shared by both;
 - ``info``: which backends are active.
 """
-from . import ops, reference  # noqa: F401  (importing ops registers the operators)
-from .info import format_info, info  # noqa: F401
+from . import ops, reference  # importing ops registers the operators
+from .info import format_info, info
+
+__all__ = ["ops", "reference", "format_info", "info"]

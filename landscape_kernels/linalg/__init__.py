@@ -6,7 +6,9 @@
 - ``profiles``: the loss along directions (``loss_profiles``, ``LossEvaluator``) and the flatness, where
   it reaches e times its value at the centre (``flatness``).
 """
-from .density import SpectralDensity, spectral_density  # noqa: F401
-from .lanczos import EigenResult, LanczosNotConverged, lanczos_eigs  # noqa: F401
-from .profiles import FlatnessResult, LossEvaluator, flatness, loss_profiles  # noqa: F401
-from .traces import frobenius_norm, hutchinson_trace, hutchpp_trace  # noqa: F401
+from .density import SpectralDensity, spectral_density
+from .lanczos import EigenResult, LanczosNotConverged, lanczos_eigs
+from .profiles import FlatnessResult, LossEvaluator, flatness, loss_profiles
+from .traces import frobenius_norm, hutchinson_trace, hutchpp_trace
+
+__all__ = ["lanczos_eigs", "EigenResult", "LanczosNotConverged", "spectral_density", "SpectralDensity", "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "loss_profiles", "LossEvaluator", "flatness", "FlatnessResult"]

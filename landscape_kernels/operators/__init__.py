@@ -5,7 +5,9 @@
 - ``hessian`` (with ``rop``, exact R-operator products for MLPs), ``ggn``, ``noise`` (noise
   covariance and Fisher through the fused per-sample kernels), ``distributed`` (over ranks).
 """
-from .base import DenseOperator, Operator, as_operator  # noqa: F401
-from .ggn import GGNOperator  # noqa: F401
-from .hessian import HessianOperator  # noqa: F401
-from .noise import FisherOperator, NoiseCovarianceOperator  # noqa: F401
+from .base import DenseOperator, Operator, as_operator
+from .ggn import GGNOperator
+from .hessian import HessianOperator
+from .noise import FisherOperator, NoiseCovarianceOperator
+
+__all__ = ["Operator", "DenseOperator", "as_operator", "HessianOperator", "GGNOperator", "NoiseCovarianceOperator", "FisherOperator"]

@@ -56,7 +56,7 @@ class Operator:
 
 
 class DenseOperator(Operator):
-    """A dense symmetric matrix as an operator (tests, small problems)."""
+    """A dense symmetric matrix as an operator (tests, small problems); ``matmat`` is the plain product."""
 
     def __init__(self, matrix):
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -68,14 +68,6 @@ class DenseOperator(Operator):
 
     def matmat(self, V):
         return self.matrix @ V
-
-
-def as_operator(op):
-    if isinstance(op, torch.Tensor):
-        return DenseOperator(op)
-    if not all(hasattr(op, a) for a in ("matmat", "shape", "dtype", "device")):
-        raise TypeError("lanczos: op must be a square tensor or an operator with shape, dtype, device and matmat(V)")
-    return op
 
 
 def as_operator(op):

@@ -1,4 +1,5 @@
-"""``landscape-kernels reproduce escape-rate``: the power-law escape of SGD (Mori et al.; SPEC §3).
+"""``landscape-kernels reproduce escape-rate``: the power-law escape rate of SGD (Mori, Liu Ziyin, Liu &
+Ueda, "Power-law escape rate of SGD", ICML 2022); ``docs/reproductions/escape-rate.md``.
 
 Three parts, each resumable:
 
@@ -6,24 +7,22 @@ Three parts, each resumable:
   phi (maximum likelihood) for every (lr, B) against 1 + B/(lr h*), and the slope of the mean first
   passage time to L = c L* against log c for d = 1, 2, 3 (averaged over independent datasets) against
   the theory's SDE at the same c and against its large-c limit B/(lr h*) + 1 - d/2.
-- ``noise``: the SPEC §3.3 even/odd MNIST MLP (784-100-100-1 ReLU, Glorot, MSE (f - y)^2/2) trained
+- ``noise``: the paper's even/odd MNIST MLP (784-100-100-1 ReLU, Glorot, MSE (f - y)^2/2) trained
   with lr 0.1, B 100: the noise strength N(t) and L(t) after every epoch, and the late-time slope of
   log N against log L (the paper: 1).
 - ``decoupling``: the same network at lr 0.01, B 100: spectra of (1/N) sum ell C_f and
   L (1/N) sum C_f at initialisation, 50 and 500 epochs (dense, on a seeded subset of the data).
 """
 import copy
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from scipy import stats
 import torch.nn as nn
+from scipy import stats
 
-from ..version import __version__
 from ..analyses.escape import (
     LinearRegressionSGD, fit_stationary_exponent, gaussian_regression_data, passage_slope, passage_slope_theory,
     passage_time_theory, stationary_exponent_theory)
@@ -32,44 +31,47 @@ from ..analyses.noise_structure import decoupling_spectra, half_squared_error, n
 from ..training.data import load_dataset
 from ..training.models import mlp
 from ..training.trainer import SGDTrainer
+from .job import Job, data_dir_option, dataset_option, option, read_json, write_json
+from .reports.escape_rate import write_escape_rate_report
 
 PARTS = ("linear", "noise", "decoupling")
-TOLERANCE = 0.15  # SPEC §3.3: phi and the passage slopes within 15 % of theory
-NOISE_SLOPE_TOLERANCE = 0.2  # |slope - 1| for "N proportional to L" (our choice; SPEC gives no number)
+TOLERANCE = 0.15  # phi and the passage slopes within 15 % of theory (docs/methods.md)
+NOISE_SLOPE_TOLERANCE = 0.2  # |slope - 1| for "N proportional to L" (our choice; the paper gives no number)
 
 
 @dataclass
 class EscapeRateConfig:
-    parts: tuple = PARTS
-    dataset: str = "mnist"
-    data_dir: str = None
-    seed: int = 0
-    # linear regression, SPEC §3.3
-    stationary_lrs: tuple = (0.1, 0.05)
-    stationary_batch_sizes: tuple = (1, 2, 4, 8)
+    parts: tuple = option(PARTS, "parts to run: linear, noise, decoupling")
+    dataset: str = dataset_option("mnist", "digits: the embedded 8x8 digits (offline); mnist: the paper's data, for "
+                                           "the even/odd MLP parts")
+    data_dir: str = data_dir_option()
+    seed: int = option(0, "seed of the data draws, the chains and the network")
+    # linear regression (Mori et al. 2022, section 6)
+    stationary_lrs: tuple = option((0.1, 0.05), "learning rates of the stationary-distribution runs")
+    stationary_batch_sizes: tuple = option((1, 2, 4, 8), "batch sizes of the stationary-distribution runs")
     stationary_samples: int = 100_000
     chains: int = 100
     samples_per_chain: int = 100
     sample_every: int = 100
     burn_in: int = 2000
-    passage_dims: tuple = (1, 2, 3)
+    passage_dims: tuple = option((1, 2, 3), "dimensions d of the first-passage runs")
     passage_samples: int = 10_000
-    passage_runs: int = 100  # per dataset, as in SPEC §3.3
-    passage_datasets: int = 8  # independent draws of the N points; the slope is averaged over them
-    passage_thresholds: tuple = (1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
+    passage_runs: int = 100  # per dataset, as in the paper
+    passage_datasets: int = option(8, "independent datasets for the first-passage slopes (100 runs each)")
+    passage_thresholds: tuple = option((1.1, 1.2, 1.3, 1.4, 1.5, 1.6), "factors c of L* (the thresholds L = c L*)")
     passage_lr: float = 0.1
     passage_batch_size: int = 1
     passage_max_steps: int = 5_000_000
-    # the even/odd MLP, SPEC §3.3
+    # the even/odd MLP (Mori et al. 2022, section 3)
     train_samples: int = 10_000
     hidden: int = 100
     batch_size: int = 100
     noise_lr: float = 0.1
-    noise_epochs: int = 100
+    noise_epochs: int = option(100, "epochs of the noise-strength run")
     decoupling_lr: float = 0.01
-    decoupling_epochs: tuple = (0, 50, 500)
-    spectrum_samples: int = 4000
-    quick: bool = False
+    decoupling_epochs: tuple = option((0, 50, 500), "epochs at which the decoupling spectra are taken")
+    spectrum_samples: int = option(4000, "samples in the dense decoupling spectra")
+    quick: bool = option(False, "a short run on the embedded digits")
 
     def resolved(self):
         c = replace(self)
@@ -175,36 +177,29 @@ def glorot_mlp(num_features, hidden, seed):
     return model
 
 
-def _train_and_measure(folder, cfg, data, lr, at_epochs, measure, resume, progress, log):
+def _train_and_measure(folder, cfg, data, lr, at_epochs, measure, ctx):
     """Train the even/odd MLP with SGD, calling ``measure(model)`` at each epoch in ``at_epochs``;
     the measurements (folder/measurements.json) and the trainer checkpoint survive an interruption."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "measurements.json")
-    done = {}
-    if resume and os.path.isfile(path):
-        with open(path) as f:
-            done = {int(k): v for k, v in json.load(f).items()}
+    done = {int(k): v for k, v in read_json(path).items()} if ctx.resume and os.path.isfile(path) else {}
     model = glorot_mlp(data[0].shape[1], cfg.hidden, cfg.seed)
     trainer = SGDTrainer(model, *data, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, loss_fn=half_squared_error,
                          checkpoint=os.path.join(folder, "checkpoint.pt"))
-    if resume and os.path.isfile(trainer.checkpoint):
-        trainer.resume()
-        log(f"{folder}: resumed at epoch {trainer.epoch} with {len(done)} measurements")
+    ctx.resume_training(trainer)
     for epoch in at_epochs:
         if epoch in done:
             continue
         if trainer.epoch > epoch:
             raise ValueError(f"{folder}: the checkpoint is at epoch {trainer.epoch}, past the missing measurement at "
                              f"epoch {epoch}; remove the folder to start over")
-        trainer.run(max_epochs=epoch, stopping_rule=None, progress=progress)
+        trainer.run(max_epochs=epoch, stopping_rule=None, progress=ctx.progress)
         done[epoch] = measure(model)
-        with open(path + ".tmp", "w") as f:
-            json.dump(done, f)
-        os.replace(path + ".tmp", path)
+        write_json(path, done, indent=None)
     return [done[e] for e in at_epochs], trainer.history
 
 
-def noise_part(cfg, folder, data, resume=False, progress=False, log=print):
+def noise_part(cfg, folder, data, ctx):
     x, y = data
 
     def measure(model):
@@ -212,16 +207,16 @@ def noise_part(cfg, folder, data, resume=False, progress=False, log=print):
         return {"noise_strength": strength, "loss": loss}
 
     epochs = list(range(cfg.noise_epochs + 1))
-    points, _ = _train_and_measure(folder, cfg, data, cfg.noise_lr, epochs, measure, resume, progress, log)
+    points, _ = _train_and_measure(folder, cfg, data, cfg.noise_lr, epochs, measure, ctx)
     N, L = np.array([p["noise_strength"] for p in points]), np.array([p["loss"] for p in points])
     late = np.arange(len(points)) >= len(points) // 2  # the second half of training
     fit = power_law_fit(L[late], N[late])
-    log(f"noise strength: late-time slope of log N on log L {fit.exponent:.3f} [{fit.ci95[0]:.3f}, {fit.ci95[1]:.3f}]")
+    ctx.log(f"noise strength: late-time slope of log N on log L {fit.exponent:.3f} [{fit.ci95[0]:.3f}, {fit.ci95[1]:.3f}]")
     return {"epochs": epochs, "noise_strength": N.tolist(), "loss": L.tolist(),
             "late_from_epoch": epochs[len(points) // 2], "late_slope": fit.to_dict(), "lr": cfg.noise_lr}
 
 
-def decoupling_part(cfg, folder, data, resume=False, progress=False, log=print):
+def decoupling_part(cfg, folder, data, ctx):
     x, y = data
     g = torch.Generator().manual_seed(cfg.seed)
     subset = torch.randperm(x.shape[0], generator=g)[: min(cfg.spectrum_samples, x.shape[0])]
@@ -230,62 +225,57 @@ def decoupling_part(cfg, folder, data, resume=False, progress=False, log=print):
         s = decoupling_spectra(copy.deepcopy(model).double(), x[subset].double(), y[subset].double())
         return s.to_dict()
 
-    points, _ = _train_and_measure(folder, cfg, data, cfg.decoupling_lr, list(cfg.decoupling_epochs), measure,
-                                   resume, progress, log)
+    points, _ = _train_and_measure(folder, cfg, data, cfg.decoupling_lr, list(cfg.decoupling_epochs), measure, ctx)
     for e, p in zip(cfg.decoupling_epochs, points):
-        log(f"decoupling at epoch {e}: L {p['loss']:.4g}, median |log10 ratio| top half {p['log_ratio_top']:.3f}, "
+        ctx.log(f"decoupling at epoch {e}: L {p['loss']:.4g}, median |log10 ratio| top half {p['log_ratio_top']:.3f}, "
             f"smallest tenth {p['log_ratio_bottom']:.3f}; top-10 relative difference {p['top_relative']:.3f}")
     return {"epochs": list(cfg.decoupling_epochs), "samples": int(subset.numel()), "spectra": points}
 
 
 # ----------------------------------------------------------------------------- the job
-def run(cfg, out, resume=False, progress=False, log=print):
-    cfg = cfg.resolved()
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    parts_path = os.path.join(out, "parts.json")
-    results = {}
-    if resume and os.path.isfile(parts_path):
-        with open(parts_path) as f:
-            results = json.load(f)
+def _timed(compute):
+    """The dict ``compute()`` returns, with the seconds it took."""
+    t = time.perf_counter()
+    return {**compute(), "seconds": time.perf_counter() - t}
 
-    def keep(name, value):
-        results[name] = value
-        with open(parts_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(parts_path + ".tmp", parts_path)
 
-    if "linear" in cfg.parts:
-        for name, part in (("stationary", stationary_part), ("passage", passage_part)):
-            if name in results:
-                log(f"{name}: done before, reusing it")
-                continue
-            t = time.perf_counter()
-            keep(name, {"rows": part(cfg, log), "seconds": time.perf_counter() - t})
-    mlp_parts = [p for p in ("noise", "decoupling") if p in cfg.parts and p not in results]
-    if mlp_parts:
-        data = even_odd_data(cfg)
-        log(f"{cfg.dataset}: {data[0].shape[0]} images, labels even +1 / odd -1, network "
-            f"{data[0].shape[1]}-{cfg.hidden}-{cfg.hidden}-1, B {cfg.batch_size}")
-        for name in mlp_parts:
-            t = time.perf_counter()
-            fn = noise_part if name == "noise" else decoupling_part
-            value = fn(cfg, os.path.join(out, name), data, resume, progress, log)
-            keep(name, {**value, "seconds": time.perf_counter() - t})
-    summary = {"library_version": __version__, "config": asdict(cfg), **results,
-               "checks": checks(results),
-               # compute time over every invocation (parts reused with --resume keep their own seconds)
-               "seconds": max(time.perf_counter() - t0, sum(v["seconds"] for v in results.values()))}
-    from .reports.noise import write_escape_rate_report
+class EscapeRateJob(Job):
+    name = "escape-rate"
+    help = "SGD's power-law escape (Mori et al., ICML 2022): phi, first passage, noise strength, decoupling"
+    config = EscapeRateConfig
 
-    write_escape_rate_report(out, summary)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    def compute(self, cfg, ctx):
+        parts = ctx.stages("parts.json")  # every finished part is kept there, and reused by --resume
+
+        if "linear" in cfg.parts:
+            parts.run("stationary", lambda: _timed(lambda: {"rows": stationary_part(cfg, ctx.log)}))
+            parts.run("passage", lambda: _timed(lambda: {"rows": passage_part(cfg, ctx.log)}))
+        mlp_parts = [p for p in ("noise", "decoupling") if p in cfg.parts]
+        if any(p not in parts for p in mlp_parts):
+            data = even_odd_data(cfg)
+            ctx.log(f"{cfg.dataset}: {data[0].shape[0]} images, labels even +1 / odd -1, network "
+                    f"{data[0].shape[1]}-{cfg.hidden}-{cfg.hidden}-1, B {cfg.batch_size}")
+            for name in mlp_parts:
+                fn = noise_part if name == "noise" else decoupling_part
+                parts.run(name, lambda: _timed(lambda: fn(cfg, ctx.path(name), data, ctx)))
+        results = dict(parts)
+        # compute time over every invocation (parts reused with --resume keep their own seconds)
+        return {**results, "checks": checks(results),
+                "seconds": max(ctx.elapsed(), sum(v["seconds"] for v in results.values()))}
+
+    def write_report(self, out, summary, arrays):
+        write_escape_rate_report(out, summary)
+
+    def headline(self, s):
+        return f"{sum(c['holds'] for c in s['checks'])} of {len(s['checks'])} checks hold"
+
+
+JOB = EscapeRateJob()
+run = JOB.run
 
 
 def checks(results):
-    """SPEC §3.3's checkable results against the stated tolerances."""
+    """The paper's checkable results against the stated tolerances."""
     out = []
     for r in results.get("stationary", {}).get("rows", []):
         out.append({"claim": f"φ = 1 + B/(η h*) within 15 % (η {r['lr']:g}, B {r['batch_size']})",

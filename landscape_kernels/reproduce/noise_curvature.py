@@ -1,6 +1,7 @@
-"""``landscape-kernels reproduce noise-curvature``: the superlinear C-H relation (SPEC §4).
+"""``landscape-kernels reproduce noise-curvature``: the superlinear relation between SGD noise covariance
+and curvature (Zhang, Yang & Tu 2026, arXiv 2602.05600); ``docs/reproductions/noise-curvature.md``.
 
-For each loss (cross-entropy; MSE on the softmax outputs) and seed, the SPEC §4 network (784-50-50-10
+For each loss (cross-entropy; MSE on the softmax outputs) and seed, the paper's network (784-50-50-10
 ReLU, no bias) is trained on a class-balanced subset by SGD with a per-epoch cosine decay of the lr to
 1/100 and gradient clipping; then, for the 50 x 50 hidden matrix W2 with the other layers fixed:
 
@@ -13,22 +14,22 @@ Each (loss, seed) run lives in ``OUT/{loss}_seed{seed}/``: ``checkpoint.pt`` whi
 (``--resume`` continues it), then ``model.pt`` and ``result.json``.
 """
 import copy
-import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ..version import __version__
 from ..analyses.noise_curvature import (
     hessian_second_moment, layer_factors, layer_hessian, minibatch_covariance, minibatch_gradients, mse_on_softmax,
     superlinear_relation)
 from ..training.data import balanced_subset, load_dataset
 from ..training.models import mlp
 from ..training.trainer import SGDTrainer, cosine_schedule
+from .job import Job, data_dir_option, dataset_option, option
+from .reports.noise_curvature import write_noise_curvature_report
 
 LOSSES = {"ce": F.cross_entropy, "mse": mse_on_softmax}
 COMMUTATOR_RATIO = 0.25  # "far below the random baseline": at most a quarter of it
@@ -36,20 +37,20 @@ COMMUTATOR_RATIO = 0.25  # "far below the random baseline": at most a quarter of
 
 @dataclass
 class NoiseCurvatureConfig:
-    dataset: str = "mnist"
-    data_dir: str = None
-    per_class: int = 2000
+    dataset: str = dataset_option("mnist")
+    data_dir: str = data_dir_option()
+    per_class: int = option(2000, "training samples per class (the paper: 2000)")
     hidden: int = 50
     param: str = "2.weight"
-    batch_size: int = 50
-    lr: float = 0.1
+    batch_size: int = option(50, "SGD batch size B")
+    lr: float = option(0.1, "initial lr, cosine decay to lr/100 over --epochs")
     final_lr_fraction: float = 0.01
-    epochs: int = 500
-    clip: float = 5.0
-    losses: tuple = ("ce", "mse")
-    seeds: tuple = (0,)
-    top: int = 500
-    quick: bool = False
+    epochs: int = option(500, "epochs of training")
+    clip: float = option(5.0, "gradient-norm clipping")
+    losses: tuple = option(("ce", "mse"), "ce, mse (MSE on the softmax outputs)")
+    seeds: tuple = option((0,), "seeds, one run per loss and seed (the paper: 4 seeds)")
+    top: int = option(500, "top eigen-directions of H in the fit")
+    quick: bool = option(False, "a short run on the embedded digits")
 
     def resolved(self):
         c = replace(self)
@@ -76,31 +77,28 @@ def load_data(cfg):
     return (x, y), load_dataset(cfg.dataset, "test", cfg.data_dir)
 
 
-def train_one(cfg, folder, train, loss_name, seed, resume=False, progress=False, log=print):
+def train_one(cfg, folder, train, loss_name, seed, ctx):
     """The trained model of one (loss, seed) run (reloaded from ``model.pt`` when it exists)."""
     x, y = train
     model = mlp((x.shape[1], cfg.hidden, cfg.hidden, 10), bias=False, seed=seed)
     saved = os.path.join(folder, "model.pt")
-    if resume and os.path.isfile(saved):
+    if ctx.resume and os.path.isfile(saved):
         state = torch.load(saved, weights_only=True)
         model.load_state_dict(state["model"])
-        log(f"{folder}: trained before, reusing {saved}")
+        ctx.log(f"{folder}: trained before, reusing {saved}")
         return model, state["history"]
     steps = -(-x.shape[0] // cfg.batch_size)
     trainer = SGDTrainer(model, x, y, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, loss_fn=LOSSES[loss_name],
                          checkpoint=os.path.join(folder, "checkpoint.pt"), clip_grad_norm=cfg.clip,
                          lr_schedule=cosine_schedule(cfg.lr, cfg.epochs, steps, cfg.final_lr_fraction))
-    if resume and os.path.isfile(trainer.checkpoint):
-        trainer.resume()
-        log(f"{folder}: resumed at epoch {trainer.epoch}")
-    trainer.run(max_epochs=cfg.epochs, stopping_rule=None, progress=progress)
+    ctx.resume_training(trainer).run(max_epochs=cfg.epochs, stopping_rule=None, progress=ctx.progress)
     torch.save({"model": model.state_dict(), "history": trainer.history}, saved)
     os.remove(trainer.checkpoint)
     return model, trainer.history
 
 
 def measure(cfg, model, train, loss_name, seed):
-    """SPEC §4's measurement on the trained model: the relation and the stage timings."""
+    """The paper's measurement on the trained model: the relation and the stage timings."""
     loss_fn = LOSSES[loss_name]
     x, y = train
     model64 = copy.deepcopy(model).double()
@@ -119,53 +117,53 @@ def measure(cfg, model, train, loss_name, seed):
     return relation, seconds
 
 
-def run(cfg, out, resume=False, progress=False, log=print):
-    cfg = cfg.resolved()
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    train, test = load_data(cfg)
-    log(f"{cfg.dataset}: {train[0].shape[0]} training samples ({cfg.per_class} per class), network "
-        f"{train[0].shape[1]}-{cfg.hidden}-{cfg.hidden}-10 no bias, B {cfg.batch_size}, lr {cfg.lr} cosine to "
-        f"{cfg.lr * cfg.final_lr_fraction:g} over {cfg.epochs} epochs, clip {cfg.clip}; matrix {cfg.param}")
-    runs = {}
-    for loss_name in cfg.losses:
-        for seed in cfg.seeds:
-            name = f"{loss_name}_seed{seed}"
-            folder = os.path.join(out, name)
-            done = os.path.join(folder, "result.json")
-            if resume and os.path.isfile(done):
-                with open(done) as f:
-                    runs[name] = json.load(f)
-                log(f"{folder}: done before, reusing {done}")
-                continue
-            os.makedirs(folder, exist_ok=True)
-            t = time.perf_counter()
-            model, history = train_one(cfg, folder, train, loss_name, seed, resume, progress, log)
-            train_seconds = time.perf_counter() - t
-            relation, seconds = measure(cfg, model, train, loss_name, seed)
-            model.eval()
-            with torch.no_grad():
-                test_acc = float((model(test[0]).argmax(1) == test[1]).float().mean())
-            r = {"loss": loss_name, "seed": seed, "final_full_loss": history[-1]["full_loss"],
-                 "final_train_accuracy": history[-1]["full_accuracy"], "test_accuracy": test_acc,
-                 "training": history, "relation": relation.to_dict(),
-                 "seconds": {"training": train_seconds, **seconds}}
-            with open(done, "w") as f:
-                json.dump(r, f, indent=1)
-            runs[name] = r
-            g = relation.gamma
-            log(f"{name}: gamma {g.exponent:.3f} +- {g.stderr:.3f} (R^2 {g.r2:.3f}, {int(relation.used.sum())} "
-                f"directions), commutator {relation.commutator:.3g} vs random {relation.random_commutator:.3g}, "
-                f"test accuracy {test_acc:.4f} ({time.perf_counter() - t:.0f} s)")
-    summary = {"library_version": __version__, "config": asdict(cfg), "runs": runs, "by_loss": by_loss(runs),
-               "seconds": time.perf_counter() - t0}
-    summary["checks"] = checks(summary["by_loss"])
-    from .reports.noise import write_noise_curvature_report
+def run_one(cfg, folder, train, test, loss_name, seed, ctx):
+    """Train and measure one (loss, seed) run; its result dict."""
+    t = time.perf_counter()
+    model, history = train_one(cfg, folder, train, loss_name, seed, ctx)
+    train_seconds = time.perf_counter() - t
+    relation, seconds = measure(cfg, model, train, loss_name, seed)
+    model.eval()
+    with torch.no_grad():
+        test_acc = float((model(test[0]).argmax(1) == test[1]).float().mean())
+    g = relation.gamma
+    ctx.log(f"{os.path.basename(folder)}: gamma {g.exponent:.3f} +- {g.stderr:.3f} (R^2 {g.r2:.3f}, "
+            f"{int(relation.used.sum())} directions), commutator {relation.commutator:.3g} vs random "
+            f"{relation.random_commutator:.3g}, test accuracy {test_acc:.4f} ({time.perf_counter() - t:.0f} s)")
+    return {"loss": loss_name, "seed": seed, "final_full_loss": history[-1]["full_loss"],
+            "final_train_accuracy": history[-1]["full_accuracy"], "test_accuracy": test_acc,
+            "training": history, "relation": relation.to_dict(), "seconds": {"training": train_seconds, **seconds}}
 
-    write_noise_curvature_report(out, summary)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+
+class NoiseCurvatureJob(Job):
+    name = "noise-curvature"
+    help = "the superlinear noise covariance-curvature relation C_ii ~ H_ii^gamma (Zhang, Yang & Tu 2026)"
+    config = NoiseCurvatureConfig
+
+    def compute(self, cfg, ctx):
+        train, test = load_data(cfg)
+        ctx.log(f"{cfg.dataset}: {train[0].shape[0]} training samples ({cfg.per_class} per class), network "
+                f"{train[0].shape[1]}-{cfg.hidden}-{cfg.hidden}-10 no bias, B {cfg.batch_size}, lr {cfg.lr} cosine to "
+                f"{cfg.lr * cfg.final_lr_fraction:g} over {cfg.epochs} epochs, clip {cfg.clip}; matrix {cfg.param}")
+        runs = {}
+        for loss_name in cfg.losses:
+            for seed in cfg.seeds:
+                name = f"{loss_name}_seed{seed}"
+                folder = ctx.path(name)
+                runs[name] = ctx.reuse(os.path.join(folder, "result.json"), label=folder,
+                                       compute=lambda: run_one(cfg, folder, train, test, loss_name, seed, ctx))
+        by = by_loss(runs)
+        return {"runs": runs, "by_loss": by, "checks": checks(by)}
+
+    def write_report(self, out, summary, arrays):
+        write_noise_curvature_report(out, summary)
+
+    def headline(self, s):
+        return "gamma " + ", ".join(f"{loss} {b['gamma']['mean']:.3f}" for loss, b in s["by_loss"].items())
+
+
+JOB = NoiseCurvatureJob()
+run = JOB.run
 
 
 def by_loss(runs):
@@ -188,7 +186,7 @@ def by_loss(runs):
 
 
 def checks(by):
-    """SPEC §4's claims: gamma_CE in (1, 2] and above gamma_MSE, gamma_MSE in [0.8, 1.3], and the
+    """The paper's claims: gamma_CE in (1, 2] and above gamma_MSE, gamma_MSE in [0.8, 1.3], and the
     commutator far below the random-rotation baseline (at most ``COMMUTATOR_RATIO`` of it)."""
     out = []
     if "ce" in by:

@@ -1,4 +1,5 @@
-"""``landscape-kernels reproduce nsgd``: Nudged SGD (Jastrzebski et al. 2019, SPEC §2.4).
+"""``landscape-kernels reproduce nsgd``: Nudged SGD (Jastrzębski et al., ICLR 2019);
+``docs/reproductions/sharpest-directions.md``.
 
 NSGD with each gamma (1 is plain SGD) from one initialisation and one minibatch order; the top-K
 subspace E is refreshed by a ``SharpnessTracker`` at the start of every epoch, which also logs lambda_1
@@ -6,69 +7,65 @@ and ||H||_F. The report compares training speed (full training loss per epoch), 
 ||H||_F, and test accuracy: the paper finds gamma < 1 trains faster and ends sharper and generalises
 as well or better, gamma > 1 flatter but worse.
 """
-import json
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
-from ..version import __version__
-from .tracked import load_data, train_tracked
+from .job import Job, option
+from .reports.sharpness import write_nsgd_report
+from .tracked import TrackedConfig, load_data, train_tracked
 
 
 @dataclass
-class NSGDConfig:
-    dataset: str = "mnist"
-    data_dir: str = None
-    model: str = "mlp"
-    lr: float = 0.01
-    batch_size: int = 128
-    gammas: tuple = (0.01, 0.1, 1.0, 5.0)
-    k: int = 5
-    epochs: int = 10
-    train_samples: int = None
-    subset: int = 2560
-    tol: float = 1e-3
-    seed: int = 0
-    quick: bool = False
+class NSGDConfig(TrackedConfig):
+    epochs: int = option(10, "epochs per gamma")
+    lr: float = option(0.01, "SGD learning rate")
+    batch_size: int = option(128, "SGD batch size B")
+    gammas: tuple = option((0.01, 0.1, 1.0, 5.0), "the step along the top-K subspace is scaled by gamma (1 is SGD)")
 
     def resolved(self):
         c = replace(self)
         if c.quick:
             c.dataset, c.model, c.gammas, c.epochs, c.subset, c.k, c.lr = "digits", "mlp", (0.1, 1.0, 5.0), 3, 256, 3, 0.1
+        if 1.0 not in [float(g) for g in c.gammas]:
+            raise ValueError(f"gammas must include 1 (plain SGD, the baseline), got {c.gammas}")
         return c
 
 
-def run(cfg, out, resume=False, progress=False, log=print):
-    cfg = cfg.resolved()
-    if 1.0 not in [float(g) for g in cfg.gammas]:
-        raise ValueError(f"gammas must include 1 (plain SGD, the baseline), got {cfg.gammas}")
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    train, test, subset = load_data(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.subset, cfg.seed)
-    log(f"{cfg.dataset}: {train[0].shape[0]} training samples, Hessian subset {subset[0].shape[0]}, model {cfg.model}; "
-        f"lr {cfg.lr}, B {cfg.batch_size}, K {cfg.k}")
-    runs = {}
-    for gamma in cfg.gammas:
-        name = f"gamma{float(gamma):g}"
-        t = time.perf_counter()
-        r = train_tracked(os.path.join(out, name), train, test, subset, model_name=cfg.model,
-                          batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs, k=cfg.k, every=None,
-                          seed=cfg.seed, tol=cfg.tol, gamma=float(gamma), resume=resume, progress=progress, log=log)
-        runs[name] = r
-        log(f"gamma {gamma:g}: final full loss {r['training'][-1]['full_loss']:.4g}, lambda_1 {r['final_lambda1']:.4g}, "
-            f"||H||_F {r['final_frobenius']:.4g}, test accuracy {r['test_accuracy']:.4f} ({time.perf_counter() - t:.0f} s)")
-    summary = {"library_version": __version__, "config": asdict(cfg), "runs": runs,
-               "checks": checks(runs), "seconds": time.perf_counter() - t0}
-    from .reports.sharpness import write_nsgd_report
+class NSGDJob(Job):
+    name = "nsgd"
+    help = "Nudged SGD over gamma: training speed, sharpness, generalisation (Jastrzebski et al., ICLR 2019)"
+    config = NSGDConfig
 
-    write_nsgd_report(out, summary)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    def compute(self, cfg, ctx):
+        log = ctx.log
+        train, test, subset = load_data(cfg.dataset, cfg.data_dir, cfg.train_samples, cfg.subset, cfg.seed)
+        log(f"{cfg.dataset}: {train[0].shape[0]} training samples, Hessian subset {subset[0].shape[0]}, model "
+            f"{cfg.model}; lr {cfg.lr}, B {cfg.batch_size}, K {cfg.k}")
+        runs = {}
+        for gamma in cfg.gammas:
+            name = f"gamma{float(gamma):g}"
+            t = time.perf_counter()
+            runs[name] = r = train_tracked(ctx, ctx.path(name), train, test, subset, model_name=cfg.model,
+                                           batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs, k=cfg.k,
+                                           every=None, seed=cfg.seed, tol=cfg.tol, gamma=float(gamma))
+            log(f"gamma {gamma:g}: final full loss {r['training'][-1]['full_loss']:.4g}, lambda_1 "
+                f"{r['final_lambda1']:.4g}, ||H||_F {r['final_frobenius']:.4g}, test accuracy {r['test_accuracy']:.4f} "
+                f"({time.perf_counter() - t:.0f} s)")
+        return {"runs": runs, "checks": checks(runs)}
+
+    def write_report(self, out, summary, arrays):
+        write_nsgd_report(out, summary)
+
+    def headline(self, s):
+        return "final lambda_1 " + ", ".join(f"gamma {r['gamma']:g} {r['final_lambda1']:.3g}" for r in s["runs"].values())
+
+
+JOB = NSGDJob()
+run = JOB.run
 
 
 def checks(runs):
-    """SPEC §2.4's findings, each against the gamma = 1 (SGD) run."""
+    """The paper's findings on NSGD, each against the gamma = 1 (SGD) run."""
     base = next(r for r in runs.values() if r["gamma"] == 1.0)
     small = [r for r in runs.values() if r["gamma"] < 1]
     large = [r for r in runs.values() if r["gamma"] > 1]

@@ -1,61 +1,72 @@
-"""``landscape-kernels reproduce variance-flatness``: train, record, analyse (SPEC §1.1-§1.6), report.
+"""``landscape-kernels reproduce variance-flatness``: Feng & Tu's inverse variance-flatness relation.
+
+Feng & Tu, "The inverse variance-flatness relation in stochastic gradient descent is critical for
+finding flat minima", PNAS 118 (2021); definitions in ``docs/methods.md``, results in
+``docs/reproductions/variance-flatness.md``.
 
 Stages, each timed: training (SGD with a snapshot of W2 before every step kept for the last ``window``
 steps, and the whole model at every epoch end), PCA, flatness (with the loss profiles), MLF ensemble,
-active temperature. The run folder holds ``checkpoint.pt`` (resumable with ``resume=True``),
-``summary.json``, the figures and ``report.md``.
+active temperature. The run folder holds ``checkpoint.pt`` (resumable with ``--resume``),
+``summary.json``, the figures and ``report.md``. ``--grid`` runs every (B, lr) of a grid into
+subfolders and overlays them.
 """
-import json
 import os
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..version import __version__
+from ..analyses.fits import power_law_fit
 from ..analyses.variance_flatness import (active_temperature, flatness_along_pcs, mlf_ensemble, psi_fit,
                                           trajectory_pca)
+from ..linalg.profiles import loss_profiles
 from ..training.callbacks import EpochStates, WindowRecorder
 from ..training.data import load_dataset
 from ..training.models import mlp
-from ..linalg.profiles import loss_profiles
 from ..training.trainer import InstabilityGuard, SGDTrainer, StoppingRule
+from ..version import __version__
+from .job import (Job, JobContext, comma_list, config_from_args, data_dir_option, dataset_option, option,
+                  write_json)
+from .reports.variance_flatness import write_grid_report, write_variance_flatness_report
 
-LAYER = "2.weight"  # W2, the hidden -> hidden matrix (SPEC §1.2)
+LAYER = "2.weight"  # W2, the hidden -> hidden matrix the paper analyses
 
-# SPEC §1.4: the checkable numbers of the reference system (MNIST, B = 50, alpha = 0.1)
+# The checkable numbers of the paper's system (MNIST, B = 50, lr = 0.1), docs/methods.md
 MNIST_CHECKS = {"gamma": (2.0, 3.2, "2-3"), "n90": (20, 60, "≈ 35"), "psi": (3.5, 5.0, "≈ 4"),
                 "cos_p1_mean": (0.8, 1.0, "≈ 0.9"), "ratio_12": (10.0, float("inf"), "≫ 1")}
+GRID_BATCH_SIZES = (25, 50, 100)
+GRID_LRS = (0.05, 0.1, 0.2)
 
 
 @dataclass
 class VarianceFlatnessConfig:
-    dataset: str = "digits"
-    data_dir: str = None
-    batch_size: int = 50
-    lr: float = 0.1
-    window: int = None  # default: 12,000 snapshots on MNIST (SPEC §1.2), 6,000 on digits
-    max_epochs: int = 1000
-    seed: int = 0
-    pcs_every: int = 10  # analyse PCs 1, 1 + every, ... (SPEC §1.3: every 10th)
-    gamma_max_pc: int = 1000  # upper end of the gamma fit (SPEC fixes only i >= 20) [unverified]
+    dataset: str = dataset_option("digits", "digits: the embedded scikit-learn 8x8 digits (offline, minutes on 2 "
+                                            "cores); mnist: the paper's data")
+    data_dir: str = data_dir_option()
+    batch_size: int = option(50, "SGD batch size B")
+    lr: float = option(0.1, "SGD learning rate")
+    window: int = option(None, "snapshots of W2 in the PCA window (default 12000 on MNIST, 6000 on digits)", type=int)
+    max_epochs: int = option(1000, "epochs at most (the stopping rule usually ends training earlier)")
+    seed: int = option(0, "seed of the initialisation and the minibatch order")
+    pcs_every: int = option(10, "analyse PCs 1, 1+k, 1+2k, ...")
+    gamma_max_pc: int = option(1000, "upper end of the gamma fit over PCs 20.. (the paper fixes only the lower end)")
     profile_pcs: tuple = (1, 11, 101, 1001)  # loss profiles, parabola MLF and T(delta) profiles
     mlf_minibatches: int = 100
     temperature_offsets: int = 11  # points of T_i(delta) in [-F_i / 2, F_i / 2]
     temperature_samples: int = 10000  # samples for T(t) along training
-    center: str = "final"  # flatness from w0 (end of training) or "mean" (<w> of the window)
-    device: str = "cpu"
+    center: str = option("final", "flatness from w0 (final weights) or from <w> (the window mean)",
+                         choices=("final", "mean"))
+    device: str = option("cpu", "torch device of training and analysis")
     stop_accuracy: float = 0.99
     stop_loss: float = 5e-5
     stop_window: int = 9
     instability_drop: float = 0.02  # roll back and stop when full accuracy stays this far below its best (None: off)
     instability_patience: int = 3  # ... for this many epochs
-    quick: bool = False
+    quick: bool = option(False, "a short smoke run of the whole pipeline")
 
     def resolved(self):
-        c = VarianceFlatnessConfig(**asdict(self))
+        c = replace(self)
         if c.window is None:
             c.window = 12000 if c.dataset == "mnist" else 6000
         if c.quick:  # a smoke run of the whole pipeline in well under a minute
@@ -66,44 +77,25 @@ class VarianceFlatnessConfig:
         return c
 
 
-@dataclass
-class StageTimer:
-    seconds: dict = field(default_factory=dict)
-
-    def __call__(self, name):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Stage()
-
-
-def _train(cfg, x, y, out, resume, progress, timer):
+def _train(cfg, x, y, ctx):
     model = mlp((x.shape[1], 50, 50, 10), seed=cfg.seed)
     window = WindowRecorder(model, [LAYER], cfg.window)
     epochs = EpochStates(model)
     trainer = SGDTrainer(model, x, y, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
-                         callbacks=[window, epochs], checkpoint=os.path.join(out, "checkpoint.pt"))
-    if resume and os.path.isfile(trainer.checkpoint):
-        trainer.resume()
-        print(f"resumed from {trainer.checkpoint} at epoch {trainer.epoch}, step {trainer.step}", flush=True)
+                         callbacks=[window, epochs], checkpoint=ctx.path("checkpoint.pt"))
+    ctx.resume_training(trainer)
     rule = StoppingRule(cfg.stop_window, cfg.stop_accuracy, cfg.stop_loss)
     guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop, cfg.instability_patience)
-    with timer("training"):
+    with ctx.timer("training"):
         if trainer.history and rule.satisfied(trainer.history):
             trainer.stopped_by = "stopping_rule"  # a checkpoint from before stopped_by was saved
         elif not (trainer.history and trainer.stopped_by == "unstable"):
-            trainer.run(max_epochs=cfg.max_epochs, stopping_rule=rule, progress=progress, guard=guard)
+            trainer.run(max_epochs=cfg.max_epochs, stopping_rule=rule, progress=ctx.progress, guard=guard)
     return model.cpu(), trainer, window, epochs
 
 
 def analyse(cfg, model, x, y, window, epochs, history, timer, log=print):
-    """Every SPEC §1.2-§1.6 quantity from a trained model and its recorded window; returns the summary
+    """Every quantity of the paper's analysis from a trained model and its recorded window; returns the summary
     dict and the arrays the figures need."""
     data = (x, y)
     steps, snaps = window.snapshots()
@@ -172,8 +164,6 @@ def analyse(cfg, model, x, y, window, epochs, history, timer, log=print):
 
 def _gamma_by_upper_end(variances, rank, ends=(100, 200, 500, 1000, 2000)):
     """gamma fitted over PCs 20..end for several ends and the whole rank: how the fit range matters."""
-    from ..analyses.fits import power_law_fit
-
     out = {}
     for end in sorted({e for e in ends if 22 < e < rank} | {rank}):
         if end <= 22:
@@ -184,8 +174,6 @@ def _gamma_by_upper_end(variances, rank, ends=(100, 200, 500, 1000, 2000)):
 
 
 def _exponent(x, y):
-    from ..analyses.fits import power_law_fit
-
     ok = (y > 0) & (x > 0)
     if int(ok.sum()) < 3:
         return None
@@ -205,78 +193,84 @@ def checks(summary, dataset):
     return rows
 
 
-def run(cfg, out, resume=False, progress=True, log=print):
-    """The whole job into the folder ``out``; returns the summary dict (also written as summary.json)."""
-    cfg = cfg.resolved()
-    os.makedirs(out, exist_ok=True)
-    timer = StageTimer()
-    torch.manual_seed(cfg.seed)
-    with timer("data"):
-        x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
-        x_test, y_test = load_dataset(cfg.dataset, "test", cfg.data_dir)
-    log(f"{cfg.dataset}: {x.shape[0]} training images of {x.shape[1]} pixels; B = {cfg.batch_size}, lr = {cfg.lr}")
-    model, trainer, window, epochs = _train(cfg, x, y, out, resume, progress, timer)
-    last = trainer.history[-1] if trainer.history else {}
-    if trainer.instability is not None:
-        u = trainer.instability
-        accuracies = ", ".join(f"{r['full_accuracy']:.4f}" for r in u)
-        log(f"SGD turned unstable: full accuracy {accuracies} in epochs "
-            f"{u[0]['epoch']}-{u[-1]['epoch']}; rolled back to the end of epoch {u[0]['epoch'] - 1} and analysing that window")
-    log(f"trained {len(trainer.history)} epochs ({trainer.step} steps, stopped by {trainer.stopped_by or 'checkpoint'}): "
-        f"full loss {last.get('full_loss', float('nan')):.3g}, training accuracy {last.get('train_accuracy') or 0:.4f}")
-    summary, arrays = analyse(cfg, model, x, y, window, epochs, trainer.history, timer, log)
-    test_loss, test_acc = trainer.evaluate(x_test, y_test)
-    summary.update({
-        "library_version": __version__, "config": asdict(cfg), "dataset": cfg.dataset,
-        "training": {"epochs": len(trainer.history), "steps": trainer.step, "stopped_by": trainer.stopped_by,
-                     "instability": trainer.instability,
-                     "history": trainer.history, "test_loss": test_loss, "test_accuracy": test_acc},
-        "timings_s": timer.seconds,
-    })
-    summary["checks"] = checks(summary, cfg.dataset)
-    from .reports.common import write_variance_flatness_report
+class VarianceFlatnessJob(Job):
+    name = "variance-flatness"
+    help = "Feng & Tu's inverse variance-flatness relation (PNAS 2021): PCA, flatness, MLF, active temperature"
+    config = VarianceFlatnessConfig
 
-    with timer("report"):
+    def compute(self, cfg, ctx):
+        timer, log = ctx.timer, ctx.log
+        torch.manual_seed(cfg.seed)
+        with timer("data"):
+            x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
+            x_test, y_test = load_dataset(cfg.dataset, "test", cfg.data_dir)
+        log(f"{cfg.dataset}: {x.shape[0]} training images of {x.shape[1]} pixels; B = {cfg.batch_size}, lr = {cfg.lr}")
+        model, trainer, window, epochs = _train(cfg, x, y, ctx)
+        last = trainer.history[-1] if trainer.history else {}
+        if trainer.instability is not None:
+            u = trainer.instability
+            accuracies = ", ".join(f"{r['full_accuracy']:.4f}" for r in u)
+            log(f"SGD turned unstable: full accuracy {accuracies} in epochs {u[0]['epoch']}-{u[-1]['epoch']}; "
+                f"rolled back to the end of epoch {u[0]['epoch'] - 1} and analysing that window")
+        log(f"trained {len(trainer.history)} epochs ({trainer.step} steps, stopped by {trainer.stopped_by or 'checkpoint'}): "
+            f"full loss {last.get('full_loss', float('nan')):.3g}, training accuracy {last.get('train_accuracy') or 0:.4f}")
+        summary, arrays = analyse(cfg, model, x, y, window, epochs, trainer.history, timer, log)
+        test_loss, test_acc = trainer.evaluate(x_test, y_test)
+        summary.update({
+            "dataset": cfg.dataset,
+            "training": {"epochs": len(trainer.history), "steps": trainer.step, "stopped_by": trainer.stopped_by,
+                         "instability": trainer.instability,
+                         "history": trainer.history, "test_loss": test_loss, "test_accuracy": test_acc},
+        })
+        summary["checks"] = checks(summary, cfg.dataset)
+        return summary, arrays
+
+    def write_report(self, out, summary, arrays):
         write_variance_flatness_report(out, summary, arrays)
-    summary["timings_s"] = timer.seconds
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=_jsonable)
-    return summary
+
+    def headline(self, s):
+        return f"gamma {s['pca']['gamma']:.2f}, n90 {s['pca']['n90']}, psi {s['psi']['psi']:.2f}"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--grid", action="store_true",
+                            help="run every (B, lr) of --grid-batch-sizes x --grid-lrs into OUT/B{B}_lr{lr}/ and "
+                                 "overlay them")
+        parser.add_argument("--grid-batch-sizes", type=comma_list(int), default=GRID_BATCH_SIZES,
+                            help="comma list (default: 25,50,100)")
+        parser.add_argument("--grid-lrs", type=comma_list(float), default=GRID_LRS, help="comma list (default: 0.05,0.1,0.2)")
+
+    def main(self, args):
+        if not args.grid:
+            return super().main(args)
+        g = run_grid(config_from_args(self.config, args), args.out, args.grid_batch_sizes, args.grid_lrs,
+                     resume=args.resume, progress=not args.no_progress)
+        print(f"report: {args.out}/grid.md  (psi " + ", ".join(f"{r['psi']:.2f}" if "psi" in r else "failed"
+                                                             for r in g["settings"]) + ")")
+        return 0
 
 
-def _jsonable(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+JOB = VarianceFlatnessJob()
+run = JOB.run
 
 
-GRID_BATCH_SIZES = (25, 50, 100)
-GRID_LRS = (0.05, 0.1, 0.2)
-
-
-def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=True, log=print):
+def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=False, log=print):
     """The pipeline for every (B, alpha) of the grid, each in ``out/B{B}_lr{alpha}/`` (resumable one by
-    one; with ``resume`` a setting with its summary.json is reused as it is), then ``grid.json``, the sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per
-    setting (SPEC §1.4: the relation holds for different B and alpha)."""
+    one; with ``resume`` a setting with its summary.json is reused as it is), then ``grid.json``, the
+    sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per setting (the paper: the relation
+    holds for different B and alpha)."""
     if not batch_sizes or not lrs:
         raise ValueError("run_grid: batch_sizes and lrs must each list at least one value")
     os.makedirs(out, exist_ok=True)
+    ctx = JobContext(os.fspath(out), resume, progress, log)
     rows = []
     for B in batch_sizes:
         for lr in lrs:
             folder = f"B{int(B)}_lr{float(lr):g}"
             log(f"--- grid setting B = {B}, lr = {lr} -> {folder}")
-            finished = os.path.join(out, folder, "summary.json")
-            try:
-                if resume and os.path.isfile(finished):  # a resumed grid reuses the settings it finished
-                    with open(finished) as f:
-                        s = json.load(f)
-                    log(f"{folder}: done before, reusing {finished}")
-                else:
-                    s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
-                            progress=progress, log=log)
+            setting = replace(cfg, batch_size=int(B), lr=float(lr))
+            try:  # a resumed grid reuses the settings it finished
+                s = ctx.reuse(ctx.path(folder, "summary.json"), label=folder, compute=lambda: run(
+                    setting, ctx.path(folder), resume=resume, progress=progress, log=log))
             except (ValueError, FloatingPointError) as exc:  # one failed setting must not lose the others
                 log(f"grid setting B = {B}, lr = {lr} failed: {exc}")
                 rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder,
@@ -295,9 +289,6 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
     grid = {"dataset": cfg.dataset, "settings": rows,
             "all_psi_positive": all("psi" in r and r["psi"] > 0 for r in rows),
             "library_version": __version__}
-    from .reports.common import write_grid_report
-
     write_grid_report(out, grid)
-    with open(os.path.join(out, "grid.json"), "w") as f:
-        json.dump(grid, f, indent=1, default=_jsonable)
+    write_json(ctx.path("grid.json"), grid)
     return grid

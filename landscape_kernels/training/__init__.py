@@ -5,6 +5,8 @@
 - ``optim``: ``NSGD``; ``progress``: progress bars, or log lines when stderr is not a terminal;
 - ``data``: MNIST, the embedded digits, subsets; ``models``: the papers' networks, a GPT-style model.
 """
-from .optim import NSGD  # noqa: F401
-from .sharpness import SharpnessTracker  # noqa: F401
-from .trainer import SGDTrainer  # noqa: F401
+from .optim import NSGD
+from .sharpness import SharpnessTracker
+from .trainer import SGDTrainer
+
+__all__ = ["SGDTrainer", "SharpnessTracker", "NSGD"]

@@ -5,7 +5,9 @@
 - ``pca``: ``StreamingPCA`` (exact, Gram, Frequent-Directions sketch);
 - ``distributed``: PCA of parameter-sharded trajectories in a process group.
 """
-from .pca import StreamingPCA  # noqa: F401
-from .recorder import TrajectoryRecorder  # noqa: F401
-from .sharded import open_sharded_trajectory  # noqa: F401
-from .store import CorruptChunkError, open_trajectory  # noqa: F401
+from .pca import StreamingPCA
+from .recorder import TrajectoryRecorder
+from .sharded import open_sharded_trajectory
+from .store import CorruptChunkError, open_trajectory
+
+__all__ = ["TrajectoryRecorder", "open_trajectory", "CorruptChunkError", "open_sharded_trajectory", "StreamingPCA"]

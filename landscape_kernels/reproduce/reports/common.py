@@ -1,17 +1,15 @@
-"""Figures (PNG, matplotlib's Agg backend) and ``report.md`` of a reproduction run.
+"""What every reproduce report shares: figures (PNG, matplotlib's Agg backend), number formatting, the
+claims table and the closing of ``report.md``.
 
 matplotlib is in the ``report`` extra; without it the report is written with its tables and a line
-saying which figures were skipped, so an analysis never fails for want of a plotting library.
+saying that the figures were skipped, so an analysis never fails for want of a plotting library.
 """
 import math
 import os
 
-import numpy as np
 
-from ...analyses.forgetting import XI_FACTOR
-
-
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -22,7 +20,8 @@ def _pyplot():
     return plt
 
 
-def _fmt(v):
+def fmt(v):
+    """A number for a table: 4 significant digits, "∞" and "—" (None)."""
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -32,283 +31,46 @@ def _fmt(v):
     return str(v)
 
 
-def _draw_figures(draw, out, s):
+def draw_figures(draw, out, s):
     """(plt, written): pyplot (None without matplotlib) and the figure files ``draw(plt, out, s, written)``
     saved (nothing is drawn without matplotlib; the report says so)."""
-    plt, written = _pyplot(), []
+    plt, written = pyplot(), []
     if plt is not None:
         draw(plt, out, s, written)
     return plt, written
 
 
-def _save(plt, fig, out, name, written):
+def save_figure(plt, fig, out, name, written):
+    """Save ``fig`` as OUT/name, close it and add the name to ``written``."""
     fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=110)
     plt.close(fig)
     written.append(name)
 
 
-def _checks_table(checks):
+def checks_table(checks):
+    """The paper's claims as a markdown table: claim, the numbers it rests on, whether it holds."""
     lines = ["| claim | measured | holds |", "|---|---|---|"]
     for c in checks:
-        vals = ", ".join(f"{k}: {_fmt(v) if not isinstance(v, list) else ' / '.join(_fmt(t) for t in v)}"
+        vals = ", ".join(f"{k}: {fmt(v) if not isinstance(v, list) else ' / '.join(fmt(t) for t in v)}"
                          for k, v in c["values"].items())
         note = f" ({c['caveat']})" if c.get("caveat") else ""
         lines.append(f"| {c['claim']} | {vals}{note} | {'yes' if c['holds'] else '**no**'} |")
     return lines
 
 
-def _figure_note(written, plt):
+def figure_lines(written, plt):
+    """Markdown image lines of the figures, or the line saying why there are none."""
     if plt is None:
         return ["(figures skipped: matplotlib is not installed; `pip install landscape_kernels[report]`)", ""]
     return [f"![{name}]({name})" for name in written] + [""]
 
 
-def _write_report(out, lines, written, plt, s):
-    """Close a job's report with its figures and total time (``s["seconds"]``) and write OUT/report.md."""
-    lines = lines + ["", "## Figures", ""] + _figure_note(written, plt)
-    lines += [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
+def write_report(out, lines, written, plt, s, footer=None):
+    """Close a job's report with its figures and ``footer`` (default: the total time, ``s["seconds"]``)
+    and write OUT/report.md."""
+    if footer is None:
+        footer = [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
+    lines = lines + ["", "## Figures", ""] + figure_lines(written, plt) + footer
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
-
-
-def _spectrum_figures(plt, out, s, arrays, written):
-    var = np.array(s["pca"]["variances"])
-    i = np.arange(1, len(var) + 1)
-    fit = s["pca"]["gamma_fit"]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    pos = var > 0
-    ax[0].loglog(i[pos], var[pos], ".", ms=3, label="σ_i²")
-    xs = np.array([fit["x_min"], fit["x_max"]])
-    ax[0].loglog(xs, np.exp(fit["log_prefactor"]) * xs ** fit["exponent"], "r-",
-                 label=f"fit i ≥ {int(fit['x_min'])}: γ = {-fit['exponent']:.2f}")
-    ax[0].set(xlabel="rank i", ylabel="variance σ_i²", title="PCA spectrum of W2 (Fig. 1)")
-    ax[0].legend()
-    rest = var[1:]
-    share = np.cumsum(rest) / rest.sum()
-    ax[1].semilogx(np.arange(2, len(var) + 1), share)
-    ax[1].axhline(0.9, color="gray", ls=":")
-    ax[1].axvline(s["pca"]["n90"], color="r", ls="--", label=f"n90 = {s['pca']['n90']}")
-    ax[1].set(xlabel="n", ylabel="Σ_{i=2..n} σ_i² / Σ_{i≥2} σ_i²", title="cumulative variance without PC1")
-    ax[1].legend()
-    _save(plt, fig, out, "fig1_spectrum.png", written)
-    theta = np.asarray(arrays["theta"])
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(theta[:, 0], theta[:, 1], lw=0.5)
-    ax[0].set(xlabel="θ1", ylabel="θ2", title="drift along PC1, diffusion along PC2")
-    ax[1].plot(theta[:, 2], theta[:, 3], lw=0.5)
-    ax[1].set(xlabel="θ_10", ylabel="θ_20", title="diffusion along low-variance PCs")
-    _save(plt, fig, out, "fig1_trajectories.png", written)
-
-
-def _flatness_figures(plt, out, s, written):
-    pcs = np.array(s["pcs"])
-    F = np.array(s["flatness"]["widths"])
-    var = np.array(s["pca"]["variances"])[pcs - 1]
-    prof = s["profiles"]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    L = np.array(prof["losses"])
-    for p, row in zip(prof["pcs"], L):
-        ax[0].plot(prof["deltas"], np.log(row), label=f"PC{p}")
-    ax[0].axhline(math.log(s["flatness"]["loss0"]) + s["flatness"]["threshold"], color="gray", ls=":", label="ln L0 + 1")
-    ax[0].set(xlabel="δθ", ylabel="ln L", title="loss profiles (Fig. 2)")
-    ax[0].legend(fontsize=7)
-    sat = np.array(s["flatness"]["saturated_left"]) | np.array(s["flatness"]["saturated_right"])
-    ax[1].semilogy(pcs[~sat], F[~sat], ".", label="F_i")
-    if sat.any():
-        ax[1].semilogy(pcs[sat], F[sat], "x", label="saturated")
-    ax[1].set(xlabel="PC i", ylabel="flatness F_i", title="flatness grows with i")
-    ax[1].legend()
-    fit = s["psi"]["fit"]
-    ax[2].loglog(F[~sat], var[~sat], ".")
-    xs = np.array([fit["x_min"], fit["x_max"]])
-    ax[2].loglog(xs, np.exp(fit["log_prefactor"]) * xs ** fit["exponent"], "r-",
-                 label=f"ψ = {s['psi']['psi']:.2f}, 95 % CI [{-fit['ci95'][1]:.2f}, {-fit['ci95'][0]:.2f}]")
-    ax[2].set(xlabel="F_i", ylabel="σ_i²", title="inverse variance-flatness relation")
-    ax[2].legend()
-    _save(plt, fig, out, "fig2_flatness.png", written)
-
-
-def _mlf_figures(plt, out, s, written):
-    F = np.array(s["flatness"]["widths"])
-    d = s["mlf"]["derivatives"]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    for a, key, label in zip(ax, ("sigma_tilde2", "M0", "noise_strength"),
-                             ("σ̃_i² = Var_μ θ*", "M_ii^(0)", "(M_ii^(0))² σ̃_i²")):
-        v = np.array(d[key], dtype=float)
-        ok = np.isfinite(v) & (v > 0)
-        a.loglog(F[ok], v[ok], ".", label="derivatives")
-        par = s["mlf"]["parabola"]
-        idx = [s["pcs"].index(p) for p in par["pcs"]]
-        pv = np.array(par[key], dtype=float)
-        pok = np.isfinite(pv) & (pv > 0)
-        a.loglog(F[idx][pok], pv[pok], "rx", label="parabola")
-        a.set(xlabel="F_i", ylabel=label)
-        a.legend(fontsize=7)
-    ax[0].set_title("MLF ensemble (Fig. 3)")
-    _save(plt, fig, out, "fig3_mlf.png", written)
-
-
-def _temperature_figures(plt, out, s, arrays, written):
-    t = s["temperature"]
-    F = np.array(s["flatness"]["widths"])
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    for p, row in zip(t["profile_pcs"], t["profiles"]):
-        ax[0].plot(np.array(t["offsets_per_width"]), row, label=f"PC{p}")
-    ax[0].set(xlabel="δθ / F_i", ylabel="T_i(δθ)", title="active temperature (Fig. 5)")
-    ax[0].legend(fontsize=7)
-    T0 = np.array(t["T0"])
-    ok = T0 > 0
-    ax[1].loglog(F[ok], T0[ok], ".")
-    ax[1].set(xlabel="F_i", ylabel="T_i(0)", title="T_i(0) falls with flatness")
-    Tt = np.array(t["along_training"])
-    loss = np.asarray(arrays["loss_t"])
-    if len(Tt):
-        epochs = np.arange(1, len(Tt) + 1)
-        ax[2].loglog(epochs, Tt.mean(1), label="T(t) (mean over profile PCs)")
-        ax2 = ax[2].twinx()
-        ax2.loglog(epochs, loss, "r", label="L(t)")
-        ax2.set_ylabel("full training loss L", color="r")
-        ax[2].set(xlabel="epoch", ylabel="T(t)", title=f"corr(log T, log L) = {t['corr_log_T_log_L']:.2f}")
-    _save(plt, fig, out, "fig5_temperature.png", written)
-
-
-def write_variance_flatness_report(out, s, arrays):
-    """PNG figures and report.md for a summary from ``pipelines.variance_flatness.run``."""
-    plt = _pyplot()
-    written = []
-    if plt is not None:
-        _spectrum_figures(plt, out, s, arrays, written)
-        _flatness_figures(plt, out, s, written)
-        _mlf_figures(plt, out, s, written)
-        _temperature_figures(plt, out, s, arrays, written)
-    cfg, tr = s["config"], s["training"]
-    lines = [f"# Inverse variance-flatness relation: {s['dataset']}, B = {cfg['batch_size']}, α = {cfg['lr']}", "",
-             f"landscape_kernels {s['library_version']}; {tr['epochs']} epochs ({tr['steps']} SGD steps, stopped by "
-             f"{tr['stopped_by']}); test accuracy {_fmt(tr['test_accuracy'])}; PCA window of "
-             f"{s['pca']['num_snapshots']} snapshots of W2; {len(s['pcs'])} PCs analysed (every "
-             f"{cfg['pcs_every']}th); flatness from the {cfg['center']} weights.", ""]
-    if tr.get("instability"):
-        u = tr["instability"]
-        lines += [f"SGD turned unstable: in epochs {u[0]['epoch']}–{u[-1]['epoch']} the full training accuracy "
-                  f"({', '.join(_fmt(r['full_accuracy']) for r in u)}) stayed more than {cfg['instability_drop']:g} "
-                  f"below its best; the run was rolled back to the end of epoch {u[0]['epoch'] - 1} and that window "
-                  "is analysed (SPEC §1.1's stopping rule was not met: at this lr / B the loss does not reach 5e-5 "
-                  "before the noise erodes the solution).", ""]
-    lines += ["## Checkable numbers (SPEC §1.4)", "",
-             "| quantity | this run | paper | tolerance | within |", "|---|---:|---|---|---|"]
-    for r in s["checks"]:
-        lo, hi = r["tolerance"]
-        mark = ("yes" if r["within"] else "**no**") if r["applies"] else f"({'yes' if r['within'] else 'no'}; MNIST value)"
-        lines.append(f"| {r['quantity']} | {_fmt(r['value'])} | {r['paper']} | [{_fmt(lo)}, {_fmt(hi)}] | {mark} |")
-    g, p = s["pca"]["gamma_fit"], s["psi"]["fit"]
-    by_end = s["pca"].get("gamma_by_upper_end", {})
-    if by_end:
-        lines += ["", "γ by the upper end of the fit (SPEC fixes only i ≥ 20): " +
-                  ", ".join(f"20..{k}: {v:.2f}" for k, v in by_end.items()) + f" (PCs with variance: {s['pca']['rank']})."]
-    lines += ["", f"γ = {s['pca']['gamma']:.3f} ± {g['stderr']:.3f} (fit over PCs {int(g['x_min'])}..{int(g['x_max'])}); "
-              f"ψ = {s['psi']['psi']:.3f}, 95 % CI [{-p['ci95'][1]:.3f}, {-p['ci95'][0]:.3f}] over {p['n']} PCs "
-              "(PC1 and saturated sides excluded).", ""]
-    if written:
-        lines += ["## Figures", ""] + [f"![{name}]({name})" for name in written] + [""]
-    else:
-        lines += ["Figures skipped: matplotlib is not installed (pip install 'landscape_kernels[report]').", ""]
-    lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in s["timings_s"].items()]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return written
-
-
-def write_grid_report(out, grid):
-    """``fig_grid.png`` (sigma_i^2 against F_i for every setting, log-log) and ``grid.md``."""
-    plt = _pyplot()
-    figure = None
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        markers = "os^Dv<>ph*"
-        for i, r in enumerate(r for r in grid["settings"] if "psi" in r):
-            F, var = np.array(r["widths"]), np.array(r["variances"])
-            keep = ~np.array(r["saturated"]) & (np.array(r["pcs"]) != 1) & (var > 0)
-            ax.loglog(F[keep], var[keep], markers[i % len(markers)], ms=3, alpha=0.7,
-                      label=f"B = {r['batch_size']}, α = {r['lr']:g}: ψ = {r['psi']:.2f}")
-        ax.set(xlabel="flatness F_i", ylabel="variance σ_i²", title="σ² vs F across (B, α) (SPEC §1.4)")
-        ax.legend(fontsize=7)
-        figure = "fig_grid.png"
-        _save(plt, fig, out, figure, [])
-    lines = [f"# Inverse variance-flatness relation across (B, α): {grid['dataset']}", "",
-             f"ψ > 0 for every setting: **{'yes' if grid['all_psi_positive'] else 'no'}**", "",
-             "| B | α | ψ | 95 % CI | γ | n90 | epochs | stopped by | test accuracy | report |",
-             "|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
-    for r in grid["settings"]:
-        if "psi" not in r:
-            lines.append(f"| {r['batch_size']} | {r['lr']:g} | failed: {r['error']} | | | | | | | {r['folder']} |")
-            continue
-        lines.append(f"| {r['batch_size']} | {r['lr']:g} | {r['psi']:.3f} | [{r['psi_ci95'][0]:.2f}, {r['psi_ci95'][1]:.2f}] | "
-                     f"{r['gamma']:.2f} | {r['n90']} | {r['epochs']} | {r.get('stopped_by', '')} | "
-                     f"{_fmt(r['test_accuracy'])} | [{r['folder']}]({r['folder']}/report.md) |")
-    if figure:
-        lines += ["", f"![{figure}]({figure})"]
-    with open(os.path.join(out, "grid.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _penalty_stability_note(s):
-    """Plain SGD on a penalty with curvature c along a direction is stable only while lr * c < 2."""
-    lr, f_min = s["config"]["lr"], min(s["task1"]["xi"]) / XI_FACTOR
-    return (f"Stability of the penalised SGD: along p_1i the quadratic LDC has curvature 2λ/F_1i² and the hinge "
-            f"form 2λ (outside ξ_i), so SGD at α = {lr:g} diverges or oscillates once λ ≥ F_min²/α = "
-            f"{f_min ** 2 / lr:.3g} (quadratic, F_min = {f_min:.3g}) or λ ≥ 1/α = {1 / lr:.3g} (hinge); "
-            "such runs are marked nan (diverged).")
-
-
-def write_forgetting_report(out, s):
-    """Figures and report.md of ``pipelines.forgetting.run`` (SPEC §1.7)."""
-    plt = _pyplot()
-    written = []
-    if plt is not None:
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        for r in s["runs"]:
-            epochs = np.arange(1, len(r["curve"]) + 1)
-            ax[0].plot(epochs, [c["eps1"] for c in r["curve"]], label=r["method"])
-            ax[1].plot(epochs, [c["eps2"] for c in r["curve"]], label=r["method"])
-        ax[0].set(xlabel="task-2 epoch", ylabel="ε1 (task-1 test error)", title="forgetting of task 1")
-        ax[1].set(xlabel="task-2 epoch", ylabel="ε2 (task-2 test error)", title="learning of task 2")
-        ax[0].legend(fontsize=7)
-        _save(plt, fig, out, "fig_errors.png", written)
-        fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-        xi = np.array(s["task1"]["xi"])
-        for r in s["runs"]:
-            if r["q"] is not None:
-                ax[0].plot(np.abs(np.array(r["q"])), ".", label=r["method"])
-        ax[0].plot(xi, "k_", label="ξ_i = 0.008 F_1i")
-        ax[0].set(yscale="log", xlabel="constrained direction (sharpest first)", ylabel="|q_i|", title="displacement vs ξ_i")
-        ax[0].legend(fontsize=7)
-        for method in ("ldc-quadratic", "ldc-hinge", "ewc"):
-            pts = [r for r in s["lambda_sweep"] if r["method"] == method]
-            ax[1].plot([r["eps2"] for r in pts], [r["eps1"] for r in pts], "o-", label=method)
-            pts = [r for r in s["constraint_sweep"] if r["method"] == method]
-            ax[2].plot([r["num_constraints"] for r in pts], [r["eps1"] + r["eps2"] for r in pts], "o-", label=method)
-        ax[1].set(xlabel="ε2", ylabel="ε1", title="trade-off over λ")
-        ax[2].set(xscale="log", xlabel="N_c", ylabel="ε1 + ε2", title="constraints needed")
-        ax[1].legend(fontsize=7)
-        _save(plt, fig, out, "fig_tradeoffs.png", written)
-    cfg = s["config"]
-    lines = [f"# Landscape-dependent constraints against forgetting (SPEC §1.7): {s['dataset']}", "",
-             f"landscape_kernels {s['library_version']}; task 1 = digits (0, 1) for {cfg['task1_epochs']} epochs, then "
-             f"task 2 = digits (2, 3) for {cfg['task2_epochs']} epochs from the same w1*; B = {cfg['batch_size']}, "
-             f"α = {cfg['lr']}; constraints on the N_c = {cfg['num_constraints']} sharpest task-1 PCs of W2 "
-             f"(of {len(s['task1']['pcs'])} measured); {s['seconds']:.0f} s in all.", "",
-             _penalty_stability_note(s), "",
-             "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |", "|---|---:|---:|---:|---:|"]
-    for r in s["runs"]:
-        lines.append(f"| {r['method']} | {r['lam']:g} | {r['num_constraints']} | {r['eps1']:.3f} | {r['eps2']:.3f} |")
-    lines += ["", "λ sweep (final errors):", "", "| method | λ | ε1 | ε2 |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['lam']:g} | {r['eps1']:.3f} | {r['eps2']:.3f} |" for r in s["lambda_sweep"]]
-    lines += ["", "N_c sweep:", "", "| method | N_c | ε1 + ε2 |", "|---|---:|---:|"]
-    lines += [f"| {r['method']} | {r['num_constraints']} | {r['eps1'] + r['eps2']:.3f} |" for r in s["constraint_sweep"]]
-    lines += [""] + ([f"![{n}]({n})" for n in written] or
-                     ["Figures skipped: matplotlib is not installed (pip install 'landscape_kernels[report]')."])
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return written

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from .common import _checks_table, _draw_figures, _fmt, _save, _write_report
+from ...analyses.sharpest import early_e1_changes
+from .common import checks_table, draw_figures, fmt, save_figure, write_report
 
 
 def _curve(run, key):
@@ -35,7 +36,7 @@ def _sharpest_figures(plt, out, s, written):
         ax[1][col].set(xlabel="epoch", ylabel="lr · λ_1")
         ax[0][col].legend(fontsize=8)
         ax[1][col].legend(fontsize=8)
-    _save(plt, fig, out, "fig_lambda1.png", written)
+    save_figure(plt, fig, out, "fig_lambda1.png", written)
     top = _largest_lr_run(s)
     analysed = [m for m in top["measurements"] if "decomposed" in m and m["step"] > 0]
     if not analysed:
@@ -56,7 +57,7 @@ def _sharpest_figures(plt, out, s, written):
     ax[2].set(xlabel="ε (units of the SGD step along e_i)", ylabel="loss", yscale="log",
               title=f"cross-sections at epoch {analysed[-1]['epoch_float']:.2f}")
     ax[2].legend(fontsize=7)
-    _save(plt, fig, out, "fig_decomposed_step.png", written)
+    save_figure(plt, fig, out, "fig_decomposed_step.png", written)
 
 
 def _largest_lr_run(s):
@@ -65,7 +66,7 @@ def _largest_lr_run(s):
 
 
 def write_sharpest_directions_report(out, s):
-    plt, written = _draw_figures(_sharpest_figures, out, s)
+    plt, written = draw_figures(_sharpest_figures, out, s)
     cfg = s["config"]
     first = next(iter(s["runs"].values()))
     lines = ["# Sharpest directions along SGD training (Jastrzębski et al. 2019; SPEC §2)", "",
@@ -76,19 +77,17 @@ def write_sharpest_directions_report(out, s):
              f"the end; warm-started Lanczos to residual ≤ {cfg['tol']:g} |λ_1|; ||H||_F from 50 Gaussian "
              "probes (the correct estimator). Decomposed step and cross-sections (SPEC §2.2) at the first "
              f"{cfg['step_analyses']} measurements of each run.", "",
-             "## Paper's claims", ""] + _checks_table(s["checks"]) + ["",
+             "## Paper's claims", ""] + checks_table(s["checks"]) + ["",
              "## Per setting", "",
              "| B | lr | peak λ_1 | at epoch | lr·λ_1 at peak | final λ_1 | final ‖H‖_F | distance from init | "
              "test accuracy | tracking s | training s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in s["runs"].values():
         last = r["measurements"][-1]
-        lines.append(f"| {r['batch_size']} | {r['lr']:g} | {_fmt(r['peak_lambda1'])}{' (rising)' if r['peak_at_end'] else ''} "
-                     f"| {r['peak_epoch']:.2f} | {_fmt(r['peak_lr_lambda1'])} | {_fmt(r['final_lambda1'])} | "
-                     f"{_fmt(r['final_frobenius'])} | {_fmt(last['distance_from_init'])} | {r['test_accuracy']:.4f} | "
+        lines.append(f"| {r['batch_size']} | {r['lr']:g} | {fmt(r['peak_lambda1'])}{' (rising)' if r['peak_at_end'] else ''} "
+                     f"| {r['peak_epoch']:.2f} | {fmt(r['peak_lr_lambda1'])} | {fmt(r['final_lambda1'])} | "
+                     f"{fmt(r['final_frobenius'])} | {fmt(last['distance_from_init'])} | {r['test_accuracy']:.4f} | "
                      f"{r['tracking_seconds']:.0f} | {r['training_seconds']:.0f} |")
     lines += ["", "## Decomposed step along e_1 early in training (mean ΔL over the analyses after initialisation)", ""]
-    from ..sharpest_directions import early_e1_changes
-
     header = None
     for r in s["runs"].values():
         e1 = early_e1_changes(r)
@@ -98,14 +97,14 @@ def write_sharpest_directions_report(out, s):
             header = list(e1)
             lines += ["| B | lr | " + " | ".join(f"γ = {g:g}" for g in header) + " |",
                       "|---:|---:|" + "---:|" * len(header)]
-        lines.append(f"| {r['batch_size']} | {r['lr']:g} | " + " | ".join(_fmt(e1[g]) for g in header) + " |")
+        lines.append(f"| {r['batch_size']} | {r['lr']:g} | " + " | ".join(fmt(e1[g]) for g in header) + " |")
     lines += ["", "Alignment at the last measurement: cos(g_B, g) mean, and the share of the SGD step inside the "
               "top-K subspace:", "", "| B | lr | cos(g_B, g) | step share in top-K |", "|---:|---:|---:|---:|"]
     for r in s["runs"].values():
         m = r["measurements"][-1]
-        lines.append(f"| {r['batch_size']} | {r['lr']:g} | {_fmt(m.get('cos_minibatch_full'))} | "
-                     f"{_fmt(m.get('step_share_topk'))} |")
-    _write_report(out, lines, written, plt, s)
+        lines.append(f"| {r['batch_size']} | {r['lr']:g} | {fmt(m.get('cos_minibatch_full'))} | "
+                     f"{fmt(m.get('step_share_topk'))} |")
+    write_report(out, lines, written, plt, s)
 
 
 def _nsgd_figures(plt, out, s, written):
@@ -121,11 +120,11 @@ def _nsgd_figures(plt, out, s, written):
     ax[2].set(xlabel="epoch", ylabel="‖H‖_F")
     for a in ax:
         a.legend(fontsize=8)
-    _save(plt, fig, out, "fig_nsgd.png", written)
+    save_figure(plt, fig, out, "fig_nsgd.png", written)
 
 
 def write_nsgd_report(out, s):
-    plt, written = _draw_figures(_nsgd_figures, out, s)
+    plt, written = draw_figures(_nsgd_figures, out, s)
     cfg = s["config"]
     first = next(iter(s["runs"].values()))
     lines = ["# Nudged SGD (Jastrzębski et al. 2019; SPEC §2.4)", "",
@@ -133,12 +132,12 @@ def write_nsgd_report(out, s):
              f"B {cfg['batch_size']}, no momentum, {cfg['epochs']} epochs, K = {cfg['k']}: the step along the top-K "
              "Hessian eigenvectors (refreshed at the start of every epoch, Lanczos on a fixed subset of "
              f"{cfg['subset']} samples) scaled by γ (`correct_v`); γ = 1 is SGD. Same initialisation and minibatch "
-             "order in every run.", "", "## Paper's claims", ""] + _checks_table(s["checks"]) + [
+             "order in every run.", "", "## Paper's claims", ""] + checks_table(s["checks"]) + [
              "", "## Per γ", "", "| γ | full loss, epoch 1 | final full loss | final train accuracy | final λ_1 | "
              "final ‖H‖_F | test accuracy |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in s["runs"].values():
         t = r["training"]
-        lines.append(f"| {r['gamma']:g} | {_fmt(t[0]['full_loss'])} | {_fmt(t[-1]['full_loss'])} | "
-                     f"{_fmt(t[-1]['full_accuracy'])} | {_fmt(r['final_lambda1'])} | {_fmt(r['final_frobenius'])} | "
+        lines.append(f"| {r['gamma']:g} | {fmt(t[0]['full_loss'])} | {fmt(t[-1]['full_loss'])} | "
+                     f"{fmt(t[-1]['full_accuracy'])} | {fmt(r['final_lambda1'])} | {fmt(r['final_frobenius'])} | "
                      f"{r['test_accuracy']:.4f} |")
-    _write_report(out, lines, written, plt, s)
+    write_report(out, lines, written, plt, s)

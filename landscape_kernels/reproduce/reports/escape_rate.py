@@ -1,69 +1,7 @@
-"""``report.md`` and figures of ``reproduce noise-curvature`` (SPEC §4)."""
-
+"""``report.md`` and figures of ``reproduce escape-rate`` (Mori et al. 2022)."""
 import numpy as np
 
-from .common import _checks_table, _draw_figures, _fmt, _save, _write_report
-
-LOSS_TITLES = {"ce": "cross-entropy", "mse": "MSE on softmax"}
-
-
-def _relation_figure(plt, out, s, written):
-    firsts = {}
-    for r in s["runs"].values():
-        firsts.setdefault(r["loss"], r)
-    fig, axes = plt.subplots(1, len(firsts), figsize=(5.2 * len(firsts), 4.2), squeeze=False)
-    for ax, (loss, r) in zip(axes[0], firsts.items()):
-        rel = r["relation"]
-        h, c = np.array(rel["H_ii"]), np.array(rel["C_ii"])
-        keep = (h > 0) & (c > 0)
-        g = rel["gamma"]
-        ax.loglog(h[keep], c[keep], ".", ms=3, alpha=0.6, label="C_ii = v_iᵀ C v_i")
-        xs = np.array([g["x_min"], g["x_max"]])
-        ax.loglog(xs, np.exp(g["log_prefactor"]) * xs ** g["exponent"], "k-",
-                  label=f"fit γ = {g['exponent']:.3f} (R² {g['r2']:.2f})")
-        if "predicted" in rel:
-            p = np.array(rel["predicted_ii"])
-            ok = keep & (p > 0)
-            scale = np.median(c[ok] / p[ok])  # C is proportional to E_p[h_p^2] up to a constant
-            ax.loglog(h[ok], scale * p[ok], "x", ms=3, alpha=0.5,
-                      label=f"∝ v_iᵀ E[h_p²] v_i (γ = {rel['predicted']['exponent']:.3f})")
-        ax.set(xlabel="H_ii = λ_i", ylabel="C_ii", title=f"{LOSS_TITLES.get(loss, loss)}, seed {r['seed']}")
-        ax.legend(fontsize=7)
-    _save(plt, fig, out, "fig_c_vs_h.png", written)
-
-
-def write_noise_curvature_report(out, s):
-    plt, written = _draw_figures(_relation_figure, out, s)
-    cfg = s["config"]
-    lines = ["# Noise covariance against curvature: the superlinear relation (Zhang, Yang & Tu; SPEC §4)", "",
-             f"{cfg['dataset']}, {cfg['per_class']} samples per class, network in-{cfg['hidden']}-{cfg['hidden']}-10 "
-             f"ReLU without bias, SGD B = {cfg['batch_size']}, lr {cfg['lr']:g} with a per-epoch cosine decay to "
-             f"{cfg['lr'] * cfg['final_lr_fraction']:g} over {cfg['epochs']} epochs, gradient clipping {cfg['clip']:g}. "
-             f"Matrix `{cfg['param']}`, the other layers fixed: exact layer Hessian H (Kronecker factors, dense), "
-             f"minibatch covariance C over one shuffled pass at B = {cfg['batch_size']}, C_ii = v_iᵀ C v_i against "
-             f"H_ii = λ_i over the top {cfg['top']} eigen-directions (non-positive pairs dropped), γ = OLS slope of "
-             "log10 C_ii on log10 H_ii.", "", "## Paper's claims", ""] + _checks_table(s["checks"]) + [
-             "", "## Per loss (mean ± spread over seeds)", "",
-             "| loss | seeds | γ | R² | γ of v_iᵀ E[h_p²] v_i | ‖CH − HC‖/‖CH‖ | random rotation |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-
-    def pm(stat):
-        if stat is None:
-            return "–"
-        return _fmt(stat["mean"]) + (f" ± {_fmt(stat['std'])}" if stat["std"] else "")
-
-    for loss, b in s["by_loss"].items():
-        lines.append(f"| {LOSS_TITLES.get(loss, loss)} | {b['seeds']} | {pm(b['gamma'])} | {pm(b['r2'])} | "
-                     f"{pm(b['predicted_gamma'])} | {pm(b['commutator'])} | {pm(b['random_commutator'])} |")
-    lines += ["", "## Per run", "", "| run | γ [95 % CI] | directions used | final train loss | train acc. | test acc. | "
-              "training s | Hessians s | covariance s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in s["runs"].items():
-        g, sec = r["relation"]["gamma"], r["seconds"]
-        lines.append(f"| {name} | {g['exponent']:.3f} [{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}] | "
-                     f"{r['relation']['used']} / {r['relation']['top']} | {_fmt(r['final_full_loss'])} | "
-                     f"{_fmt(r['final_train_accuracy'])} | {r['test_accuracy']:.4f} | {sec['training']:.0f} | "
-                     f"{sec['hessians']:.1f} | {sec['covariance']:.1f} |")
-    _write_report(out, lines, written, plt, s)
+from .common import checks_table, draw_figures, fmt, save_figure, write_report
 
 
 def _escape_figures(plt, out, s, written):
@@ -77,7 +15,7 @@ def _escape_figures(plt, out, s, written):
             ax.plot(B, [r["theory"] for r in rs], "--", color=line[0].get_color(), label=f"1 + B/(η h*), η {lr:g}")
         ax.set(xscale="log", yscale="log", xlabel="B", ylabel="φ", title="stationary P ∝ L^−φ (1-D regression)")
         ax.legend(fontsize=7)
-        _save(plt, fig, out, "fig_stationary.png", written)
+        save_figure(plt, fig, out, "fig_stationary.png", written)
     if "passage" in s:
         fig, ax = plt.subplots(figsize=(5, 4))
         for r in s["passage"]["rows"]:
@@ -91,7 +29,7 @@ def _escape_figures(plt, out, s, written):
         ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=7)
-        _save(plt, fig, out, "fig_passage.png", written)
+        save_figure(plt, fig, out, "fig_passage.png", written)
     if "noise" in s:
         n = s["noise"]
         N, L = np.array(n["noise_strength"]), np.array(n["loss"])
@@ -104,7 +42,7 @@ def _escape_figures(plt, out, s, written):
         ax[0].legend(fontsize=7)
         ax[1].semilogy(n["epochs"], N / L, ".-", ms=3)
         ax[1].set(xlabel="epoch", ylabel="N(t) / L")
-        _save(plt, fig, out, "fig_noise_strength.png", written)
+        save_figure(plt, fig, out, "fig_noise_strength.png", written)
     if "decoupling" in s:
         d = s["decoupling"]
         fig, axes = plt.subplots(1, len(d["spectra"]), figsize=(4.5 * len(d["spectra"]), 3.8), squeeze=False)
@@ -115,14 +53,14 @@ def _escape_figures(plt, out, s, written):
             ax.hist(b, bins, alpha=0.5, label="L (1/N) Σ C_f^μ")
             ax.set(yscale="log", xlabel="log10 eigenvalue", title=f"epoch {e}")
             ax.legend(fontsize=7)
-        _save(plt, fig, out, "fig_decoupling.png", written)
+        save_figure(plt, fig, out, "fig_decoupling.png", written)
 
 
 def write_escape_rate_report(out, s):
-    plt, written = _draw_figures(_escape_figures, out, s)
+    plt, written = draw_figures(_escape_figures, out, s)
     cfg = s["config"]
     lines = ["# Power-law escape rate of SGD (Mori et al.; SPEC §3)", "", "## Paper's claims", ""]
-    lines += _checks_table(s["checks"]) + [""]
+    lines += checks_table(s["checks"]) + [""]
     if "stationary" in s:
         lines += [f"## Stationary distribution (1-D linear regression, N = {cfg['stationary_samples']}, "
                   f"{cfg['chains']} chains × {cfg['samples_per_chain']} samples every {cfg['sample_every']} steps)", "",
@@ -148,14 +86,14 @@ def write_escape_rate_report(out, s):
         lines += [f"## Noise strength along training ({cfg['dataset']}, even/odd, {cfg['train_samples']} images, "
                   f"in-{cfg['hidden']}-{cfg['hidden']}-1, MSE, η {n['lr']:g}, B {cfg['batch_size']})", "",
                   f"Late-time (epochs ≥ {n['late_from_epoch']}) slope of log 𝒩 on log L: **{g['exponent']:.3f}** "
-                  f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}], R² {g['r2']:.3f}; L fell from {_fmt(n['loss'][0])} to "
-                  f"{_fmt(n['loss'][-1])}, 𝒩 from {_fmt(n['noise_strength'][0])} to {_fmt(n['noise_strength'][-1])}.", ""]
+                  f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}], R² {g['r2']:.3f}; L fell from {fmt(n['loss'][0])} to "
+                  f"{fmt(n['loss'][-1])}, 𝒩 from {fmt(n['noise_strength'][0])} to {fmt(n['noise_strength'][-1])}.", ""]
     if "decoupling" in s:
         d = s["decoupling"]
         lines += [f"## Decoupling (η {cfg['decoupling_lr']:g}, B {cfg['batch_size']}; spectra on {d['samples']} samples)",
                   "", "| epoch | L | eigenvalues | median abs. log10 ratio, top half | smallest tenth | top-10 relative "
                   "difference |", "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {e} | {_fmt(p['loss'])} | {len(p['A'])} | {p['log_ratio_top']:.3f} | {p['log_ratio_bottom']:.3f} | "
+        lines += [f"| {e} | {fmt(p['loss'])} | {len(p['A'])} | {p['log_ratio_top']:.3f} | {p['log_ratio_bottom']:.3f} | "
                   f"{p['top_relative']:.3f} |" for e, p in zip(d["epochs"], d["spectra"])] + [""]
         # where along the spectrum the two part: the median |log10 ratio| in each tenth of the ranks
         lines += ["Median |log10(a_i / b_i)| in each tenth of the eigenvalues, largest tenth first:", "",
@@ -166,4 +104,4 @@ def write_escape_rate_report(out, s):
             tenths = [np.median(part) for part in np.array_split(ratio, 10)]
             lines.append(f"| {e} | " + " | ".join(f"{t:.2f}" for t in tenths) + " |")
         lines.append("")
-    _write_report(out, lines, written, plt, s)
+    write_report(out, lines, written, plt, s)

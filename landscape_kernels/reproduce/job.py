@@ -1,0 +1,255 @@
+"""The frame every ``landscape-kernels reproduce`` job runs in.
+
+A job is a subclass of ``Job`` that names itself and supplies its analysis and its report:
+
+- ``name``, ``help``, ``config``: the config is a dataclass; its fields declared with ``option(...)``
+  become the job's command-line flags (``--field-name``), and its ``resolved()`` applies ``--quick``
+  and checks the values (a bad value is a ``ValueError`` the command prints as one line);
+- ``compute(cfg, ctx)``: the analysis; returns the summary dict, or (summary, arrays) when the report
+  needs arrays that do not belong in ``summary.json``;
+- ``write_report(out, summary, arrays)`` and ``headline(summary)`` (the line printed at the end).
+
+``Job.run(cfg, out, resume, progress, log)`` does everything else: resolves the config, makes the
+output folder, times the stages (``ctx.timer``), adds the library version, the config and the total
+time to the summary, writes the report and then ``summary.json`` (atomically). ``JobContext`` carries
+what a resumable analysis needs: ``ctx.reuse(path, compute)`` for a result written once per run folder
+and reused by ``--resume``, and ``ctx.stages(filename)`` for named results kept in one file as each
+finishes. Nothing a job records is lost when it is interrupted: every result file is written to a
+temporary name and renamed.
+"""
+import argparse
+import json
+import os
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from ..version import __version__
+
+DATASETS = ("digits", "mnist")
+DATA_DIR_HELP = "ROOT holding MNIST/raw (default $LANDSCAPE_KERNELS_DATA or ~/.cache/landscape_kernels)"
+
+
+# ------------------------------------------------------------------------------------- config
+def option(default, help, type=None, choices=None):
+    """A config field that is also a command-line flag: ``--name-with-dashes``. Tuples are given as
+    comma lists of ``type`` (default: the type of the default's first element); ``False`` defaults are
+    switches."""
+    return field(default=default, metadata={"cli": {"help": help, "type": type, "choices": choices}})
+
+
+def dataset_option(default, help="digits: the embedded scikit-learn 8x8 digits (offline); mnist: the paper's data"):
+    """The ``--dataset`` flag every job has."""
+    return option(default, help, choices=DATASETS)
+
+
+def data_dir_option():
+    """The ``--data-dir`` flag every job has."""
+    return option(None, DATA_DIR_HELP, type=str)
+
+
+def _value_type(f, spec):
+    if spec["type"] is not None:
+        return spec["type"]
+    sample = f.default[0] if isinstance(f.default, tuple) and f.default else f.default
+    if sample is None or sample is MISSING:
+        raise TypeError(f"option {f.name!r}: give type= for a default of {f.default!r}")
+    return type(sample)
+
+
+def comma_list(item_type):
+    """An argparse type: a comma list of ``item_type`` values as a tuple."""
+
+    def parse(text):
+        try:
+            return tuple(item_type(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {item_type.__name__}, got {text!r}") from exc
+
+    parse.__name__ = f"comma list of {item_type.__name__}"
+    return parse
+
+
+def add_config_arguments(parser, config_class):
+    """One flag per ``option`` field of ``config_class``, its default the field's default."""
+    for f in fields(config_class):
+        spec = f.metadata.get("cli")
+        if spec is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is False:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=spec["help"])
+            continue
+        item = _value_type(f, spec)
+        is_list = isinstance(f.default, tuple)
+        shown = ",".join(map(str, f.default)) if is_list else f.default
+        parser.add_argument(flag, dest=f.name, type=comma_list(item) if is_list else item, default=f.default,
+                            choices=spec["choices"], metavar="A,B,..." if is_list else None,
+                            help=spec["help"] + ("" if f.default is None else f" (default: {shown})"))
+
+
+def config_from_args(config_class, args):
+    """The config the parsed command line asks for (fields without a flag keep their defaults)."""
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class) if "cli" in f.metadata})
+
+
+# ------------------------------------------------------------------------------------- files
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def write_json(path, value, indent=1):
+    """``value`` as JSON at ``path``, written to a temporary file and renamed (never half written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=indent, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class StageResults(dict):
+    """Named results kept in one JSON file, rewritten as each finishes; with ``resume`` the file of an
+    earlier run is read back and its finished stages are not run again."""
+
+    def __init__(self, path, resume, log):
+        super().__init__(read_json(path) if resume and os.path.isfile(path) else {})
+        self.path, self.log = path, log
+        self.earlier = set(self)  # the stages an earlier invocation finished
+
+    def run(self, name, compute):
+        """The result of stage ``name``: the kept one, or ``compute()`` (then kept)."""
+        if name in self:
+            if name in self.earlier:
+                self.log(f"{name}: done before, reusing it")
+            return self[name]
+        self[name] = compute()
+        write_json(self.path, dict(self))
+        return self[name]
+
+
+@dataclass
+class StageTimer:
+    """Seconds per named stage, summed over repeated entries: ``with timer("training"): ...``."""
+
+    seconds: dict = field(default_factory=dict)
+
+    def __call__(self, name):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+@dataclass
+class JobContext:
+    """What ``Job.compute`` gets besides its config: the output folder and how the job was started."""
+
+    out: str
+    resume: bool = False
+    progress: bool = False
+    log: object = print
+    timer: StageTimer = field(default_factory=StageTimer)
+    started: float = field(default_factory=time.perf_counter)
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+    def reuse(self, path, compute, label=None):
+        """The JSON result at ``path``: read back when resuming and it exists, else ``compute()``,
+        written there (the run folder is made first)."""
+        if self.resume and os.path.isfile(path):
+            self.log(f"{label or os.path.dirname(path)}: done before, reusing {path}")
+            return read_json(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        result = compute()
+        write_json(path, result)
+        return result
+
+    def resume_training(self, trainer):
+        """With ``--resume``, continue ``trainer`` from its checkpoint when one exists (else start afresh)."""
+        if self.resume and trainer.checkpoint and os.path.isfile(trainer.checkpoint):
+            trainer.resume()
+            self.log(f"resumed from {trainer.checkpoint} at epoch {trainer.epoch}, step {trainer.step}")
+        return trainer
+
+    def stages(self, filename):
+        """A ``StageResults`` kept in ``OUT/filename``."""
+        return StageResults(self.path(filename), self.resume, self.log)
+
+
+# ------------------------------------------------------------------------------------- jobs
+class Job:
+    """A ``reproduce`` job (see the module docstring); subclasses set the class attributes and
+    implement ``compute``, ``write_report`` and ``headline``."""
+
+    name = None
+    help = None
+    config = None
+
+    def compute(self, cfg, ctx):
+        raise NotImplementedError
+
+    def write_report(self, out, summary, arrays):
+        raise NotImplementedError
+
+    def headline(self, summary):
+        raise NotImplementedError
+
+    def run(self, cfg, out, resume=False, progress=False, log=print):
+        """The whole job into the folder ``out``; returns the summary (also written as summary.json)."""
+        cfg = cfg.resolved()
+        os.makedirs(out, exist_ok=True)
+        ctx = JobContext(os.fspath(out), resume, progress, log)
+        result = self.compute(cfg, ctx)
+        summary, arrays = result if isinstance(result, tuple) else (result, {})
+        summary = {"library_version": __version__, "config": asdict(cfg), **summary}
+        summary.setdefault("seconds", ctx.elapsed())
+        if ctx.timer.seconds:
+            summary["timings_s"] = ctx.timer.seconds
+        with ctx.timer("report"):
+            self.write_report(out, summary, arrays)
+        write_json(os.path.join(out, "summary.json"), summary)
+        return summary
+
+    # -------------------------------------------------------------------------- command line
+    def add_parser(self, subparsers):
+        """This job's ``landscape-kernels reproduce NAME`` parser."""
+        p = subparsers.add_parser(self.name, help=self.help, description=self.help)
+        add_config_arguments(p, self.config)
+        p.add_argument("--out", default=os.path.join("runs", self.name), help="report folder (default: runs/%(prog)s)"
+                       .replace("%(prog)s", self.name))
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, reusing what it finished")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+        self.add_arguments(p)
+        return p
+
+    def add_arguments(self, parser):
+        """Flags beyond the config's (none by default)."""
+
+    def main(self, args):
+        """Run from parsed command-line arguments and print where the report is; returns the exit code."""
+        summary = self.run(config_from_args(self.config, args), args.out, resume=args.resume,
+                           progress=not args.no_progress)
+        print(f"report: {args.out}/report.md  ({self.headline(summary)})")
+        return 0
