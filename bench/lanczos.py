@@ -1,8 +1,8 @@
 """Curvature engine: top-k Hessian eigenvalues, spectral density and trace against PyHessian,
 hessian-eigenthings, curvlinops + scipy eigsh and a plain double-backward HVP in scipy eigsh.
 
-Same models and data for all: the SPEC §1.1 network (784-50-50-10, no bias) after brief SGD training
-on 2560 MNIST training images from --data-dir (default ../shared/data), and the larger SPEC §2.3
+Same models and data for all: the Feng & Tu 2021 network (784-50-50-10, no bias) after brief SGD training
+on 2560 MNIST training images from --data-dir, and the larger Jastrzębski et al. 2019
 SimpleCNN (197k parameters) after brief training on --cnn-samples images (top-k only). Reports time,
 Hessian-vector products and the relative error of the eigenvalues against a tight-tolerance reference
 (this library at tol 1e-12, cross-checked with eigsh at tol 1e-12). Every method is timed at the
@@ -44,7 +44,7 @@ def trained_mlp(x, y, steps, seed=0):
 
 
 def simple_cnn():
-    """SPEC §2.3 SimpleCNN on 28x28 MNIST: 2xConv(32,3)+ReLU, MaxPool, 2xConv(64,3)+ReLU, MaxPool, 128, 10."""
+    """Jastrzębski et al. 2019 SimpleCNN on 28x28 MNIST: 2xConv(32,3)+ReLU, MaxPool, 2xConv(64,3)+ReLU, MaxPool, 128, 10."""
     return nn.Sequential(nn.Unflatten(1, (1, 28, 28)),
                          nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
@@ -330,7 +330,7 @@ def main(argv=None):
         cnn = trained(simple_cnn(), x_all[:10000], y_all[:10000], steps=200, lr=0.05)
         xc, yc = x_all[: args.cnn_samples], y_all[: args.cnn_samples]
         print(f"\nSimpleCNN ({sum(p.numel() for p in cnn.parameters())} parameters, {args.cnn_samples} samples)")
-        report["cnn"] = {"model": "SPEC §2.3 SimpleCNN, 200 SGD steps (B=50, lr=0.05) on 10k MNIST images",
+        report["cnn"] = {"model": "Jastrzębski et al. 2019 SimpleCNN, 200 SGD steps (B=50, lr=0.05) on 10k MNIST images",
                          "samples": args.cnn_samples, "params": sum(p.numel() for p in cnn.parameters()),
                          "pyhessian_max_iter": 100, **topk_suite(cnn, xc, yc, repeats, pyhessian_max_iter=100)}
     report.update(density_and_trace(model, x, y, repeats, probes=8, steps=80))

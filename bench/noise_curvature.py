@@ -1,4 +1,4 @@
-"""SPEC §4 measurement costs (issue 7) on the 784-50-50-10 MLP and its 50 x 50 matrix W2 (2500 weights),
+"""Zhang, Yang & Tu 2026 measurement costs (issue 7) on the 784-50-50-10 MLP and its 50 x 50 matrix W2 (2500 weights),
 MNIST 2000 per class (20,000 images), B = 50, float64:
 
 1. C_ii = v_i^T C v_i for all 2500 eigenvectors of H, i.e. the minibatch gradients of one shuffled pass
@@ -127,7 +127,7 @@ def main(argv=None):
           f"max rel. diff {err:.1e}); scaled to all samples {per_sample_vmap * x.shape[0]:.0f} s")
     print(f"  per sample: Kronecker {per_sample_vmap / per_sample_kron:.0f}x faster than vmap(hessian)")
     if args.json:
-        write_json(args.json, {"benchmark": "noise-curvature (SPEC §4)",
+        write_json(args.json, {"benchmark": "noise-curvature (Zhang, Yang & Tu 2026)",
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "CPU",
                                "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
                                "samples": x.shape[0], "results": results})

@@ -3,7 +3,7 @@
 Two cases on synthetic float32 trajectories (a drift along one dense direction plus a random walk whose
 per-coordinate step variance falls as a power law, like SGD weight trajectories):
 
-- Feng–Tu scale (SPEC §1.2): T = 12,000 snapshots of N = 2,500 weights, all components. Ours streams
+- Feng–Tu scale (Feng & Tu 2021): T = 12,000 snapshots of N = 2,500 weights, all components. Ours streams
   the snapshots in chunks of 1,000 (``mode="exact"``). The others get the whole matrix; scikit-learn in
   float64 (the accuracy of ours) and, as an extra row, in float32.
 - Large: N = 1,000,000, T = 1,000, k = 50, streamed in chunks of 100 snapshots (``mode="sketch"``,

@@ -1,6 +1,6 @@
-"""Loss profiles (SPEC §1.3): ``loss_profiles`` against a plain point-by-point loop.
+"""Loss profiles (Feng & Tu 2021): ``loss_profiles`` against a plain point-by-point loop.
 
-The SPEC §1.1 network (784-50-50-10, no bias) after brief SGD training, the full MNIST training set
+The Feng & Tu 2021 network (784-50-50-10, no bias) after brief SGD training, the full MNIST training set
 (60,000 images) from --data-dir, only W2 (the hidden->hidden 50 x 50 weight) moving: 100 random unit
 directions x 41 offsets in [-20, 20]. The loop is what one writes without this library: set W2, run
 the model on all images, read the loss, for every point. With --quick the loop runs on the first
@@ -92,7 +92,7 @@ def main(argv=None):
         diff = f"{r['max_abs_diff_vs_loop']:19.1e}" if "max_abs_diff_vs_loop" in r else " " * 19
         note = f"  (time scaled from {r['scaled_from_points']} points)" if r.get("scaled_from_points") else ""
         print(f"    {name:42s} {r['x_ours']:8.2f} {r['points']:11d} {diff}{note}")
-    print(f"flatness of {K} directions (SPEC §1.3 search, both sides): {flat_s / ours_s:.2f}x the profile time; "
+    print(f"flatness of {K} directions (Feng & Tu 2021 search, both sides): {flat_s / ours_s:.2f}x the profile time; "
           f"median width {report['flatness']['median_width']:.2f}")
     if args.json:
         write_json(args.json, report)

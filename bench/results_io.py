@@ -18,8 +18,8 @@ def base_parser(doc, data_dir=False):
     import argparse
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if data_dir:
-        default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-        parser.add_argument("--data-dir", default=default, help="MNIST in torchvision's layout")
+        parser.add_argument("--data-dir", default=None, help="ROOT holding MNIST/raw in torchvision's layout "
+                            "(default $LANDSCAPE_KERNELS_DATA or ~/.cache/landscape_kernels)")
     parser.add_argument("--quick", action="store_true", help="one repeat per method")
     parser.add_argument("--json", help="write the results here")
     return parser

@@ -1,4 +1,4 @@
-"""Sharpest-direction tracking overhead per epoch (issue 6, SPEC §2.1) on the MNIST SimpleCNN.
+"""Sharpest-direction tracking overhead per epoch (issue 6, Jastrzębski et al. 2019) on the MNIST SimpleCNN.
 
 The SimpleCNN is trained by SGD (B = 128, lr 0.05) on --train-samples MNIST images for
 --warmup-epochs, the top-K eigenvectors are found once, and then at --points tracking points one epoch
@@ -79,7 +79,7 @@ def main(argv=None):
                         help="epochs trained before tracking starts (the sharpest directions settle early)")
     parser.add_argument("--points", type=int, default=3, help="tracking points after the warm-up")
     parser.add_argument("--every-steps", type=int, default=None,
-                        help="SGD steps between tracking points (default: one epoch; SPEC §2.1's early-phase "
+                        help="SGD steps between tracking points (default: one epoch; the paper's early-phase "
                              "runs track every 128-2048 examples, i.e. every 1-16 steps)")
     parser.add_argument("--k", type=int, default=5)
     args = parser.parse_args(argv)
@@ -118,7 +118,7 @@ def main(argv=None):
     if args.json:
         write_json(args.json, {"benchmark": "sharpness tracking", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "device": "CPU", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "model": "SPEC §2.3 SimpleCNN, SGD B=128 lr=0.05", "train_samples": args.train_samples,
+                               "model": "Jastrzębski et al. 2019 SimpleCNN, SGD B=128 lr=0.05", "train_samples": args.train_samples,
                                "warmup_epochs": args.warmup_epochs, "every_steps": spacing,
                                "hessian_samples": args.hessian_samples, "k": args.k, "tol": tol, "epochs": rows,
                                "summary": summary})

@@ -101,7 +101,7 @@ def render_profiles(report):
         lines.append(f"| {name}{note} | {r['x_ours']:.2f} | {r['points']:,} | {diff} |")
     fl = report["flatness"]
     ours = report["methods"]["landscape_kernels (one-layer fast path)"]["s"]
-    lines += ["", f"`flatness` of the {fl['directions']} directions (SPEC §1.3 search on both sides) took "
+    lines += ["", f"`flatness` of the {fl['directions']} directions (Feng & Tu 2021 search on both sides) took "
               f"{fl['s'] / ours:.2f}× the time of the profiles."]
     return "\n".join(lines)
 

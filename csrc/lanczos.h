@@ -1,4 +1,4 @@
-// Declarations of the Lanczos kernels (DESIGN §2.3): registered in csrc/ops.cpp.
+// Declarations of the Lanczos kernels (docs/architecture.md): registered in csrc/ops.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>

@@ -1,4 +1,4 @@
-// Declarations of the per-sample gradient statistics kernels (DESIGN §2.1).
+// Declarations of the per-sample gradient statistics kernels (docs/architecture.md).
 // Registered with the dispatcher in csrc/ops.cpp; implemented per device in csrc/cpu and csrc/cuda.
 #pragma once
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// Device-independent orchestration of the per-sample gradient statistics (DESIGN §2.1).
+// Device-independent orchestration of the per-sample gradient statistics (docs/architecture.md).
 //
 // A layer's per-sample gradient is G_b = sum_t D[b,t]^T A[b,t]  (out x in). Nothing here ever holds
 // the B x out x in tensor: the GEMM-shaped parts go through ATen (BLAS / cuBLAS), the memory-bound

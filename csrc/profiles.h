@@ -1,4 +1,4 @@
-// Declarations of the loss-profile kernel (SPEC §1.3): registered in csrc/ops.cpp.
+// Declarations of the loss-profile kernel (Feng & Tu 2021): registered in csrc/ops.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>

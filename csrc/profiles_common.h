@@ -1,4 +1,4 @@
-// Device-independent part of the loss-profile kernel (SPEC §1.3).
+// Device-independent part of the loss-profile kernel (Feng & Tu 2021).
 //
 // profile_ce_losses(z0, zd, direction, offset, weight, bias, target) -> (M,) float64
 //   For every point m and row r: h = relu(z0[r] + offset[m] * zd[direction[m], r])   (H values)

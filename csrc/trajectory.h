@@ -1,4 +1,4 @@
-// Declarations of the trajectory kernels (DESIGN §2.2): registered in csrc/ops.cpp.
+// Declarations of the trajectory kernels (docs/architecture.md): registered in csrc/ops.cpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>

@@ -1,4 +1,4 @@
-// Device-independent part of the trajectory kernels (DESIGN §2.2), compiled once per device.
+// Device-independent part of the trajectory kernels (docs/architecture.md), compiled once per device.
 //
 // trajectory_cov_update(M2, mean, count, X): merge a chunk X (T, N) of snapshots into the running float64
 //   statistics of `count` earlier snapshots (Chan et al.'s parallel update):

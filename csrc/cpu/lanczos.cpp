@@ -1,4 +1,4 @@
-// CPU kernel of lanczos_reorth (DESIGN §2.3): the first Gram-Schmidt sweep's update and the second
+// CPU kernel of lanczos_reorth (docs/architecture.md): the first Gram-Schmidt sweep's update and the second
 // sweep's projections fused in one pass over tiles of the basis, so each tile of Q is read once for
 // both (from cache the second time) instead of twice from memory.
 #include "../lanczos.h"

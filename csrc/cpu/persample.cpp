@@ -1,4 +1,4 @@
-// CPU kernels of the per-sample gradient statistics (DESIGN §2.1): the two fused, memory-bound
+// CPU kernels of the per-sample gradient statistics (docs/architecture.md): the two fused, memory-bound
 // passes; the GEMM-shaped parts are shared with CUDA in persample_common.h.
 #include "../persample.h"
 #include "../persample_common.h"

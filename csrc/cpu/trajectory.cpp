@@ -1,4 +1,4 @@
-// CPU registration of the trajectory kernels (DESIGN §2.2); the work is GEMM-shaped and goes through
+// CPU registration of the trajectory kernels (docs/architecture.md); the work is GEMM-shaped and goes through
 // ATen's BLAS, see trajectory_common.h.
 #include "../trajectory.h"
 #include "../trajectory_common.h"

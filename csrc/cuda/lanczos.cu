@@ -1,4 +1,4 @@
-// CUDA version of lanczos_reorth (DESIGN §2.3). The basis products are GEMM-shaped (C batches of
+// CUDA version of lanczos_reorth (docs/architecture.md). The basis products are GEMM-shaped (C batches of
 // (j x P)(P x b)) and go through cuBLAS on the current stream; the update and the projection are two
 // calls here (the CPU kernel fuses them over tiles).
 #include "../lanczos.h"

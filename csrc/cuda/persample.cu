@@ -1,4 +1,4 @@
-// CUDA kernels of the per-sample gradient statistics (DESIGN §2.1): the two fused, memory-bound passes
+// CUDA kernels of the per-sample gradient statistics (docs/architecture.md): the two fused, memory-bound passes
 // (coalesced over the contiguous feature dimension, on the current stream, every launch checked);
 // the GEMM-shaped parts are shared with the CPU in persample_common.h and run through cuBLAS.
 #include "../persample.h"

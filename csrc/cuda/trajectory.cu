@@ -1,4 +1,4 @@
-// CUDA registration of the trajectory kernels (DESIGN §2.2): the same plan as on the CPU, with the
+// CUDA registration of the trajectory kernels (docs/architecture.md): the same plan as on the CPU, with the
 // products on cuBLAS through ATen, on the current stream of X's device.
 #include "../trajectory.h"
 #include "../trajectory_common.h"

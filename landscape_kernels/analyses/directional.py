@@ -2,7 +2,7 @@
 
 For every sample p and direction v_k: d1[p, k] = d/dt l_p(theta + t v_k) and d2[p, k] = d^2/dt^2 of the
 same at t = 0, by forward-mode differentiation (``torch.func.jvp`` of ``jvp``), vmapped over chunks of
-directions. Minibatch derivatives are means of these over the batch, so the statistics of SPEC §1.5
+directions. Minibatch derivatives are means of these over the batch, so the statistics of Feng & Tu 2021
 (MLF minima and curvatures) and §1.6 (active temperature) need no further passes. When the parameter
 belongs to a layer of an ``nn.Sequential``, the layers before it run once, not once per direction.
 """

@@ -1,8 +1,8 @@
-"""SGD on linear regression and the power-law escape of Mori et al. (SPEC §3.2-3.3).
+"""SGD on linear regression and the power-law escape of Mori et al. 2022.
 
 For ell_mu = (theta . x_mu - y_mu)^2 / 2 the training loss is exactly quadratic,
 L(theta) = L* + (theta - theta*)^T H (theta - theta*) / 2 with H = X^T X / N, and SGD's noise is
-proportional to L (the decoupling of SPEC §3.1 holds up to the x-y correlations). Theory: the
+proportional to L (the decoupling of Mori et al. 2022 holds up to the x-y correlations). Theory: the
 stationary distribution is P(theta) ~ L(theta)^-phi with phi = 1 + B / (lr h*), and the mean first
 passage time to L = c L* grows as c^(B / (lr h*) + 1 - d / 2) for large c (``passage_time_theory`` is
 that SDE's mean passage time at any c, exactly).
@@ -21,7 +21,7 @@ from .fits import power_law_fit
 
 
 def gaussian_regression_data(num_samples, dim, seed=0, dtype=torch.float64):
-    """SPEC §3.3: x ~ N(0, I_d) and y ~ N(0, 1) drawn independently, (num_samples, dim) and (num_samples,)."""
+    """Mori et al. 2022: x ~ N(0, I_d) and y ~ N(0, 1) drawn independently, (num_samples, dim) and (num_samples,)."""
     if not isinstance(num_samples, int) or num_samples < 2 or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"gaussian_regression_data: need num_samples >= 2 and dim >= 1 ints, got {num_samples!r}, {dim!r}")
     g = torch.Generator().manual_seed(int(seed))
@@ -29,18 +29,18 @@ def gaussian_regression_data(num_samples, dim, seed=0, dtype=torch.float64):
 
 
 def stationary_exponent_theory(batch_size, lr, h):
-    """phi = 1 + B / (lr h*) (SPEC §3.2)."""
+    """phi = 1 + B / (lr h*) (Mori et al. 2022)."""
     return 1.0 + batch_size / (lr * h)
 
 
 def passage_slope_theory(batch_size, lr, h, dim):
-    """d log t_p / d log c = B / (lr h*) + 1 - d / 2 (SPEC §3.2-3.3)."""
+    """d log t_p / d log c = B / (lr h*) + 1 - d / 2 (Mori et al. 2022)."""
     return batch_size / (lr * h) + 1.0 - dim / 2.0
 
 
 def passage_time_theory(thresholds, batch_size, lr, h, dim):
     """Mean first-passage time (in units of lr x steps) from theta* to L = c L* of the SDE behind the
-    theory (SPEC §3.2: decoupled noise Sigma = 2 L H / B, isotropic H = h I in ``dim`` dimensions),
+    theory (Mori et al. 2022: decoupled noise Sigma = 2 L H / B, isotropic H = h I in ``dim`` dimensions),
     exactly, for each factor c in ``thresholds``.
 
     Its slope in log c tends to B / (lr h) + 1 - d / 2 only for large c; at c of order 1, where
@@ -51,7 +51,7 @@ def passage_time_theory(thresholds, batch_size, lr, h, dim):
         T(c) = 2B / (lr h^2) * int_0^sqrt(c-1) u^(1-d) (1+u^2)^(phi-1) G(u) du,
         G(u) = int_0^u z^(d-1) (1+z^2)^-phi dz = B(d/2, phi-d/2) I_{u^2/(1+u^2)}(d/2, phi-d/2) / 2,
 
-    phi = 1 + B / (lr h). It needs phi > d/2 (SPEC's stability condition n < 2 phi).
+    phi = 1 + B / (lr h). It needs phi > d/2 (the paper's stability condition n < 2 phi).
     """
     from scipy import integrate, special
 
@@ -63,7 +63,7 @@ def passage_time_theory(thresholds, batch_size, lr, h, dim):
                          f"{batch_size!r}, {lr!r}, {h!r}, {dim!r}")
     phi, a = 1.0 + batch_size / (lr * h), dim / 2.0
     if phi <= a:
-        raise ValueError(f"passage_time_theory: phi = {phi:g} <= d/2 = {a:g}: SGD has no stationary state (SPEC §3.2)")
+        raise ValueError(f"passage_time_theory: phi = {phi:g} <= d/2 = {a:g}: SGD has no stationary state (Mori et al. 2022)")
     half_beta = 0.5 * special.beta(a, phi - a)
 
     def integrand(u):

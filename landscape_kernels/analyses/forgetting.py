@@ -1,9 +1,9 @@
-"""Landscape-dependent constraints (LDC) against catastrophic forgetting, and EWC (SPEC §1.7).
+"""Landscape-dependent constraints (LDC) against catastrophic forgetting, and EWC (Feng & Tu 2021).
 
 After task 1, the PCA directions p_1i of the W2 trajectory and their flatness F_1i describe which
 directions task 1 is sensitive to. While task 2 is learned, the displacement along them is
 q_i = (w - w1*) . p_1i and the penalty on the N_c sharpest directions (smallest F_1i) is, in the two
-forms SPEC leaves open [unverified]:
+forms the paper leaves open [unverified]:
     "quadratic": lambda sum_i (q_i / F_1i)^2
     "hinge":     lambda sum_i max(0, |q_i| - xi_i)^2,   xi_i = 0.008 F_1i.
 The EWC baseline is (lambda / 2) sum_j F_j (w_j - w1*_j)^2 with the diagonal empirical Fisher of task 1,

@@ -1,4 +1,4 @@
-"""Noise covariance against curvature for one weight matrix (SPEC §4, Zhang, Yang & Tu).
+"""Noise covariance against curvature for one weight matrix (Zhang, Yang & Tu 2026).
 
 For a network whose layers after the chosen Linear are piecewise linear (Linear, ReLU, LeakyReLU,
 Identity), the per-sample Hessian of the loss with respect to that layer's weight W (out x in,
@@ -123,7 +123,7 @@ def layer_hessian(factors):
 
 
 def hessian_second_moment(factors):
-    """Dense E_p[h_p^2] = E_p[G_p^2 (x) |a_p|^2 a_p a_p^T] (the C ~ E_p[h_p^2] prediction of SPEC §4)."""
+    """Dense E_p[h_p^2] = E_p[G_p^2 (x) |a_p|^2 a_p a_p^T] (the C ~ E_p[h_p^2] prediction of Zhang, Yang & Tu 2026)."""
     return _mean_kron(factors.G @ factors.G, factors.a * factors.a.norm(dim=1, keepdim=True))
 
 
@@ -273,7 +273,7 @@ class SuperlinearRelation:
 
 
 def superlinear_relation(H, C, top=500, second_moment=None, seed=0):
-    """SPEC §4's measurement from the dense layer Hessian ``H`` and minibatch covariance ``C``."""
+    """The measurement of Zhang, Yang & Tu 2026 from the dense layer Hessian ``H`` and minibatch covariance ``C``."""
     for name, M in (("H", H), ("C", C)) + ((("second_moment", second_moment),) if second_moment is not None else ()):
         if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape != H.shape:
             raise ValueError(f"superlinear_relation: {name} must be a square matrix of H's shape {tuple(H.shape)}, "

@@ -1,4 +1,4 @@
-"""SGD noise structure of Mori et al. (SPEC §3.1): the noise strength along training and the
+"""SGD noise structure of Mori et al. 2022: the noise strength along training and the
 decoupling of (1/N) sum_mu ell_mu C_f^mu into L (1/N) sum_mu C_f^mu, from the per-sample kernels.
 
 For a scalar output f and ell_mu = (f_mu - y_mu)^2 / 2, the per-sample gradients are
@@ -16,7 +16,7 @@ from ..capture.persample import PerSampleGradients
 
 
 def half_squared_error(outputs, targets):
-    """SPEC §3's MSE: mean over samples of (f - y)^2 / 2 for a scalar output (outputs (N, 1) or (N,))."""
+    """Mori et al. 2022's MSE: mean over samples of (f - y)^2 / 2 for a scalar output (outputs (N, 1) or (N,))."""
     return 0.5 * (outputs.reshape(-1) - targets.reshape(-1).to(outputs.dtype)).square().mean()
 
 
@@ -29,7 +29,7 @@ def _check_data(name, x, y):
 
 def noise_strength(model, loss_fn, x, y, chunk=4096):
     """(noise strength, mean loss) over (x, y): (1/N) sum_mu |g_mu|^2 - |gbar|^2 over every trainable
-    parameter (SPEC §3.1; Tr Sigma = (N - B) / (B (N - 1)) times it), chunked over the data."""
+    parameter (Mori et al. 2022; Tr Sigma = (N - B) / (B (N - 1)) times it), chunked over the data."""
     _check_data("noise_strength", x, y)
     sq, loss_sum, grad_sum = 0.0, 0.0, None
     for i in range(0, x.shape[0], chunk):
@@ -82,7 +82,7 @@ class DecouplingSpectra:
 
 
 def decoupling_spectra(model, x, y, rank_tol=1e-10):
-    """SPEC §3.3's decoupling check for a scalar-output model under ell = (f - y)^2 / 2 on (x, y)."""
+    """Mori et al. 2022's decoupling check for a scalar-output model under ell = (f - y)^2 / 2 on (x, y)."""
     _check_data("decoupling_spectra", x, y)
     K = output_gradient_gram(model, x)
     with torch.no_grad():

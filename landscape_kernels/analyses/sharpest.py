@@ -1,4 +1,4 @@
-"""The step analyses of Jastrzebski et al. (SPEC §2.2) around the top-K Hessian eigenvectors.
+"""The step analyses of Jastrzębski et al. 2019 around the top-K Hessian eigenvectors.
 
 ``decomposed_step``: for random minibatch gradients g_B, the loss change of the partial step
 theta' = theta - gamma * lr * (g_B . d) d along each eigenvector d = e_i, along a random unit direction
@@ -59,7 +59,8 @@ class DecomposedStep:
 
 
 def decomposed_step(model, loss_fn, data, E, gradients, lr, gammas=GAMMAS, params=None, batch_size=128, seed=0):
-    """SPEC §2.2 decomposed step. ``data``: the evaluation set ((x, y) or batches; SPEC: 2560 samples);
+    """The decomposed step of Jastrzębski et al. 2019. ``data``: the evaluation set ((x, y) or batches; the paper:
+    2560 samples);
     ``E``: (P, K) eigenvectors; ``gradients``: (P, n) minibatch gradients (``minibatch_gradients``)."""
     names, chosen = chosen_parameters(model, params)
     P = sum(p.numel() for p in chosen)
@@ -110,7 +111,7 @@ class CrossSections:
 
 
 def cross_sections(model, loss_fn, data, E, step_lengths, epsilons=EPSILONS, params=None, batch_size=128):
-    """SPEC §2.2 cross-sections: the loss along each column e_i of ``E`` at ``epsilons`` times
+    """The cross-sections of Jastrzębski et al. 2019: the loss along each column e_i of ``E`` at ``epsilons`` times
     ``step_lengths[i]`` (e.g. ``lr * mean |g_B . e_i|`` from ``DecomposedStep.projections``)."""
     names, chosen = chosen_parameters(model, params)
     P = sum(p.numel() for p in chosen)

@@ -1,11 +1,11 @@
-"""Feng & Tu's inverse variance-flatness relation (SPEC §1.2-§1.6), one function per quantity.
+"""Feng & Tu's inverse variance-flatness relation (PNAS 2021; ``docs/methods.md``), one function per quantity.
 
 - ``trajectory_pca``: PCA of the weight snapshots of the window; spectrum, gamma (sigma_i^2 ~ i^-gamma,
   i >= 20), n90 excluding PC1, cos(p1, <w>), sigma_1^2 / sigma_2^2 and the projections theta_i(t).
-- ``flatness_along_pcs``: F_i along chosen PCs (SPEC §1.3 search) from the final weights or <w>.
+- ``flatness_along_pcs``: F_i along chosen PCs (Feng & Tu 2021 search) from the final weights or <w>.
 - ``psi_fit``: sigma_i^2 ~ F_i^-psi, PC1 and saturated sides excluded.
-- ``mlf_ensemble``: the minibatch loss-function ensemble (SPEC §1.5), by derivatives or parabolas.
-- ``active_temperature``: T_i(delta theta) = (alpha / 2) Var_mu[dL^mu/d delta theta] (SPEC §1.6).
+- ``mlf_ensemble``: the minibatch loss-function ensemble (Feng & Tu 2021), by derivatives or parabolas.
+- ``active_temperature``: T_i(delta theta) = (alpha / 2) Var_mu[dL^mu/d delta theta] (Feng & Tu 2021).
 
 Every function takes the pieces it needs (a model, data, the components) so each can be used alone;
 ``landscape_kernels.reproduce`` chains them into the report.
@@ -27,7 +27,7 @@ SAMPLING = ("without_replacement", "with_replacement")
 @dataclass
 class TrajectoryPCA:
     """PCA of a window of snapshots: ``variances`` (k,) descending, ``components`` (k, N) unit rows,
-    ``mean`` (N,), and the SPEC §1.2 diagnostics."""
+    ``mean`` (N,), and the Feng & Tu 2021 diagnostics."""
 
     variances: torch.Tensor
     components: torch.Tensor
@@ -51,7 +51,7 @@ class TrajectoryPCA:
 
 
 def n90_excluding_pc1(variances, level=0.9):
-    """Smallest n with sum_{i=2}^n sigma_i^2 >= level * sum_{i>=2} sigma_i^2 (SPEC §1.2)."""
+    """Smallest n with sum_{i=2}^n sigma_i^2 >= level * sum_{i>=2} sigma_i^2 (Feng & Tu 2021)."""
     rest = torch.as_tensor(variances, dtype=torch.float64)[1:]
     if rest.numel() == 0 or float(rest.sum()) <= 0:
         raise ValueError("n90_excluding_pc1: needs at least two components with positive variance beyond PC1")
@@ -65,7 +65,7 @@ def trajectory_pca(snapshots, gamma_range=(20, None), chunk=4096):
     network) the T x T Gram matrix.
     ``gamma_range`` (first, last) 1-based PCs of the power-law fit; last is capped at (and None means)
     the last PC whose variance exceeds 1e-12 of the largest (rounding noise beyond it would bend the fit).
-    SPEC §1.2 fixes only first = 20; a measured spectrum steepens towards its end, so the fitted gamma
+    Feng & Tu 2021 fix only first = 20; a measured spectrum steepens towards its end, so the fitted gamma
     depends on last, which the caller should report."""
     if isinstance(snapshots, torch.Tensor) and snapshots.shape[0] < snapshots.shape[1] \
             and not StreamingPCA().exact_fits(snapshots.shape[1]):
@@ -102,7 +102,7 @@ def _model_at(model, param, value):
 
 
 def flatness_along_pcs(model, loss_fn, data, components, pcs, param="2.weight", center=None, **kwargs):
-    """SPEC §1.3 flatness along the 1-based PCs ``pcs`` (unit ``components`` rows), only ``param``
+    """Feng & Tu's (2021) flatness along the 1-based PCs ``pcs`` (unit ``components`` rows), only ``param``
     moving, from the model's weights (``center`` None: w0, the end of training) or from ``center``
     (e.g. the window mean <w>). ``kwargs`` go to ``flatness`` (threshold, step, cap, tol, ...)."""
     idx = torch.as_tensor(pcs, dtype=torch.long) - 1
@@ -125,7 +125,7 @@ class PsiFit:
 
 def psi_fit(variances, pcs, flat):
     """sigma_i^2 ~ F_i^-psi over the analysed ``pcs`` (1-based), excluding PC1 and any direction with a
-    saturated side (SPEC §1.4)."""
+    saturated side (Feng & Tu 2021)."""
     pcs = torch.as_tensor(pcs, dtype=torch.long)
     keep = (pcs != 1) & ~flat.saturated_left & ~flat.saturated_right
     if int(keep.sum()) < 3:
@@ -168,7 +168,7 @@ class MLFEnsemble:
 
 def mlf_ensemble(model, loss_fn, x, y, directions, batch_size, num_minibatches=100, seed=0, param="2.weight",
                  method="derivatives", halfwidth=1.0, points=7):
-    """SPEC §1.5. ``method`` "derivatives": theta* = -g^mu / M^mu from the first and second directional
+    """The MLF ensemble of Feng & Tu 2021. ``method`` "derivatives": theta* = -g^mu / M^mu from the first and second directional
     derivatives at w0 (per-sample forward-mode derivatives averaged over each minibatch); "parabola":
     a least-squares parabola through L^mu at ``points`` offsets in [-halfwidth, halfwidth] (a float or
     one per direction). ``directions``: (D, *param shape) unit vectors."""
@@ -206,7 +206,7 @@ def mlf_ensemble(model, loss_fn, x, y, directions, batch_size, num_minibatches=1
 
 def active_temperature(model, loss_fn, x, y, directions, lr, batch_size, offsets=(0.0,), param="2.weight",
                        sampling="without_replacement"):
-    """SPEC §1.6: (D, G) T_i(delta) = (lr / 2) Var_mu[dL^mu(w + delta p_i)/d delta] for the unit
+    """The active temperature of Feng & Tu 2021: (D, G) T_i(delta) = (lr / 2) Var_mu[dL^mu(w + delta p_i)/d delta] for the unit
     ``directions`` p_i and ``offsets`` delta. The variance over minibatches of size B is exact from
     the per-sample derivatives s_p: Var(s) / B, times (N - B) / (N - 1) for minibatches drawn
     without replacement (an SGD epoch) or not for sampling with replacement."""

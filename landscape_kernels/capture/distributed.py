@@ -14,7 +14,7 @@ from .collectives import all_gather_rows, all_reduce_sum, per_rank_table, requir
 def distributed_moments(ps, group=None):
     """(N, mean, variance) of the per-sample gradients over the union of every rank's batch, from a
     ``PerSampleGradients`` that has recorded this rank's batch: dicts name -> tensor in the parameter's
-    shape, the population variance (SPEC's C_1 diagonal), combined by Chan's merge of the per-rank
+    shape, the population variance (the diagonal of C_1, docs/methods.md), combined by Chan's merge of the per-rank
     means and variances (two all-reduces of 2P + 1 numbers), never of the per-sample gradients."""
     require_initialised("distributed_moments")
     names = ps.param_names

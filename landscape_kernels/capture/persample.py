@@ -9,7 +9,7 @@ with the fused ops, never holding the batch x parameters tensor.
 Scale convention: every statistic is of the per-sample *loss* gradients g_b = grad l_b, whatever the
 reduction of the batch loss. With ``loss_reduction="mean"`` (loss = (1/B) sum_b l_b) the recorded
 output gradients are multiplied by B; with ``"sum"`` they are used as they are. ``variance()`` is the
-population variance over the batch (the diagonal of C_1 in SPEC's conventions; ``correction=1`` gives
+population variance over the batch (the diagonal of C_1 in the conventions of docs/methods.md; ``correction=1`` gives
 the unbiased one), ``cov_matvec`` applies C_1 (divide by the SGD batch size for the noise covariance).
 
 A layer applied several times in one forward (weight sharing) is handled exactly: its calls are joined

@@ -1,6 +1,6 @@
 """Validation of op arguments, shared by the reference ops and the public wrappers in ``ops``.
 
-Each error names the argument, what was expected and what was given (DESIGN §3); nothing is silently
+Each error names the argument, what was expected and what was given (docs/architecture.md); nothing is silently
 broadcast or cast.
 """
 import torch

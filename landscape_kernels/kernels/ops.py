@@ -221,7 +221,7 @@ def per_sample_gram(A, D, *, check_finite=True):
 
 def per_sample_moments(A, D, *, check_finite=True):
     """(mean, var), each (out, in): batch mean and population variance (divided by B) of each element of
-    G_b — the diagonal of the per-sample covariance C_1 (SPEC conventions). Computed in two passes."""
+    G_b — the diagonal of the per-sample covariance C_1 (docs/methods.md). Computed in two passes."""
     _checked_pair(A, D, "per_sample_moments", check_finite)
     return _call("per_sample_moments", A, D)
 
@@ -285,7 +285,7 @@ def trajectory_project(X, mean, basis, *, check_finite=True):
 
 def profile_ce_losses(z0, zd, direction, offset, weight, bias, target, *, check_finite=True):
     """(M,) float64: for every point m, the cross-entropy summed over the R rows of
-    ``weight @ relu(z0 + offset[m] * zd[direction[m]]) + bias`` against ``target`` (SPEC §1.3 loss
+    ``weight @ relu(z0 + offset[m] * zd[direction[m]]) + bias`` against ``target`` (Feng & Tu 2021 loss
     profiles when the layer before a ReLU and a final Linear layer moves: its output is z0 (R, H) at
     theta0 and moves by delta * zd[u] (U, R, H) along direction u). Never forms the M x R x H tensor."""
     checks.check_profile(z0, zd, direction, offset, weight, bias, target)

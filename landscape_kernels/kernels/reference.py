@@ -1,5 +1,5 @@
 """Pure-torch reference of every op: the CPU/CUDA fallback when the extension is missing and the
-oracle of the tests. Written for clarity from the definitions (SPEC conventions, DESIGN §2.1): the
+oracle of the tests. Written for clarity from the definitions (docs/methods.md, docs/architecture.md): the
 per-sample gradients G_b = sum_t D[b,t]^T A[b,t] are materialised for all samples but only for a slice
 of output rows at a time, so memory stays bounded by ``_SLICE_ELEMENTS`` and each statistic is one pass.
 """

@@ -1,13 +1,13 @@
-"""Loss profiles along directions and the flatness of SPEC §1.3.
+"""Loss profiles along directions and the flatness of Feng & Tu 2021.
 
 ``loss_profiles`` evaluates L(theta0 + delta * d_k) for K directions and G offsets, many points per
 pass over the data: the chosen parameters are stacked for M points and the model runs once for all of
 them (``torch.func.functional_call`` under ``vmap``). When only the weight of one ``nn.Linear`` inside
-an ``nn.Sequential`` moves (the SPEC §1.3 setting: W2 only), a fast path runs the layers before it once
+an ``nn.Sequential`` moves (Feng & Tu's setting: W2 only), a fast path runs the layers before it once
 per batch, forms the layer's output for any point as z0 + delta * (a d_k^T) and runs only the layers
 after it. The model itself is never modified; it is put in eval mode and restored.
 
-``flatness`` is SPEC §1.3 exactly: per direction and side, the offset where ln L - ln L0 reaches
+``flatness`` is Feng & Tu's (2021) definition exactly: per direction and side, the offset where ln L - ln L0 reaches
 ``threshold`` (1: the loss is e * L0), bracketed in steps of ``step`` up to ``cap`` (then reported as
 saturated, at ``cap``) and bisected to ``tol``; all directions and both sides advance together.
 """
@@ -309,7 +309,7 @@ class FlatnessResult:
 def flatness(model, loss_fn, data, directions, params=None, threshold=1.0, step=100.0, cap=1000.0, tol=0.01,
              batch_size=None, points_per_pass=None, fast_path=None, memory_budget=64 * 2**20,
              zd_cache_bytes=512 * 2**20):
-    """SPEC §1.3 flatness along each direction (unit directions give widths in parameter units). On the
+    """Feng & Tu's (2021) flatness along each direction (unit directions give widths in parameter units). On the
     one-layer fast path the directions are searched in groups whose moved layer outputs fit
     ``zd_cache_bytes`` and are kept across the search's passes."""
     for name, v in (("threshold", threshold), ("step", step), ("cap", cap), ("tol", tol)):

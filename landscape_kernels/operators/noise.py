@@ -20,7 +20,7 @@ def sgd_noise_scale(sgd_batch_size, num_samples, without_replacement=False):
 
 
 class NoiseCovarianceOperator(ModelOperator):
-    """Per-sample gradient covariance over the dataset, C_1 = (1/N) sum_n (g_n - g)(g_n - g)^T (SPEC
+    """Per-sample gradient covariance over the dataset, C_1 = (1/N) sum_n (g_n - g)(g_n - g)^T (docs/methods.md
     conventions), applied through the fused per-sample kernels: layer inputs and output gradients are
     recorded (one forward and backward per batch) and every product is a projection and a weighted sum
     over them, never an N x P matrix. ``sgd_batch_size`` B' returns the SGD noise covariance C_1 / B'

@@ -127,7 +127,7 @@ def passage_part(cfg, log=print):
     """Slopes of log t_p on log c for every d, on ``passage_datasets`` independent datasets (the slope of
     one draw of N = 10^4 points varies by about 5 % between draws), against two references: the exact
     mean passage time of the theory's SDE at the same thresholds, and its large-c limit
-    B/(lr h*) + 1 - d/2, which c <= 1.6 is still far from for d = 2, 3 (SPEC gives no c range)."""
+    B/(lr h*) + 1 - d/2, which c <= 1.6 is still far from for d = 2, 3 (the paper gives no c range)."""
     rows = []
     for d in cfg.passage_dims:
         t = time.perf_counter()
@@ -165,7 +165,7 @@ def even_odd_data(cfg):
 
 
 def glorot_mlp(num_features, hidden, seed):
-    """SPEC §3.3's network: in-hidden-hidden-1 ReLU, Glorot-uniform weights, zero biases (seeded)."""
+    """Mori et al. 2022's network: in-hidden-hidden-1 ReLU, Glorot-uniform weights, zero biases (seeded)."""
     model = mlp((num_features, hidden, hidden, 1), bias=True, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 forgetting (Feng & Tu 2021; ``docs/reproductions/forgetting.md``).
 
 Task 1 (digits 0, 1) is learned with W2 recorded before every step; its PCA directions p_1i and their
-flatness F_1i (SPEC §1.3 search, every task-1 PC up to ``max_pcs``) define the constraints. From the
+flatness F_1i (Feng & Tu 2021 search, every task-1 PC up to ``max_pcs``) define the constraints. From the
 same task-1 solution w1*, task 2 (digits 2, 3) is then learned without constraint, with LDC in both
 penalty forms and with EWC, tracking the test errors eps1 (task 1) and eps2 (task 2) after every epoch;
 then a lambda sweep (the (eps1, eps2) trade-off) and an N_c sweep (eps1 + eps2). Both tasks are labelled

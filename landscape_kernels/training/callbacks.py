@@ -1,9 +1,9 @@
 """Training callbacks with checkpointable state (``state_dict`` / ``load_state_dict``), for ``SGDTrainer``.
 
 - ``WindowRecorder``: the last ``window`` snapshots of chosen parameters, taken before every SGD step
-  (SPEC §1.2), in a ring buffer of fixed size: a long run never holds more than the window.
+  (Feng & Tu 2021), in a ring buffer of fixed size: a long run never holds more than the window.
 - ``EpochStates``: a copy of the whole model's parameters at the end of every epoch (for quantities
-  along training, e.g. the active temperature T(t) of SPEC §1.6).
+  along training, e.g. the active temperature T(t) of Feng & Tu 2021).
 """
 import torch
 

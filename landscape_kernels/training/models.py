@@ -1,8 +1,8 @@
 """The networks of the reproduced papers.
 
-``mlp`` is the SPEC §1.1 network by default (784 -> 50 -> 50 -> 10, ReLU, no biases, PyTorch default
+``mlp`` is the Feng & Tu 2021 network by default (784 -> 50 -> 50 -> 10, ReLU, no biases, PyTorch default
 initialisation): an ``nn.Sequential`` whose Linear layers sit at even indices, so the hidden->hidden
-matrix W2 is the parameter "2.weight". ``simple_cnn`` is the SPEC §2.3 SimpleCNN for 28 x 28 inputs
+matrix W2 is the parameter "2.weight". ``simple_cnn`` is the Jastrzębski et al. 2019 SimpleCNN for 28 x 28 inputs
 given as flat (B, 784) rows. Both are plain ``nn.Sequential`` models, so the fast paths of the
 operators (R-operator Hessian products) and of ``loss_profiles`` apply to the MLP.
 """
@@ -35,7 +35,7 @@ def mlp(widths=(784, 50, 50, 10), bias=False, activation="relu", seed=None):
 
 
 def simple_cnn(num_classes=10, seed=None):
-    """SPEC §2.3 SimpleCNN on 28 x 28 images given as (B, 784) rows: 2 x Conv(32, 3) + ReLU, MaxPool 2,
+    """Jastrzębski et al. 2019 SimpleCNN on 28 x 28 images given as (B, 784) rows: 2 x Conv(32, 3) + ReLU, MaxPool 2,
     2 x Conv(64, 3) + ReLU, MaxPool 2, Linear 1024 -> 128 + ReLU, Linear 128 -> ``num_classes``."""
     return _seeded(lambda: nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),

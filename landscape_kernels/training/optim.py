@@ -1,4 +1,4 @@
-"""Nudged SGD (Jastrzebski et al. 2019; SPEC §2.4): SGD whose step along the top-K Hessian eigenvectors
+"""Nudged SGD (Jastrzębski et al. 2019): SGD whose step along the top-K Hessian eigenvectors
 is scaled by gamma.
 
 With E = [e_1 ... e_K] (orthonormal, over the optimizer's parameters flattened in order), momentum mu,
@@ -7,7 +7,7 @@ velocity v and the previous velocity m:
     "correct_g":           g' = (I - E E^T) g + gamma E E^T g;  v = mu m - lr g';  theta += v;  m = v
 For mu = 0 both are theta -= lr [(I - E E^T) g + gamma E E^T g]; gamma = 1 is plain SGD. E comes from
 ``set_subspace`` or, with ``refresh=tracker``, from a ``sharpness.SharpnessTracker`` whenever it has
-measured anew (SPEC: once per epoch). Until a subspace is known the step is plain SGD.
+measured anew (the paper: once per epoch). Until a subspace is known the step is plain SGD.
 """
 import torch
 

@@ -1,8 +1,8 @@
-"""Tracking the sharpest directions of the training loss along training (SPEC §2.1, §2.2).
+"""Tracking the sharpest directions of the training loss along training (Jastrzębski et al. 2019).
 
 ``SharpnessTracker`` is an ``SGDTrainer`` callback. At the start of every epoch (or every ``every``
 steps) it computes the top-K eigenpairs of the Hessian of the training loss on a fixed subset of the
-training data (SPEC: 2560 samples in batches of 128, inference mode), warm-started from the previous
+training data (the paper: 2560 samples in batches of 128, inference mode), warm-started from the previous
 eigenvectors (Lanczos started from them, see ``warm_block_size``), which converges in fewer products
 than a cold start from a random vector while the top subspace moves slowly. It logs:
 
@@ -11,7 +11,7 @@ than a cold start from a random vector while the top subspace moves slowly. It l
 - ||H||_F as sqrt(mean_m ||H v_m||^2) over Gaussian v_m (unbiased for tr H^2), and the released code's
   sqrt(mean_m ||H v_m||) beside it (``frobenius_released``), both from the same products;
 - the distance ||theta - theta_0|| from the weights the tracker first saw;
-- alignment (SPEC §2.2) at the measured weights: for ``alignment_batches`` random minibatches of the
+- alignment (Jastrzębski et al. 2019) at the measured weights: for ``alignment_batches`` random minibatches of the
   trainer's batch size, the cosine of each minibatch gradient g_B with the subset's full gradient g and
   with each e_i, and the share ||E^T g_B||^2 / ||g_B||^2 of the SGD step (-eta g_B) inside the top-K
   subspace; means and standard deviations over the minibatches, and cos(g, e_i).
@@ -30,7 +30,7 @@ from ..operators.hessian import HessianOperator
 
 
 def fixed_subset(x, y, n=2560, seed=0):
-    """``n`` samples of (x, y) drawn once without replacement by a seeded generator (SPEC §2.1)."""
+    """``n`` samples of (x, y) drawn once without replacement by a seeded generator (Jastrzębski et al. 2019)."""
     if not 1 <= int(n) <= x.shape[0]:
         raise ValueError(f"fixed_subset: n must be in [1, {x.shape[0]}] (the dataset size), got {n!r}")
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: int(n)].to(x.device)
@@ -67,7 +67,7 @@ def minibatch_gradients(model, loss_fn, x, y, batch_size, count, params=None, se
 
 class DenseEarly:
     """A tracker schedule: every ``every`` steps during the first ``early_epochs`` epochs, where lambda_1
-    rises fastest, then at the start of every epoch (SPEC §2.1: per epoch, and every 128-2048 examples in
+    rises fastest, then at the start of every epoch (the paper: per epoch, and every 128-2048 examples in
     early-phase runs)."""
 
     def __init__(self, every, early_epochs=1):
@@ -87,11 +87,11 @@ class SharpnessTracker:
     """Args:
         model, loss_fn: the trained network and its mean loss.
         data: the fixed subset (x, y) (see ``fixed_subset``) or an iterable of batches.
-        k: number of top eigenpairs (SPEC: 5 or 10).
+        k: number of top eigenpairs (the paper: 5 or 10).
         every: None measures before the first step of every epoch; an int every that many steps; or a
             schedule ``every(trainer, step) -> bool`` (e.g. ``DenseEarly``).
         params: parameter names (None: every trainable parameter).
-        batch_size: Hessian products run over the subset in batches of this size (SPEC: 128).
+        batch_size: Hessian products run over the subset in batches of this size (the paper: 128).
         tol: Lanczos convergence, residual <= tol * |lambda_max|.
         warm_start: start each solve from the previous eigenvectors.
         warm_block_size: Lanczos block size of a warm solve: 1 (default) starts from the sum of the

@@ -1,4 +1,4 @@
-"""Plain minibatch SGD over a fixed-seed shuffle, with callbacks, the SPEC §1.1 stopping rule,
+"""Plain minibatch SGD over a fixed-seed shuffle, with callbacks, the Feng & Tu 2021 stopping rule,
 checkpoints and bit-for-bit resume.
 
 The whole dataset sits on the device; epoch e visits the samples in the order of a permutation drawn
@@ -8,7 +8,7 @@ the uninterrupted run would have. Per-step loss and accuracy are accumulated on 
 once per epoch, so a step costs its forward, backward and update and nothing more.
 
 Callbacks: a plain callable is called as ``fn(step)`` before every SGD step (a ``TrajectoryRecorder``
-is such a callable: SPEC §1.2 takes a snapshot before every step); an object may instead define
+is such a callable: Feng & Tu 2021 take a snapshot before every step); an object may instead define
 ``before_step(trainer, step)`` and/or ``after_epoch(trainer, record)``, where ``record`` is the dict of
 the epoch's numbers appended to ``trainer.history``. A callback with ``state_dict`` and
 ``load_state_dict`` (``landscape_kernels.callbacks``) is saved in the checkpoint and restored on resume.
@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ..capture.model import eval_mode
+from .progress import Progress
 
 CHECKPOINT_FORMAT = "landscape_kernels.training/1"
 
 
 @dataclass
 class StoppingRule:
-    """SPEC §1.1: stop when the mean training accuracy over the last ``window`` epochs exceeds
+    """Feng & Tu's (2021) stopping rule: stop when the mean training accuracy over the last ``window`` epochs exceeds
     ``accuracy`` and the full training loss is below ``loss``."""
 
     window: int = 9
@@ -79,7 +80,7 @@ class SGDTrainer:
 
     Args:
         model, x, y: the network and the whole training set (moved to ``device``).
-        batch_size, lr, momentum: SGD settings (SPEC §1.1: 50, 0.1, 0).
+        batch_size, lr, momentum: SGD settings (Feng & Tu 2021: 50, 0.1, 0).
         seed: seeds the epoch permutations.
         loss_fn: mean loss over a minibatch (default cross-entropy); accuracy is counted when the
             targets are class indices.
@@ -89,7 +90,7 @@ class SGDTrainer:
             killed process loses at most that much; the state may be large, e.g. a recorded window).
         drop_last: skip the last, smaller minibatch of an epoch (default False: keep it).
         penalty: None or a callable ``penalty(model)`` returning a scalar added to every minibatch loss
-            (e.g. the landscape-dependent constraints of SPEC §1.7); the recorded losses exclude it.
+            (e.g. the landscape-dependent constraints of Feng & Tu 2021); the recorded losses exclude it.
         optimizer: None (plain ``torch.optim.SGD`` with ``lr`` and ``momentum``) or an optimizer over
             the model's parameters (e.g. ``optim.NSGD``); its first group's lr and momentum are then
             the trainer's.
@@ -270,18 +271,18 @@ class SGDTrainer:
         self.load_state_dict(state)
         self.stopped_by, self.instability = "unstable", undone
 
-    def run(self, max_epochs=1000, stopping_rule="spec", max_steps=None, progress=False, guard=None):
+    def run(self, max_epochs=1000, stopping_rule="paper", max_steps=None, progress=False, guard=None):
         """Train until ``stopping_rule`` holds at an epoch end (None: never), ``max_epochs`` epochs are
         done, or ``max_steps`` steps in total are taken (which may stop inside an epoch; ``run`` can be
-        called again to continue). ``stopping_rule`` "spec" is ``StoppingRule()`` (SPEC §1.1); ``guard``
+        called again to continue). ``stopping_rule`` "paper" (the default) is ``StoppingRule()`` (Feng & Tu 2021); ``guard``
         an ``InstabilityGuard`` (None: none). Returns ``self.history``; ``self.stopped_by`` says why
         it stopped."""
-        if stopping_rule == "spec":
+        if stopping_rule in ("paper", "spec"):  # "spec": the name of earlier versions
             stopping_rule = StoppingRule()
         kept = []  # (epochs done, state copy) of the last guard.patience + 1 epoch ends
         if guard is not None and self.batch_index == 0:
             kept.append((len(self.history), copy.deepcopy(self.state_dict())))
-        bar = _progress_bar(max_epochs, self.epoch, progress)
+        bar = Progress(max_epochs, self.epoch, "SGD", "epoch") if progress else None
         self.model.train()
         self.stopped_by = None
         try:
@@ -305,8 +306,7 @@ class SGDTrainer:
                     break
                 record = self._finish_epoch()
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['full_loss']:.3g}", acc=f"{record['train_accuracy'] or 0:.4f}")
+                    bar.update(1, loss=f"{record['full_loss']:.3g}", acc=f"{record['train_accuracy'] or 0:.4f}")
                 undo = guard.streak(self.history) if guard is not None else 0
                 if undo:
                     self._rollback(kept, undo)
@@ -339,13 +339,3 @@ def cosine_schedule(lr, epochs, steps_per_epoch, final_fraction=0.01):
         return low + (lr - low) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
     return schedule
-
-
-def _progress_bar(total, initial, enabled):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is in the 'report' extra; without it training is silent
-        return None
-    return tqdm(total=total, initial=initial, unit="epoch", desc="SGD")

@@ -1,4 +1,4 @@
-"""Streaming PCA of weight trajectories (DESIGN §2.2, SPEC §1.2).
+"""Streaming PCA of weight trajectories (Feng & Tu 2021; docs/architecture.md).
 
 Snapshots arrive in chunks of shape (T_c, N) through ``partial_fit``; the attributes follow
 scikit-learn's names (``mean_``, ``components_`` (k, N), ``explained_variance_`` (sample covariance,

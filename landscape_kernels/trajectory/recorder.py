@@ -35,7 +35,7 @@ class TrajectoryRecorder:
 
     Args:
         source: an ``nn.Module`` (its parameters) or a dict name -> tensor (read at each ``record``).
-        params: names to record (default all), e.g. ``["2.weight"]`` for W2 of the SPEC §1.1 network.
+        params: names to record (default all), e.g. ``["2.weight"]`` for W2 of the Feng & Tu 2021 network.
         every: record only steps divisible by ``every``.
         store: None (memory) or a directory path; an existing store with the same layout is resumed.
         dtype: snapshot dtype (float32 or float64).

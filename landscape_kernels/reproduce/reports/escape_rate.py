@@ -59,7 +59,7 @@ def _escape_figures(plt, out, s, written):
 def write_escape_rate_report(out, s):
     plt, written = draw_figures(_escape_figures, out, s)
     cfg = s["config"]
-    lines = ["# Power-law escape rate of SGD (Mori et al.; SPEC §3)", "", "## Paper's claims", ""]
+    lines = ["# Power-law escape rate of SGD (Mori et al. 2022)", "", "## Paper's claims", ""]
     lines += checks_table(s["checks"]) + [""]
     if "stationary" in s:
         lines += [f"## Stationary distribution (1-D linear regression, N = {cfg['stationary_samples']}, "

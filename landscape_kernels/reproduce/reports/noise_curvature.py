@@ -35,7 +35,7 @@ def _relation_figure(plt, out, s, written):
 def write_noise_curvature_report(out, s):
     plt, written = draw_figures(_relation_figure, out, s)
     cfg = s["config"]
-    lines = ["# Noise covariance against curvature: the superlinear relation (Zhang, Yang & Tu; SPEC §4)", "",
+    lines = ["# Noise covariance against curvature: the superlinear relation (Zhang, Yang & Tu 2026)", "",
              f"{cfg['dataset']}, {cfg['per_class']} samples per class, network in-{cfg['hidden']}-{cfg['hidden']}-10 "
              f"ReLU without bias, SGD B = {cfg['batch_size']}, lr {cfg['lr']:g} with a per-epoch cosine decay to "
              f"{cfg['lr'] * cfg['final_lr_fraction']:g} over {cfg['epochs']} epochs, gradient clipping {cfg['clip']:g}. "

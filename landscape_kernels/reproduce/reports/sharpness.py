@@ -1,4 +1,4 @@
-"""``report.md`` and figures of ``reproduce sharpest-directions`` and ``reproduce nsgd`` (SPEC §2)."""
+"""``report.md`` and figures of ``reproduce sharpest-directions`` and ``reproduce nsgd`` (Jastrzębski et al. 2019)."""
 
 import numpy as np
 
@@ -69,13 +69,13 @@ def write_sharpest_directions_report(out, s):
     plt, written = draw_figures(_sharpest_figures, out, s)
     cfg = s["config"]
     first = next(iter(s["runs"].values()))
-    lines = ["# Sharpest directions along SGD training (Jastrzębski et al. 2019; SPEC §2)", "",
+    lines = ["# Sharpest directions along SGD training (Jastrzębski et al. 2019)", "",
              f"{cfg['dataset']}, {first['train_samples']} training samples, model `{cfg['model']}`, {cfg['epochs']} epochs "
              f"per setting, plain SGD (no momentum, constant lr). Top-{cfg['k']} Hessian eigenpairs of the training loss "
              f"on a fixed subset of {cfg['subset']} samples (batches of 128, eval mode) every {cfg['measure_examples']} "
              f"training examples in the first {cfg['dense_epochs']} epoch(s), then at the start of every epoch, and at "
              f"the end; warm-started Lanczos to residual ≤ {cfg['tol']:g} |λ_1|; ||H||_F from 50 Gaussian "
-             "probes (the correct estimator). Decomposed step and cross-sections (SPEC §2.2) at the first "
+             "probes (the correct estimator). Decomposed step and cross-sections (Jastrzębski et al. 2019) at the first "
              f"{cfg['step_analyses']} measurements of each run.", "",
              "## Paper's claims", ""] + checks_table(s["checks"]) + ["",
              "## Per setting", "",
@@ -127,7 +127,7 @@ def write_nsgd_report(out, s):
     plt, written = draw_figures(_nsgd_figures, out, s)
     cfg = s["config"]
     first = next(iter(s["runs"].values()))
-    lines = ["# Nudged SGD (Jastrzębski et al. 2019; SPEC §2.4)", "",
+    lines = ["# Nudged SGD (Jastrzębski et al. 2019)", "",
              f"{cfg['dataset']}, {first['train_samples']} training samples, model `{cfg['model']}`, lr {cfg['lr']:g}, "
              f"B {cfg['batch_size']}, no momentum, {cfg['epochs']} epochs, K = {cfg['k']}: the step along the top-K "
              "Hessian eigenvectors (refreshed at the start of every epoch, Lanczos on a fixed subset of "
