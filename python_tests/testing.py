@@ -1,11 +1,18 @@
-"""Shared test conventions for the whole project: devices, dtypes, backends, tolerances, inputs.
+"""Shared test conventions and oracles for the whole project (the tests mirror the package: one folder
+per subpackage; what more than one test file needs lives here).
 
 - DEVICES: 'cpu', plus 'cuda' when a GPU is visible (CUDA cases are skipped otherwise, never faked).
 - BACKENDS: 'compiled' where the extension has kernels for the device, and always 'reference'.
-- Tolerances (DESIGN §3): relative error ||out - ref|| / ||ref|| against a float64 oracle.
+- Tolerances (docs/architecture.md): relative error ||out - ref|| / ||ref|| against a float64 oracle.
+- Oracles: dense Hessians and GGNs by ``torch.autograd.functional``, per-sample gradients by
+  ``torch.func.vmap(grad)``, on a float64 copy of the model in eval mode (the model itself is untouched).
 """
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from landscape_kernels import ops
 
@@ -27,6 +34,7 @@ DEVICE_BACKENDS = [
 
 
 def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64 on the CPU (the absolute error when ref is zero)."""
     out, ref = out.double().cpu(), ref.double().cpu()
     denom = ref.norm()
     return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())
@@ -46,3 +54,57 @@ def randn(*shape, dtype, device, generator, contiguous=True):
     x = big[..., ::2]
     assert not x.is_contiguous() or x.numel() <= 1
     return x
+
+
+def seed_from(gen):
+    """Seed the global RNG (module initialisation) from the test's generator: fresh but reproducible."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+# ----------------------------------------------------------------------------------- oracles
+def _float64_copy(model):
+    return copy.deepcopy(model).double().eval()
+
+
+def flat_parameter_function(model, names, x, of_outputs):
+    """(f, theta0): f(theta) = of_outputs(model(x)) with the parameters ``names`` set from the flat
+    vector theta (in the order given), on a float64 copy of the model in eval mode."""
+    model = _float64_copy(model)
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else list(names)
+    shapes, sizes = [params[n].shape for n in names], [params[n].numel() for n in names]
+    x = x.double() if x.is_floating_point() else x
+
+    def f(theta):
+        values = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
+        return of_outputs(functional_call(model, values, (x,)))
+
+    return f, torch.cat([params[n].detach().flatten() for n in names])
+
+
+def dense_hessian(model, loss_fn, x, y, names=None):
+    """(P, P) Hessian of ``loss_fn(model(x), y)`` in the parameters ``names`` (None: all), float64."""
+    f, theta0 = flat_parameter_function(model, names, x, lambda out: loss_fn(out, y))
+    return torch.autograd.functional.hessian(f, theta0)
+
+
+def dense_cross_entropy_ggn(model, x, y, names=None):
+    """(P, P) generalised Gauss-Newton J^T H_out J of the mean cross-entropy, float64."""
+    f, theta0 = flat_parameter_function(model, names, x, lambda out: out)
+    J = torch.autograd.functional.jacobian(f, theta0)  # (N, C, P)
+    s = f(theta0).detach().softmax(1)
+    H_out = (torch.diag_embed(s) - s[:, :, None] * s[:, None, :]) / x.shape[0]
+    return torch.einsum("ncp,ncd,ndq->pq", J, H_out, J)
+
+
+def vmap_per_sample_gradients(model, x, y, names=None, loss_fn=F.cross_entropy):
+    """(B, P) gradients of the per-sample losses ``loss_fn(model(x_b), y_b)``, parameters in ``names``
+    order (None: all), by ``torch.func.vmap(grad)`` in the model's own dtype."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params) if names is None else list(names)
+
+    def loss(p, xb, yb):
+        return loss_fn(functional_call(model, p, (xb[None],)), yb[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], 1)

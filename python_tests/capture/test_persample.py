@@ -3,10 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from landscape_kernels import PerSampleGradients, ops
-from testing import DEVICE_BACKENDS, assert_close
+from testing import DEVICE_BACKENDS, assert_close, seed_from, vmap_per_sample_gradients
 
 
 class SeqModel(nn.Module):
@@ -56,23 +55,12 @@ MODELS = {
 
 
 def build(name, gen, dtype=torch.float64, device="cpu"):
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    seed_from(gen)
     make_model, make_x = MODELS[name]
     model = make_model().to(dtype=dtype, device=device)
     x = make_x(gen).to(dtype=dtype, device=device)
     y = torch.randint(0, 3, (x.shape[0],), generator=gen).to(device)
     return model, x, y
-
-
-def vmap_per_sample_grads(model, x, y, names):
-    """(B, P) per-sample gradients of the per-sample loss, params in ``names`` order."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def loss(p, xb, yb):
-        return F.cross_entropy(functional_call(model, p, (xb.unsqueeze(0),)), yb.unsqueeze(0))
-
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g[n].flatten(1) for n in names], 1)
 
 
 def capture(model, x, y, reduction, **kwargs):
@@ -89,7 +77,7 @@ def test_statistics_match_vmap(model_name, reduction, device, backend, gen):
     model, x, y = build(model_name, gen, device=device)
     with ops.use_backend(backend):
         ps = capture(model, x, y, reduction)
-        G = vmap_per_sample_grads(model, x, y, ps.param_names)
+        G = vmap_per_sample_gradients(model, x, y, ps.param_names)
         B, P = G.shape
         assert ps.num_params == P and ps.batch_size == B
         tol = torch.float64
@@ -138,7 +126,7 @@ def test_float32_model(gen):
     ps = capture(model, x, y, "mean")
     model64 = build("cnn", gen)[0]
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    G = vmap_per_sample_grads(model64, x.double(), y, ps.param_names)
+    G = vmap_per_sample_gradients(model64, x.double(), y, ps.param_names)
     assert ps.sq_norms().dtype == torch.float32
     assert_close(ps.sq_norms(), G.square().sum(1), torch.float32, factor=10, what="float32 sq_norms")
     var = torch.cat([v.flatten() for v in ps.variance().values()])
@@ -151,7 +139,7 @@ def test_layer_subset_and_per_layer_statistics(gen):
     with ps:
         F.cross_entropy(model(x), y).backward()
     assert ps.param_names == ["0.weight", "0.bias", "4.weight", "4.bias"]
-    G = vmap_per_sample_grads(model, x, y, ps.param_names)
+    G = vmap_per_sample_gradients(model, x, y, ps.param_names)
     assert_close(ps.sq_norms(), G.square().sum(1), torch.float64)
     first = G[:, : 6 * 5 + 5]
     assert_close(ps.sq_norms(layer="0"), first.square().sum(1), torch.float64)
@@ -167,7 +155,7 @@ def test_vmap_fallback_for_unsupported_layers(gen):
     ps = PerSampleGradients(model, fallback="vmap", vmap_chunk_size=3)
     ps.compute(lambda out, t: F.cross_entropy(out, t), x, y)
     assert ps.param_names[-2:] == ["1.weight", "1.bias"]
-    G = vmap_per_sample_grads(model, x, y, ps.param_names)
+    G = vmap_per_sample_gradients(model, x, y, ps.param_names)
     assert_close(ps.sq_norms(), G.square().sum(1), torch.float64, what="sq_norms with fallback")
     assert_close(ps.gram(), G @ G.T, torch.float64, what="gram with fallback")
     var = torch.cat([ps.variance()[n].flatten() for n in ps.param_names])

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from landscape_kernels import PerSampleGradients
 from landscape_kernels.training.models import gpt, lm_loss
+from testing import vmap_per_sample_gradients
 
 # the torch.func oracle vmaps scaled_dot_product_attention, which has no batching rule (a slow fallback)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -16,16 +17,6 @@ def TinyGPT(vocab=19, d=16, heads=2, layers=2, context=7, padding_idx=None):
     if padding_idx is not None:
         model.tok.padding_idx = padding_idx
     return model
-
-
-def _per_sample(model, idx, targets):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def loss(p, i, t):
-        return lm_loss(torch.func.functional_call(model, p, (i[None],)), t[None])
-
-    g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
-    return torch.cat([g[n].reshape(idx.shape[0], -1) for n in params], 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -44,7 +35,7 @@ def test_gpt_style_model_per_sample_statistics_match_torch_func(dtype, padding_i
     ps = PerSampleGradients(model)
     with ps:
         lm_loss(model(idx), targets).backward()
-    G = _per_sample(model, idx, targets)
+    G = vmap_per_sample_gradients(model, idx, targets, loss_fn=lm_loss)
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-5)
     torch.testing.assert_close(ps.sq_norms(), G.square().sum(1), **tol)
     torch.testing.assert_close(ps.gram(), G @ G.T, **tol)

@@ -162,7 +162,7 @@ def test_the_torchrun_example_gives_one_process_eigenvalues():
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    script = os.path.join(os.path.dirname(__file__), "..", "examples", "distributed_spectra.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "distributed_spectra.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(n):

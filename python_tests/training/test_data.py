@@ -10,7 +10,7 @@ import torch
 from landscape_kernels.training.data import (MD5, balanced_subset, digit_subset, download_mnist, load_dataset, load_digits,
                                     load_mnist, read_idx, with_label_noise)
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 
 
 def write_idx(path, array, compress):

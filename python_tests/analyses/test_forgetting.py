@@ -1,6 +1,4 @@
-"""SPEC §1.7 building blocks: the LDC and EWC penalties, the diagonal Fisher, penalised SGD, the job."""
-import json
-
+"""The forgetting analysis's building blocks: the LDC and EWC penalties, the diagonal Fisher, penalised SGD."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +6,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from landscape_kernels.analyses.forgetting import EWCPenalty, LDCPenalty, diagonal_fisher
-from landscape_kernels.cli import main
 from landscape_kernels.training.trainer import SGDTrainer
 
 
@@ -83,13 +80,3 @@ def test_penalised_full_batch_step_is_gradient_descent_on_loss_plus_penalty(gen)
     grad_loss = (2 / 12) * (X @ w0.T - t).T @ X
     assert torch.allclose(model[0].weight.detach(), w0 - 0.05 * (grad_loss + 1.4 * w0), rtol=1e-13)
     assert trainer.history[0]["train_loss"] == pytest.approx(float(F.mse_loss(X @ w0.T, t)), rel=1e-12)  # no penalty
-
-
-def test_forgetting_quick_run(tmp_path):
-    out = tmp_path / "fg"
-    assert main(["reproduce", "forgetting", "--quick", "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in s["runs"]] == ["none", "ldc-quadratic", "ldc-hinge", "ewc"]
-    assert len(s["lambda_sweep"]) == 3 * 2 and len(s["constraint_sweep"]) == 3 * 2
-    assert all(len(r["curve"]) == 5 or r["diverged"] for r in s["runs"])
-    assert "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |" in (out / "report.md").read_text()

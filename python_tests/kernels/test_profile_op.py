@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from landscape_kernels import ops, reference
-from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, randn
+from testing import DEVICE_BACKENDS, DEVICES, DTYPES, TOL, assert_close, randn, rel_err
 
 # (R, H, U, M, C): one row; odd sizes around the kernel's 16-row blocks; a wide hidden layer; many classes
 SIZES = [(1, 1, 1, 1, 2), (17, 13, 3, 7, 5), (33, 50, 2, 41, 10), (300, 130, 4, 9, 37), (16, 8, 1, 64, 3)]
@@ -22,6 +22,12 @@ def inputs(R, H, U, M, C, dtype, device, gen, contiguous=True, bias=True):
     return z0, zd, direction, offset, weight, b, target
 
 
+def torch_losses(z0, zd, direction, offset, weight, bias, target):
+    """The same losses by PyTorch in the inputs' own dtype: the accuracy a user gets without the op."""
+    return torch.stack([F.cross_entropy(F.linear(torch.relu(z0 + offset[m] * zd[direction[m]]), weight, bias), target,
+                                        reduction="sum") for m in range(direction.shape[0])])
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
@@ -32,9 +38,12 @@ def test_matches_reference(sizes, bias, contiguous, dtype, device, backend, gen)
     with ops.use_backend(backend):
         out = ops.profile_ce_losses(*args)
     assert out.dtype == torch.float64 and out.shape == (sizes[3],) and out.device.type == device
-    assert_close(out, reference.profile_ce_losses(*[a.double().cpu() if a is not None and a.is_floating_point()
-                                                    else (a.cpu() if a is not None else None) for a in args]),
-                 dtype, what="profile_ce_losses")
+    ref = reference.profile_ce_losses(*[a.double().cpu() if a is not None and a.is_floating_point()
+                                        else (a.cpu() if a is not None else None) for a in args])
+    # a loss near 0 (a confidently right row) loses digits to the rounding of its float32 logits in any
+    # float32 evaluation: the op may then be at most 2x worse than PyTorch's own in the same dtype
+    torch_error = rel_err(torch_losses(*args), ref)
+    assert_close(out, ref, dtype, factor=max(1.0, 2 * torch_error / TOL[dtype]), what="profile_ce_losses")
 
 
 def test_reference_is_the_network_loss(gen):

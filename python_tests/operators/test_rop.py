@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from landscape_kernels.operators.rop import loss_kind, unsupported_reason
 from landscape_kernels.operators.hessian import HessianOperator
+from testing import dense_hessian, rel_err, seed_from
 
 ARCHITECTURES = {
     "relu, biases": lambda: nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)),
@@ -21,7 +21,7 @@ LOSSES = {"F.cross_entropy": F.cross_entropy, "nn.CrossEntropyLoss": nn.CrossEnt
 
 
 def problem(arch, loss, gen, dtype=torch.float64, N=23):
-    torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=gen)))
+    seed_from(gen)
     model = ARCHITECTURES[arch]().to(dtype)
     x = torch.randn(N, 7, dtype=dtype, generator=gen)
     if arch.startswith("flatten"):
@@ -31,26 +31,6 @@ def problem(arch, loss, gen, dtype=torch.float64, N=23):
     else:
         y = torch.randn(N, 3, dtype=dtype, generator=gen)
     return model, x, y
-
-
-def dense_hessian(model, loss_fn, x, y, names):
-    params = dict(model.named_parameters())
-    shapes, sizes = [params[n].shape for n in names], [params[n].numel() for n in names]
-    model.eval()
-
-    def f(theta):
-        values = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
-        return loss_fn(functional_call(model, values, (x,)), y)
-
-    theta0 = torch.cat([params[n].detach().double().flatten() for n in names])
-    model.double()
-    H = torch.autograd.functional.hessian(f, theta0)
-    model.train()
-    return H
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def subsets(model):
@@ -68,9 +48,9 @@ def test_rop_matches_the_dense_hessian(arch, loss, keep_graph, gen):
                              keep_graph=keep_graph)
         H = dense_hessian(model, LOSSES[loss], x, y, op.param_names)
         V = torch.randn(op.shape[0], 5, dtype=torch.float64, generator=gen)
-        assert rel(op.matmat(V), H @ V) <= 1e-12, params
-        assert rel(op @ V[:, 0], H @ V[:, 0]) <= 1e-12, params
-        assert rel(op.matmat(V[:, :2]), H @ V[:, :2]) <= 1e-12, params  # again: kept states are reused
+        assert rel_err(op.matmat(V), H @ V) <= 1e-12, params
+        assert rel_err(op @ V[:, 0], H @ V[:, 0]) <= 1e-12, params
+        assert rel_err(op.matmat(V[:, :2]), H @ V[:, :2]) <= 1e-12, params  # again: kept states are reused
     assert model.training
 
 
@@ -81,10 +61,10 @@ def test_rop_float32_and_wide_column_chunks(arch, gen):
     V = torch.randn(op.shape[0], 70, dtype=torch.float32, generator=gen)  # three column chunks
     out = op.matmat(V)
     H = dense_hessian(model, F.cross_entropy, x.double(), y, op.param_names)
-    assert rel(out.double(), H @ V.double()) <= 1e-5
+    assert rel_err(out.double(), H @ V.double()) <= 1e-5
     model.float()
     db = HessianOperator(model, F.cross_entropy, (x, y), method="double_backward")
-    assert rel(out, db.matmat(V)) <= 1e-5
+    assert rel_err(out, db.matmat(V)) <= 1e-5
 
 
 def test_auto_picks_rop_only_where_it_applies(gen):

@@ -3,10 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from landscape_kernels import lanczos_eigs
-from landscape_kernels import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator
+from landscape_kernels import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator, lanczos_eigs
+from testing import dense_cross_entropy_ggn, dense_hessian, rel_err, seed_from, vmap_per_sample_gradients
 
 
 def mlp():
@@ -18,55 +17,13 @@ def cnn():
 
 
 def problem(kind, gen, N=21):
-    torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=gen)))
+    seed_from(gen)
     model = mlp() if kind == "mlp" else cnn()
     x = torch.randn(N, 6, dtype=torch.float64, generator=gen) if kind == "mlp" else \
         torch.randn(N, 1, 5, 5, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 3, (N,), generator=gen)
     return model, x, y
 
-
-def flat_function(model, names, fn):
-    params = dict(model.named_parameters())
-    shapes, sizes = [params[n].shape for n in names], [params[n].numel() for n in names]
-
-    def f(theta):
-        values = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
-        return fn(functional_call(model, values, (X,)))
-
-    theta0 = torch.cat([params[n].detach().flatten() for n in names])
-    return f, theta0
-
-
-X = None
-
-
-def dense_hessian(model, x, y, names):
-    global X
-    X = x
-    f, theta0 = flat_function(model, names, lambda out: F.cross_entropy(out, y))
-    return torch.autograd.functional.hessian(f, theta0)
-
-
-def dense_ggn(model, x, y, names):
-    global X
-    X = x
-    f, theta0 = flat_function(model, names, lambda out: out)
-    J = torch.autograd.functional.jacobian(f, theta0)  # (N, C, P)
-    s = f(theta0).detach().softmax(1)
-    H_out = (torch.diag_embed(s) - s[:, :, None] * s[:, None, :]) / x.shape[0]
-    return torch.einsum("ncp,ncd,ndq->pq", J, H_out, J)
-
-
-def per_sample_gradients(model, x, y, names):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    g = vmap(grad(lambda p, xb, yb: F.cross_entropy(functional_call(model, p, (xb[None],)), yb[None])),
-             in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g[n].flatten(1) for n in names], 1)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -80,10 +37,10 @@ def test_hessian_methods_match_the_dense_hessian(kind, method, gen):
         assert HessianOperator(model, F.cross_entropy, (x, y)).method == "double_backward"  # what auto picks
         return
     op = HessianOperator(model, F.cross_entropy, (x, y), method=method, batch_size=8)
-    H = dense_hessian(model, x, y, op.param_names)
+    H = dense_hessian(model, F.cross_entropy, x, y, op.param_names)
     V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=gen)
-    assert rel(op.matmat(V), H @ V) <= (1e-8 if method == "finite_difference" else 1e-12)
-    assert rel(op @ V[:, 0], H @ V[:, 0]) <= (1e-8 if method == "finite_difference" else 1e-12)
+    assert rel_err(op.matmat(V), H @ V) <= (1e-8 if method == "finite_difference" else 1e-12)
+    assert rel_err(op @ V[:, 0], H @ V[:, 0]) <= (1e-8 if method == "finite_difference" else 1e-12)
     assert model.training  # the mode is restored
 
 
@@ -95,9 +52,9 @@ def test_double_backward_batched_and_looped_columns_agree(kind, batched, gen):
     assert default.batched_backward == (kind == "mlp")  # convolutions loop over the columns by default
     op = HessianOperator(model, F.cross_entropy, (x, y), method="double_backward", batch_size=8, keep_graph=True,
                          batched_backward=batched)
-    H = dense_hessian(model, x, y, op.param_names)
+    H = dense_hessian(model, F.cross_entropy, x, y, op.param_names)
     V = torch.randn(op.shape[0], 4, dtype=torch.float64, generator=gen)
-    assert rel(op.matmat(V), H @ V) <= 1e-12
+    assert rel_err(op.matmat(V), H @ V) <= 1e-12
     with pytest.raises(ValueError, match="batched_backward must be"):
         HessianOperator(model, F.cross_entropy, (x, y), batched_backward="yes")
 
@@ -105,36 +62,36 @@ def test_double_backward_batched_and_looped_columns_agree(kind, batched, gen):
 def test_restricted_parameters_give_the_dense_sub_block(gen):
     model, x, y = problem("mlp", gen)
     names = [n for n, _ in model.named_parameters()]
-    H = dense_hessian(model, x, y, names)
+    H = dense_hessian(model, F.cross_entropy, x, y, names)
     op = HessianOperator(model, F.cross_entropy, (x, y), params=["2.weight"], keep_graph=True)
     start = sum(p.numel() for n, p in model.named_parameters() if n in ("0.weight", "0.bias"))
     block = H[start : start + 15, start : start + 15]
     V = torch.randn(15, 2, dtype=torch.float64, generator=gen)
     assert op.shape == (15, 15)
-    assert rel(op.matmat(V), block @ V) <= 1e-12
-    assert rel(op.matmat(V), block @ V) <= 1e-12  # with the kept graph, a second product too
+    assert rel_err(op.matmat(V), block @ V) <= 1e-12
+    assert rel_err(op.matmat(V), block @ V) <= 1e-12  # with the kept graph, a second product too
 
 
 def test_ggn_matches_the_dense_gauss_newton(gen):
     model, x, y = problem("cnn", gen)
     op = GGNOperator(model, F.cross_entropy, (x, y), batch_size=5)
-    G = dense_ggn(model, x, y, op.param_names)
+    G = dense_cross_entropy_ggn(model, x, y, op.param_names)
     V = torch.randn(op.shape[0], 4, dtype=torch.float64, generator=gen)
-    assert rel(op.matmat(V), G @ V) <= 1e-12
+    assert rel_err(op.matmat(V), G @ V) <= 1e-12
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_noise_covariance_and_fisher_match_per_sample_gradients(kind, gen):
     model, x, y = problem(kind, gen)
     op = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), batch_size=8)
-    G = per_sample_gradients(model, x, y, op.param_names)
+    G = vmap_per_sample_gradients(model, x, y, op.param_names)
     C = (G - G.mean(0)).T @ (G - G.mean(0)) / G.shape[0]
     V = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=gen)
-    assert rel(op.matmat(V), C @ V) <= 1e-12
+    assert rel_err(op.matmat(V), C @ V) <= 1e-12
     fisher = FisherOperator(model, F.cross_entropy, (x, y), batch_size=8)
-    assert rel(fisher.matmat(V), (G.T @ G / G.shape[0]) @ V) <= 1e-12
+    assert rel_err(fisher.matmat(V), (G.T @ G / G.shape[0]) @ V) <= 1e-12
     sgd = NoiseCovarianceOperator(model, F.cross_entropy, (x, y), sgd_batch_size=4, without_replacement=True)
-    assert rel(sgd.matmat(V), C @ V / 4 * (21 - 4) / 20) <= 1e-12
+    assert rel_err(sgd.matmat(V), C @ V / 4 * (21 - 4) / 20) <= 1e-12
     # the noise spectrum from Lanczos is the spectrum of the dense covariance
     top = lanczos_eigs(op, 3, seed=1)
     assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(C).flip(0)[:3], rtol=1e-8)
@@ -153,7 +110,7 @@ def test_noise_operators_without_kept_factors_hold_one_batch_and_agree(kind, gen
         lean = cls(model, F.cross_entropy, (x, y), batch_size=8, sgd_batch_size=3, keep_factors=False)
         torch.testing.assert_close(lean.mean_gradient(), kept.mean_gradient(), rtol=1e-13, atol=0)
         forwards.clear()
-        assert rel(lean.matmat(V), kept.matmat(V)) <= 1e-13
+        assert rel_err(lean.matmat(V), kept.matmat(V)) <= 1e-13
         assert forwards == [8, 8, 5]  # the lean product recorded each batch again; the kept one none
         assert lean._recorded is None and len(kept._recorded) == 3
     with pytest.raises(ValueError, match="keep_factors must be True or False"):
@@ -233,7 +190,7 @@ def test_lanczos_on_the_hessian_and_the_scipy_bridge(gen):
 
     model, x, y = problem("mlp", gen)
     op = HessianOperator(model, F.cross_entropy, (x, y))
-    H = dense_hessian(model, x, y, op.param_names)
+    H = dense_hessian(model, F.cross_entropy, x, y, op.param_names)
     want = torch.linalg.eigvalsh(H).flip(0)[:3]
     got = lanczos_eigs(op, 3, seed=2)
     assert torch.allclose(got.eigenvalues, want, rtol=1e-8)
@@ -261,10 +218,10 @@ def test_operator_bad_input(gen):
 def test_wide_products_are_split_into_column_chunks(gen):
     model, x, y = problem("mlp", gen)
     op = HessianOperator(model, F.cross_entropy, (x, y), method="double_backward")
-    H = dense_hessian(model, x, y, op.param_names)
+    H = dense_hessian(model, F.cross_entropy, x, y, op.param_names)
     V = torch.randn(op.shape[0], 20, dtype=torch.float64, generator=gen)
     assert op.column_chunk == 8
-    assert rel(op.matmat(V), H @ V) <= 1e-12
+    assert rel_err(op.matmat(V), H @ V) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -278,6 +235,6 @@ def test_top_eigenvalues_of_an_mlp_on_the_sklearn_digits(dtype, gen):
     op = HessianOperator(model, F.cross_entropy, (x, y), batch_size=128)
     model64 = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
     model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    want = torch.linalg.eigvalsh(dense_hessian(model64, x.double(), y, op.param_names)).flip(0)[:3]
+    want = torch.linalg.eigvalsh(dense_hessian(model64, F.cross_entropy, x.double(), y, op.param_names)).flip(0)[:3]
     got = lanczos_eigs(op, 3, tol=1e-10 if dtype == torch.float64 else 1e-5, seed=3)
     assert float(((got.eigenvalues - want) / want).abs().max()) <= (1e-8 if dtype == torch.float64 else 1e-4)
