@@ -131,7 +131,8 @@ class StageResults(dict):
     def run(self, name, compute):
         """The result of stage ``name``: the kept one, or ``compute()`` (then kept)."""
         if name in self:
-            if name in self.earlier:
+            if name in self.earlier:  # said once per stage
+                self.earlier.discard(name)
                 self.log(f"{name}: done before, reusing it")
             return self[name]
         self[name] = compute()

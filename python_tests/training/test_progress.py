@@ -2,7 +2,6 @@
 import io
 
 import torch
-import torch.nn.functional as F
 
 from landscape_kernels.training.models import mlp
 from landscape_kernels.training.progress import Progress
