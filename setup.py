@@ -4,7 +4,10 @@ Environment switches:
   LANDSCAPE_KERNELS_NO_EXT=1      build nothing: the package runs on its pure-torch reference ops
   LANDSCAPE_KERNELS_NO_CUDA=1     build the CPU kernels only
   LANDSCAPE_KERNELS_FORCE_CUDA=1  build the CUDA kernels even when torch sees no GPU (needs nvcc)
-Build it with `pip install --no-build-isolation -e .` so that the torch already installed is used.
+Build it with `pip install --no-build-isolation .` (or `-e .`) so that the torch already installed is
+used: an extension must be compiled against the torch it runs with. Under pip's default build isolation
+torch is not importable; the package is then built without the extension (reference ops only), and
+`landscape-kernels info` says how to get the compiled kernels.
 """
 import glob
 import os
@@ -22,8 +25,14 @@ def _extensions():
     if _flag("LANDSCAPE_KERNELS_NO_EXT"):
         print("landscape_kernels build: LANDSCAPE_KERNELS_NO_EXT=1, no compiled extension (reference ops only)")
         return [], {}
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("landscape_kernels build: WARNING: torch is not importable in this build environment (pip's build "
+              "isolation?), so no compiled extension is built and the package will run on its pure-torch reference "
+              "ops. For the compiled kernels install torch first, then: pip install --no-build-isolation .")
+        return [], {}
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))  # relative: setuptools requires it
     has_toolkit = cpp_extension.CUDA_HOME is not None

@@ -51,7 +51,9 @@ def _load_extension():
         except (ImportError, ValueError, AttributeError):
             built = False
         if not built:
-            return None, "not built (installed with LANDSCAPE_KERNELS_NO_EXT=1, or the build was skipped)"
+            return None, ("not built (installed with LANDSCAPE_KERNELS_NO_EXT=1, or where torch was not importable at "
+                          "build time, e.g. under pip's build isolation: reinstall with "
+                          "`pip install --no-build-isolation .` for the compiled kernels)")
         return None, f"{type(exc).__name__}: {exc}"
 
 
