@@ -1,8 +1,12 @@
-"""Render a bench/results JSON as the markdown table quoted in the README.
+"""Render bench/results JSON files as markdown: one file's tables, or the whole of docs/benchmarks.md.
 
-    python bench/table.py bench/results/persample_cpu.json
+    python bench/table.py bench/results/persample_cpu.json    # one result file's tables
+    python bench/table.py --docs docs/benchmarks.md            # regenerate the benchmarks page
+    python bench/table.py --check docs/benchmarks.md           # fail if the page is not what the results give
 """
+import argparse
 import json
+import os
 import sys
 
 
@@ -101,18 +105,102 @@ def render_profiles(report):
         lines.append(f"| {name}{note} | {r['x_ours']:.2f} | {r['points']:,} | {diff} |")
     fl = report["flatness"]
     ours = report["methods"]["landscape_kernels (one-layer fast path)"]["s"]
-    lines += ["", f"`flatness` of the {fl['directions']} directions (Feng & Tu 2021 search on both sides) took "
+    lines += ["", f"`flatness` of the {fl['directions']} directions (the search of Feng & Tu 2021, both sides) took "
               f"{fl['s'] / ours:.2f}× the time of the profiles."]
     return "\n".join(lines)
 
 
-RENDERERS = {"lanczos": render_lanczos, "pca": render_pca, "profiles": render_profiles}
+def _measured(report):
+    return f"Measured {report['date']} on {report['device']} ({report['threads']} thread(s), torch {report['torch']})"
+
+
+def render_noise_curvature(report):
+    r = report["results"]
+    sm = r["second_moment"]
+    lines = [f"{_measured(report)}; {report['samples']:,} MNIST images, float64, median of {report['repeats']}.", "",
+             "| measurement | ours | alternative | ratio |", "|---|---:|---:|---:|"]
+    alternatives = [("per-sample weighted-sum kernel", "gradients_fused"), ("loop over minibatches", "gradients_loop"),
+                    ("`torch.func` vmap(grad) + segment sum", "gradients_vmap")]
+    ours = r["gradients_factored"]["s"]
+    lines.append("| minibatch gradients of one pass (factored: per-sample factors + one batched GEMM) | "
+                 f"{ours:.2f} s | " + " / ".join(f"{label} {r[k]['s']:.2f} s" for label, k in alternatives) + " | "
+                 + " / ".join(f"{r[k]['x_factored']:.1f}x" for _, k in alternatives) + " |")
+    lines.append(f"| C_ii in every eigen-direction of H from those gradients (C never formed) | "
+                 f"{r['c_diag_from_gradients_s']:.2f} s | v_i^T C v_i through C | same numbers to "
+                 f"{max(r[k]['max_rel_diff_c_ii_vs_factored'] for _, k in alternatives):.0e} |")
+    lines.append(f"| E_p[h_p^2] by the Kronecker identity | {sm['kronecker_all_s']:.1f} s for all {sm['samples']:,} "
+                 f"samples | `torch.func` vmap(hessian): {sm['vmap_s']:.1f} s for {sm['vmap_samples']} samples | "
+                 f"**{sm['x_kronecker_per_sample']:,.0f}x per sample** |")
+    return "\n".join(lines)
+
+
+def render_scale(report):
+    r = report["results"]
+    lines = [f"{_measured(report)}; `models.gpt`, {report['parameters']:,} parameters, 16 sequences of 128 tokens, "
+             "float32, tol 1e-3; each top-5 method in its own process (peak memory added).", "",
+             "| method | time | Hessian-vector products | peak memory added |", "|---|---:|---:|---:|"]
+    for name, row in r.items():
+        if name.startswith("top5"):
+            lines.append(f"| {name[5:]} | {row['s']:.0f} s | {row['products']} | {row['peak_mib'] / 1024:.1f} GB |")
+    gram, vmap_gram = r.get("gram ours"), r.get("gram torch.func vmap(grad)")
+    if gram and vmap_gram:
+        lines += ["", f"Per-sample Gram matrix (16 x 16): ours {gram['s']:.2f} s, +{gram['peak_mib']:.0f} MiB; "
+                  f"`torch.func` vmap(grad) {vmap_gram['s']:.2f} s, +{vmap_gram['peak_mib']:.0f} MiB."]
+    if "scaling" in r:
+        sc = r["scaling"]
+        lines += ["", f"Data-parallel: one block of 5 Hessian-vector products {sc['one_rank_s']:.1f} s on 1 rank, "
+                  f"{sc['two_ranks_s']:.1f} s on 2 gloo ranks ({sc['threads_per_rank']} thread each): "
+                  f"**{sc['speedup']:.2f}x**."]
+    if report.get("notes"):
+        lines += ["", f"Note: {report['notes']}"]
+    return "\n".join(lines)
+
+
+def render_scale_memory(report):
+    lines = [f"{_measured(report)}; {report['parameters']:,} parameters; each step in its own process, peak "
+             "resident memory added.", "", "| step | time | peak memory added |", "|---|---:|---:|"]
+    for name, row in report["results"].items():
+        lines.append(f"| {name.removeprefix('memory ')} | {row['s']:.1f} s | {row['peak_mib']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def render_sharpness(report):
+    every = "at every epoch start" if report["every_steps"] is None else f"every {report['every_steps']} steps"
+    lines = [f"{_measured(report)}; {report['model']}, {report['train_samples']:,} training images, top-{report['k']} "
+             f"on {report['hessian_samples']} images at tol {report['tol']:g}, measured {every} after "
+             f"{report['warmup_epochs']} warm-up epochs.", "",
+             "| method | time | Hessian-vector products | time / warm start |", "|---|---:|---:|---:|"]
+    for name, row in report["summary"].items():
+        lines.append(f"| {name} | {row['s']:.1f} s | {row['products']} | {row['x_warm']:.2f} |")
+    return "\n".join(lines)
+
+
+def render_variance_flatness(report):
+    t = report["timings_s"]
+    lines = [f"{_measured(report)}; `reproduce variance-flatness` on {report['dataset']} at the paper's setting, "
+             f"{report['epochs']} epochs ({report['steps']:,} steps, stopped by {report['stopped_by']}), test accuracy "
+             f"{report['test_accuracy']:.4f}.", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+    lines += [f"| **total** | **{report['total_s']:.0f}** |"]
+    return "\n".join(lines)
+
+
+# file stem (without the device suffix) -> renderer
+RENDERERS = {"lanczos": render_lanczos, "pca": render_pca, "profiles": render_profiles,
+             "noise_curvature": render_noise_curvature, "scale": render_scale, "scale_memory": render_scale_memory,
+             "sharpness": render_sharpness, "sharpness_every4": render_sharpness,
+             "variance_flatness": render_variance_flatness}
+
+
+def _stem(path):
+    name = os.path.basename(path)[: -len(".json")]
+    return name.rsplit("_", 1)[0]  # persample_cpu -> persample
 
 
 def render(path):
     report = json.load(open(path))
-    if report.get("benchmark") in RENDERERS:
-        return RENDERERS[report["benchmark"]](report)
+    if _stem(path) in RENDERERS:
+        return RENDERERS[_stem(path)](report)
     # On the shared CPU machines only ratios from one run mean something; absolute times only on a GPU.
     absolute = not report["device"].startswith("CPU")
     lines = [f"Measured {report['date']} on {report['device']} ({report['threads']} threads, torch {report['torch']}); "
@@ -137,5 +225,82 @@ def render(path):
     return "\n".join(lines)
 
 
+# the page's sections: (title, script, result files, what it measures)
+SECTIONS = [
+    ("Per-sample gradient statistics", "persample.py", ["persample"],
+     "Squared norms, Gram matrix and variance of every parameter's per-sample gradients from one forward and "
+     "backward, against `torch.func` vmap(grad), BackPACK and Opacus; the plain backward is the floor."),
+    ("Curvature: top-k Hessian eigenvalues, spectral density, traces", "lanczos.py", ["lanczos"],
+     "Every method at the accuracy the comparison asks for, on the same model and data: PyHessian, "
+     "hessian-eigenthings, curvlinops + scipy `eigsh`, a double-backward HVP in `eigsh`."),
+    ("Sharpest-direction tracking along training", "sharpness.py", ["sharpness", "sharpness_every4"],
+     "Warm-started Lanczos (from the previous measurement's eigenvectors) against a cold start and scipy `eigsh` "
+     "(the released code's solver)."),
+    ("Trajectory PCA", "pca.py", ["pca"],
+     "`StreamingPCA` against scikit-learn's PCA and IncrementalPCA and `torch.pca_lowrank`."),
+    ("Loss profiles", "profiles.py", ["profiles"],
+     "`loss_profiles` with one layer moving against a point-by-point loop; `flatness` timed on the same directions."),
+    ("Noise against curvature", "noise_curvature.py", ["noise_curvature"],
+     "The measurement of Zhang, Yang & Tu (2026) on the 2,500 weights of W2: minibatch gradients, C_ii in H's "
+     "eigenbasis, E_p[h_p^2]."),
+    ("Transformer scale", "scale.py", ["scale", "scale_memory"],
+     "An 11.5M-parameter GPT-style model: top-5 Hessian eigenvalues against hessian-eigenthings and curvlinops + "
+     "`eigsh`, the per-sample Gram matrix against `torch.func`, the memory of an analysis step against a training "
+     "step, and 1 against 2 gloo ranks."),
+    ("The main job", "variance_flatness.py", ["variance_flatness"],
+     "`landscape-kernels reproduce variance-flatness` on MNIST at the paper's setting, stage by stage."),
+]
+
+
+def render_docs(results_dir):
+    """The whole of docs/benchmarks.md from the result files in ``results_dir``."""
+    files = sorted(f for f in os.listdir(results_dir) if f.endswith(".json"))
+    lines = ["# Benchmarks", "",
+             "<!-- generated by `python bench/table.py --docs docs/benchmarks.md` from bench/results/*.json: "
+             "edit the scripts or the results, not this page -->", "",
+             "Each script in `bench/` checks that every method agrees before timing, times medians of repeats in one "
+             "process and records the peak memory each method adds; the comparison libraries are optional "
+             "(`bench/README.md` says how to install them). On the shared CPU machine only ratios measured in one run "
+             "mean something; absolute times only from a GPU. **No GPU result has been recorded yet**: every number "
+             "below is from a 2-vCPU CPU.", ""]
+    used = set()
+    for title, script, stems, what in SECTIONS:
+        mine = [f for f in files if _stem(f) in stems]
+        if not mine:
+            continue
+        lines += [f"## {title}", "", f"`python bench/{script}` — {what}", ""]
+        for f in mine:
+            used.add(f)
+            lines += [f"`bench/results/{f}`:", "", render(os.path.join(results_dir, f)).rstrip(), ""]
+    rest = [f for f in files if f not in used]
+    if rest:
+        raise SystemExit(f"bench/table.py: no section of the benchmarks page takes {rest}; add one to SECTIONS")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("result", nargs="?", help="one result file to render")
+    parser.add_argument("--docs", help="write the benchmarks page here")
+    parser.add_argument("--check", help="exit 1 when this benchmarks page differs from what the results give")
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    if args.result:
+        print(render(args.result))
+        return 0
+    page = render_docs(args.results)
+    if args.docs:
+        with open(args.docs, "w") as f:
+            f.write(page)
+        return 0
+    if args.check:
+        with open(args.check) as f:
+            if f.read() != page:
+                print(f"{args.check} is out of date: run python bench/table.py --docs {args.check}", file=sys.stderr)
+                return 1
+        return 0
+    parser.error("give a result file, --docs PATH or --check PATH")
+
+
 if __name__ == "__main__":
-    print(render(sys.argv[1]))
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""SPEC §3.2-3.3 building blocks: the linear-regression SGD simulator, the maximum-likelihood phi of
+"""Mori et al. 2022 building blocks: the linear-regression SGD simulator, the maximum-likelihood phi of
 P ~ L^-phi (checked on exact samples), and the first-passage harness."""
 import math
 
@@ -37,7 +37,7 @@ def test_one_sgd_step_by_hand_and_the_exact_loss():
 
 @pytest.mark.parametrize("B", [1, 8])
 def test_stationary_phi_of_sgd_is_within_15_percent_of_theory(B):
-    """SPEC §3.3: 1-D regression, N = 10^5, lr 0.1; fitted phi 5-10 % below 1 + B / (lr h*)."""
+    """Mori et al. 2022: 1-D regression, N = 10^5, lr 0.1; fitted phi 5-10 % below 1 + B / (lr h*)."""
     x, y = gaussian_regression_data(100_000, 1, seed=0)
     sim = LinearRegressionSGD(x, y, lr=0.1, batch_size=B, num_runs=100, seed=1)
     samples = sim.sample(100, every=100, burn_in=2000)
@@ -61,7 +61,7 @@ def test_first_passage_times_grow_with_the_threshold():
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_passage_time_theory_limits(dim):
     """Small c: free diffusion, mean exit time from a ball a^2 / (2 d D) = B (c - 1) / (d lr h^2).
-    Large c: the slope in log c tends to B / (lr h) + 1 - d / 2 (SPEC §3.2)."""
+    Large c: the slope in log c tends to B / (lr h) + 1 - d / 2 (Mori et al. 2022)."""
     B, lr, h = 2, 0.1, 1.3
     eps = 1e-6
     (t,) = passage_time_theory([1 + eps], B, lr, h, dim)
@@ -73,7 +73,7 @@ def test_passage_time_theory_limits(dim):
 
 
 def test_passage_time_theory_matches_a_simulated_sde():
-    """Euler-Maruyama on de = -h e dt + sqrt(2 D) dW, D = lr h L / B (SPEC §3.2's decoupled noise), d = 2."""
+    """Euler-Maruyama on de = -h e dt + sqrt(2 D) dW, D = lr h L / B (Mori et al. 2022's decoupled noise), d = 2."""
     B, lr, h, loss_star, c, dt, runs = 1, 0.1, 1.0, 0.5, 1.2, 5e-4, 2000
     g = torch.Generator().manual_seed(0)
     e = torch.zeros(runs, 2, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""SPEC §4: per-sample layer Hessians from their Kronecker factors, minibatch covariance, the
+"""Zhang, Yang & Tu 2026: per-sample layer Hessians from their Kronecker factors, minibatch covariance, the
 superlinear fit, checked against torch.func per-sample Hessians and closed forms."""
 import pytest
 import torch

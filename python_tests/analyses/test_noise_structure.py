@@ -1,4 +1,4 @@
-"""SPEC §3.1: noise strength and decoupling spectra against vmap per-sample gradients, dense P x P
+"""Mori et al. 2022: noise strength and decoupling spectra against vmap per-sample gradients, dense P x P
 matrices and linear-regression closed forms."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""SPEC §2.2 decomposed step and cross-sections on linear least squares, where the loss is exactly
+"""Jastrzębski et al. 2019 decomposed step and cross-sections on linear least squares, where the loss is exactly
 quadratic: every loss change has a closed form in the gradient and the Hessian."""
 import pytest
 import torch
@@ -57,7 +57,7 @@ def test_decomposed_step_matches_the_quadratic_closed_form():
 
 def test_decomposed_step_along_e1_stops_decreasing_at_lr_lambda_2():
     """With the full-batch gradient as 'minibatch' and lr lambda_1 = 2, the gamma = 1 step along e_1
-    leaves the loss unchanged and gamma = 0.5 lowers it: the mechanism of SPEC §2.2's finding."""
+    leaves the loss unchanged and gamma = 0.5 lowers it: the mechanism of Jastrzębski et al. 2019's finding."""
     model, x, y, H, g = _least_squares(seed=3)
     evals, evecs = torch.linalg.eigh(H)
     lr = 2.0 / float(evals[-1])

@@ -1,4 +1,4 @@
-"""SPEC §1.2-§1.6 building blocks on problems with known answers."""
+"""Feng & Tu 2021 building blocks on problems with known answers."""
 import itertools
 
 import numpy as np
@@ -54,7 +54,7 @@ def test_pca_of_a_planted_trajectory(gen):
 
 
 def planted_landscape(F_true, gen, L0=0.3):
-    """ln L(w) = ln L0 + sum_i 4 ((w - w0) . q_i)^2 / F_i^2, the loss of SPEC §1.3's derivation, with a
+    """ln L(w) = ln L0 + sum_i 4 ((w - w0) . q_i)^2 / F_i^2, the loss of Feng & Tu 2021's derivation, with a
     known flatness F_i along every q_i; the 'model' is one Linear weight read out by identity inputs."""
     n = len(F_true)
     Q = orthonormal(n, gen)

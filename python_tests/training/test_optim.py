@@ -1,4 +1,4 @@
-"""Nudged SGD (SPEC §2.4) against hand-computed updates on a quadratic with known eigenvectors."""
+"""Nudged SGD (Jastrzębski et al. 2019) against hand-computed updates on a quadratic with known eigenvectors."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""SharpnessTracker (SPEC §2.1-§2.2) on problems with known Hessians, warm starts, and inside training."""
+"""SharpnessTracker (Jastrzębski et al. 2019) on problems with known Hessians, warm starts, and inside training."""
 import math
 
 import pytest

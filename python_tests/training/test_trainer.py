@@ -1,4 +1,4 @@
-"""SGD engine: known single steps, the SPEC §1.1 stopping rule, checkpoints and bit-for-bit resume."""
+"""SGD engine: known single steps, the Feng & Tu 2021 stopping rule, checkpoints and bit-for-bit resume."""
 import pytest
 import torch
 import torch.nn.functional as F
