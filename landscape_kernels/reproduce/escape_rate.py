@@ -240,9 +240,9 @@ def _timed(compute):
 
 
 class EscapeRateJob(Job):
-    name = "escape-rate"
-    help = "SGD's power-law escape (Mori et al., ICML 2022): phi, first passage, noise strength, decoupling"
-    config = EscapeRateConfig
+    """SGD's power-law escape (Mori et al., ICML 2022): phi, first passage, noise strength, decoupling"""
+
+    name, config, report = "escape-rate", EscapeRateConfig, write_escape_rate_report
 
     def compute(self, cfg, ctx):
         parts = ctx.stages("parts.json")  # every finished part is kept there, and reused by --resume
@@ -262,9 +262,6 @@ class EscapeRateJob(Job):
         # compute time over every invocation (parts reused with --resume keep their own seconds)
         return {**results, "checks": checks(results),
                 "seconds": max(ctx.elapsed(), sum(v["seconds"] for v in results.values()))}
-
-    def write_report(self, out, summary, arrays):
-        write_escape_rate_report(out, summary)
 
     def headline(self, s):
         return f"{sum(c['holds'] for c in s['checks'])} of {len(s['checks'])} checks hold"

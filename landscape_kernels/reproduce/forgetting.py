@@ -82,9 +82,9 @@ def _learn_task1(cfg, train1, ctx):
 
 
 class ForgettingJob(Job):
-    name = "forgetting"
-    help = "landscape-dependent constraints against catastrophic forgetting (Feng & Tu 2021) against EWC"
-    config = ForgettingConfig
+    """landscape-dependent constraints against catastrophic forgetting (Feng & Tu 2021) against EWC"""
+
+    name, config, report = "forgetting", ForgettingConfig, write_forgetting_report
 
     def compute(self, cfg, ctx):
         log = ctx.log
@@ -148,9 +148,6 @@ class ForgettingJob(Job):
                       "constrained_pcs": [pcs[i] for i in chosen], "xi": (XI_FACTOR * flat.widths[chosen]).tolist()},
             "runs": main_runs, "lambda_sweep": lam_sweep, "constraint_sweep": nc_sweep,
         }
-
-    def write_report(self, out, summary, arrays):
-        write_forgetting_report(out, summary)
 
     def headline(self, s):
         return ", ".join(f"{r['method']}: eps1 {r['eps1']:.3f} eps2 {r['eps2']:.3f}" for r in s["runs"])

@@ -201,18 +201,23 @@ class JobContext:
 
 # ------------------------------------------------------------------------------------- jobs
 class Job:
-    """A ``reproduce`` job (see the module docstring); subclasses set the class attributes and
-    implement ``compute``, ``write_report`` and ``headline``."""
+    """A ``reproduce`` job (see the module docstring). A subclass's docstring is its ``--help`` line; it
+    sets ``name``, ``config`` and ``report`` (the writer ``report(out, summary, arrays)``) and implements
+    ``compute`` and ``headline``."""
 
     name = None
-    help = None
     config = None
+    report = None
+
+    @property
+    def help(self):
+        return " ".join(type(self).__doc__.split())
 
     def compute(self, cfg, ctx):
         raise NotImplementedError
 
     def write_report(self, out, summary, arrays):
-        raise NotImplementedError
+        type(self).report(out, summary, arrays)
 
     def headline(self, summary):
         raise NotImplementedError

@@ -136,9 +136,9 @@ def run_one(cfg, folder, train, test, loss_name, seed, ctx):
 
 
 class NoiseCurvatureJob(Job):
-    name = "noise-curvature"
-    help = "the superlinear noise covariance-curvature relation C_ii ~ H_ii^gamma (Zhang, Yang & Tu 2026)"
-    config = NoiseCurvatureConfig
+    """the superlinear noise covariance-curvature relation C_ii ~ H_ii^gamma (Zhang, Yang & Tu 2026)"""
+
+    name, config, report = "noise-curvature", NoiseCurvatureConfig, write_noise_curvature_report
 
     def compute(self, cfg, ctx):
         train, test = load_data(cfg)
@@ -154,9 +154,6 @@ class NoiseCurvatureJob(Job):
                                        compute=lambda: run_one(cfg, folder, train, test, loss_name, seed, ctx))
         by = by_loss(runs)
         return {"runs": runs, "by_loss": by, "checks": checks(by)}
-
-    def write_report(self, out, summary, arrays):
-        write_noise_curvature_report(out, summary)
 
     def headline(self, s):
         return "gamma " + ", ".join(f"{loss} {b['gamma']['mean']:.3f}" for loss, b in s["by_loss"].items())

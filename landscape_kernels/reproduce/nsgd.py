@@ -32,9 +32,9 @@ class NSGDConfig(TrackedConfig):
 
 
 class NSGDJob(Job):
-    name = "nsgd"
-    help = "Nudged SGD over gamma: training speed, sharpness, generalisation (Jastrzebski et al., ICLR 2019)"
-    config = NSGDConfig
+    """Nudged SGD over gamma: training speed, sharpness, generalisation (Jastrzebski et al., ICLR 2019)"""
+
+    name, config, report = "nsgd", NSGDConfig, write_nsgd_report
 
     def compute(self, cfg, ctx):
         log = ctx.log
@@ -52,9 +52,6 @@ class NSGDJob(Job):
                 f"{r['final_lambda1']:.4g}, ||H||_F {r['final_frobenius']:.4g}, test accuracy {r['test_accuracy']:.4f} "
                 f"({time.perf_counter() - t:.0f} s)")
         return {"runs": runs, "checks": checks(runs)}
-
-    def write_report(self, out, summary, arrays):
-        write_nsgd_report(out, summary)
 
     def headline(self, s):
         return "final lambda_1 " + ", ".join(f"gamma {r['gamma']:g} {r['final_lambda1']:.3g}" for r in s["runs"].values())

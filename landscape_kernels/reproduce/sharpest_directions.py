@@ -46,9 +46,9 @@ def folder_name(B, lr):
 
 
 class SharpestDirectionsJob(Job):
-    name = "sharpest-directions"
-    help = "lambda_1 along training over lr and B grids, the decomposed step (Jastrzebski et al., ICLR 2019)"
-    config = SharpestDirectionsConfig
+    """lambda_1 along training over lr and B grids, the decomposed step (Jastrzebski et al., ICLR 2019)"""
+
+    name, config, report = "sharpest-directions", SharpestDirectionsConfig, write_sharpest_directions_report
 
     def compute(self, cfg, ctx):
         log = ctx.log
@@ -72,9 +72,6 @@ class SharpestDirectionsJob(Job):
             rows.append({"group": group, "folder": name, "batch_size": B, "lr": lr})
         return {"settings": rows, "runs": runs, "checks": checks(cfg, rows, runs)}
 
-    def write_report(self, out, summary, arrays):
-        write_sharpest_directions_report(out, summary)
-
     def headline(self, s):
         return "peak lambda_1 " + ", ".join(f"{name} {r['peak_lambda1']:.3g}" for name, r in s["runs"].items())
 
@@ -88,23 +85,28 @@ def _monotone(values, decreasing):
     return all((a > b) if decreasing else (a < b) for a, b in pairs)
 
 
+def _grid(rows, runs, group, key):
+    """[(setting value, run)] of one grid, sorted by the value (lr or B)."""
+    return sorted(((r[key], runs[r["folder"]]) for r in rows if r["group"] == group), key=lambda t: t[0])
+
+
+def _peak_check(claim, grid, label, decreasing):
+    """The claim that the peak lambda_1 falls (or rises) along ``grid``."""
+    peaks = [r["peak_lambda1"] for _, r in grid]
+    return {"claim": claim, "values": {label(v): p for (v, _), p in zip(grid, peaks)},
+            "holds": _monotone(peaks, decreasing=decreasing), "caveat": _peak_caveat(r for _, r in grid)}
+
+
 def checks(cfg, rows, runs):
     """The paper's qualitative claims, each with the numbers it rests on."""
     out = []
-    by_lr = sorted(((r["lr"], runs[r["folder"]]) for r in rows if r["group"] == "lr"), key=lambda t: t[0])
+    by_lr, by_b = _grid(rows, runs, "lr", "lr"), _grid(rows, runs, "batch", "batch_size")
     if len(by_lr) >= 2:
-        peaks = [r["peak_lambda1"] for _, r in by_lr]
-        out.append({"claim": f"peak λ_1 falls as lr grows (B = {cfg.lr_grid_batch_size})",
-                    "values": {f"lr {lr:g}": p for (lr, _), p in zip(by_lr, peaks)},
-                    "holds": _monotone(peaks, decreasing=True),
-                    "caveat": _peak_caveat(r for _, r in by_lr)})
-    by_b = sorted(((r["batch_size"], runs[r["folder"]]) for r in rows if r["group"] == "batch"), key=lambda t: t[0])
+        out.append(_peak_check(f"peak λ_1 falls as lr grows (B = {cfg.lr_grid_batch_size})", by_lr,
+                               lambda lr: f"lr {lr:g}", decreasing=True))
     if len(by_b) >= 2:
-        peaks = [r["peak_lambda1"] for _, r in by_b]
-        out.append({"claim": f"peak λ_1 rises with B (lr = {cfg.batch_grid_lr:g})",
-                    "values": {f"B {b}": p for (b, _), p in zip(by_b, peaks)},
-                    "holds": _monotone(peaks, decreasing=False),
-                    "caveat": _peak_caveat(r for _, r in by_b)})
+        out.append(_peak_check(f"peak λ_1 rises with B (lr = {cfg.batch_grid_lr:g})", by_b, lambda b: f"B {b}",
+                               decreasing=False))
     if by_lr:
         lr, r = by_lr[-1]
         e1 = early_e1_changes(r)

@@ -194,9 +194,9 @@ def checks(summary, dataset):
 
 
 class VarianceFlatnessJob(Job):
-    name = "variance-flatness"
-    help = "Feng & Tu's inverse variance-flatness relation (PNAS 2021): PCA, flatness, MLF, active temperature"
-    config = VarianceFlatnessConfig
+    """Feng & Tu's inverse variance-flatness relation (PNAS 2021): PCA, flatness, MLF, active temperature"""
+
+    name, config, report = "variance-flatness", VarianceFlatnessConfig, write_variance_flatness_report
 
     def compute(self, cfg, ctx):
         timer, log = ctx.timer, ctx.log
@@ -224,9 +224,6 @@ class VarianceFlatnessJob(Job):
         })
         summary["checks"] = checks(summary, cfg.dataset)
         return summary, arrays
-
-    def write_report(self, out, summary, arrays):
-        write_variance_flatness_report(out, summary, arrays)
 
     def headline(self, s):
         return f"gamma {s['pca']['gamma']:.2f}, n90 {s['pca']['n90']}, psi {s['psi']['psi']:.2f}"

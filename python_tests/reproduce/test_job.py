@@ -27,22 +27,21 @@ class ToyConfig:
         return ToyConfig(1 if self.quick else self.size, self.scales, self.name, self.kind, self.quick, self.hidden)
 
 
-class ToyJob(Job):
-    """A whole job: the analysis and the report; the frame does the rest."""
+def write_toy_report(out, summary, arrays):
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(f"{arrays['note']}: {summary['rows']}\n")
 
-    name = "toy"
-    help = "numbers and their scaled sums"
-    config = ToyConfig
+
+class ToyJob(Job):
+    """numbers and their scaled sums"""
+
+    name, config, report = "toy", ToyConfig, write_toy_report
 
     def compute(self, cfg, ctx):
         with ctx.timer("sums"):
             sums = ctx.stages("sums.json")
             rows = [sums.run(f"scale {s:g}", lambda s=s: {"sum": s * sum(range(cfg.size))}) for s in cfg.scales]
         return {"rows": rows}, {"note": "not in summary.json"}
-
-    def write_report(self, out, summary, arrays):
-        with open(os.path.join(out, "report.md"), "w") as f:
-            f.write(f"{arrays['note']}: {summary['rows']}\n")
 
     def headline(self, summary):
         return f"{len(summary['rows'])} rows"
@@ -109,7 +108,9 @@ def test_results_are_never_half_written(tmp_path):
 
 def test_every_job_has_its_config_flags_and_the_common_ones():
     parser = build_parser()
+    assert ToyJob().help == "numbers and their scaled sums"
     for name, job in JOBS.items():
+        assert job.help and job.name == name
         text = parser.parse_args(["reproduce", name]).__dict__
         for f in fields(job.config):
             if "cli" in f.metadata:

@@ -66,11 +66,14 @@ def figure_lines(written, plt):
     return [f"![{name}]({name})" for name in written] + [""]
 
 
-def write_report(out, lines, written, plt, s, footer=None):
-    """Close a job's report with its figures and ``footer`` (default: the total time, ``s["seconds"]``)
-    and write OUT/report.md."""
+def write_report(out, lines, s, draw, footer=None):
+    """Draw the figures (``draw(plt, out, s, written)``, skipped without matplotlib), close the report's
+    ``lines`` with them and ``footer`` (default: the total time, ``s["seconds"]``) and write OUT/report.md.
+    Returns the figure files written."""
+    plt, written = draw_figures(draw, out, s)
     if footer is None:
         footer = [f"Total time {s['seconds']:.0f} s; landscape_kernels {s['library_version']}.", ""]
     lines = lines + ["", "## Figures", ""] + figure_lines(written, plt) + footer
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
+    return written

@@ -1,7 +1,7 @@
 """``report.md`` and figures of ``reproduce escape-rate`` (Mori et al. 2022)."""
 import numpy as np
 
-from .common import checks_table, draw_figures, fmt, save_figure, write_report
+from .common import checks_table, fmt, save_figure, write_report
 
 
 def _escape_figures(plt, out, s, written):
@@ -56,8 +56,7 @@ def _escape_figures(plt, out, s, written):
         save_figure(plt, fig, out, "fig_decoupling.png", written)
 
 
-def write_escape_rate_report(out, s):
-    plt, written = draw_figures(_escape_figures, out, s)
+def write_escape_rate_report(out, s, arrays=None):
     cfg = s["config"]
     lines = ["# Power-law escape rate of SGD (Mori et al. 2022)", "", "## Paper's claims", ""]
     lines += checks_table(s["checks"]) + [""]
@@ -104,4 +103,4 @@ def write_escape_rate_report(out, s):
             tenths = [np.median(part) for part in np.array_split(ratio, 10)]
             lines.append(f"| {e} | " + " | ".join(f"{t:.2f}" for t in tenths) + " |")
         lines.append("")
-    write_report(out, lines, written, plt, s)
+    return write_report(out, lines, s, _escape_figures)

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ...analyses.forgetting import XI_FACTOR
-from .common import draw_figures, save_figure, write_report
+from .common import save_figure, write_report
 
 
 def _penalty_stability_note(s):
@@ -43,9 +43,8 @@ def _forgetting_figures(plt, out, s, written):
     save_figure(plt, fig, out, "fig_tradeoffs.png", written)
 
 
-def write_forgetting_report(out, s):
+def write_forgetting_report(out, s, arrays=None):
     """Figures and report.md of a ``reproduce forgetting`` summary."""
-    plt, written = draw_figures(_forgetting_figures, out, s)
     cfg = s["config"]
     lines = [f"# Landscape-dependent constraints against forgetting (Feng & Tu 2021): {s['dataset']}", "",
              f"landscape_kernels {s['library_version']}; task 1 = digits (0, 1) for {cfg['task1_epochs']} epochs, then "
@@ -60,5 +59,4 @@ def write_forgetting_report(out, s):
     lines += [f"| {r['method']} | {r['lam']:g} | {r['eps1']:.3f} | {r['eps2']:.3f} |" for r in s["lambda_sweep"]]
     lines += ["", "N_c sweep:", "", "| method | N_c | ε1 + ε2 |", "|---|---:|---:|"]
     lines += [f"| {r['method']} | {r['num_constraints']} | {r['eps1'] + r['eps2']:.3f} |" for r in s["constraint_sweep"]]
-    write_report(out, lines, written, plt, s)
-    return written
+    return write_report(out, lines, s, _forgetting_figures)

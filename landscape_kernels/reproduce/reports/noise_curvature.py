@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .common import checks_table, draw_figures, fmt, save_figure, write_report
+from .common import checks_table, fmt, save_figure, write_report
 
 LOSS_TITLES = {"ce": "cross-entropy", "mse": "MSE on softmax"}
 
@@ -32,8 +32,7 @@ def _relation_figure(plt, out, s, written):
     save_figure(plt, fig, out, "fig_c_vs_h.png", written)
 
 
-def write_noise_curvature_report(out, s):
-    plt, written = draw_figures(_relation_figure, out, s)
+def write_noise_curvature_report(out, s, arrays=None):
     cfg = s["config"]
     lines = ["# Noise covariance against curvature: the superlinear relation (Zhang, Yang & Tu 2026)", "",
              f"{cfg['dataset']}, {cfg['per_class']} samples per class, network in-{cfg['hidden']}-{cfg['hidden']}-10 "
@@ -63,4 +62,4 @@ def write_noise_curvature_report(out, s):
                      f"{r['relation']['used']} / {r['relation']['top']} | {fmt(r['final_full_loss'])} | "
                      f"{fmt(r['final_train_accuracy'])} | {r['test_accuracy']:.4f} | {sec['training']:.0f} | "
                      f"{sec['hessians']:.1f} | {sec['covariance']:.1f} |")
-    write_report(out, lines, written, plt, s)
+    return write_report(out, lines, s, _relation_figure)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from ...analyses.sharpest import early_e1_changes
-from .common import checks_table, draw_figures, fmt, save_figure, write_report
+from .common import checks_table, fmt, save_figure, write_report
 
 
 def _curve(run, key):
@@ -65,12 +65,16 @@ def _largest_lr_run(s):
     return s["runs"][max(rows, key=lambda r: r["lr"])["folder"]]
 
 
-def write_sharpest_directions_report(out, s):
-    plt, written = draw_figures(_sharpest_figures, out, s)
+def _data_and_model(s):
+    """The opening of both reports' set-up paragraph: data, training samples, model."""
+    cfg, first = s["config"], next(iter(s["runs"].values()))
+    return f"{cfg['dataset']}, {first['train_samples']} training samples, model `{cfg['model']}`"
+
+
+def write_sharpest_directions_report(out, s, arrays=None):
     cfg = s["config"]
-    first = next(iter(s["runs"].values()))
     lines = ["# Sharpest directions along SGD training (Jastrzębski et al. 2019)", "",
-             f"{cfg['dataset']}, {first['train_samples']} training samples, model `{cfg['model']}`, {cfg['epochs']} epochs "
+             f"{_data_and_model(s)}, {cfg['epochs']} epochs "
              f"per setting, plain SGD (no momentum, constant lr). Top-{cfg['k']} Hessian eigenpairs of the training loss "
              f"on a fixed subset of {cfg['subset']} samples (batches of 128, eval mode) every {cfg['measure_examples']} "
              f"training examples in the first {cfg['dense_epochs']} epoch(s), then at the start of every epoch, and at "
@@ -104,7 +108,7 @@ def write_sharpest_directions_report(out, s):
         m = r["measurements"][-1]
         lines.append(f"| {r['batch_size']} | {r['lr']:g} | {fmt(m.get('cos_minibatch_full'))} | "
                      f"{fmt(m.get('step_share_topk'))} |")
-    write_report(out, lines, written, plt, s)
+    return write_report(out, lines, s, _sharpest_figures)
 
 
 def _nsgd_figures(plt, out, s, written):
@@ -123,12 +127,10 @@ def _nsgd_figures(plt, out, s, written):
     save_figure(plt, fig, out, "fig_nsgd.png", written)
 
 
-def write_nsgd_report(out, s):
-    plt, written = draw_figures(_nsgd_figures, out, s)
+def write_nsgd_report(out, s, arrays=None):
     cfg = s["config"]
-    first = next(iter(s["runs"].values()))
     lines = ["# Nudged SGD (Jastrzębski et al. 2019)", "",
-             f"{cfg['dataset']}, {first['train_samples']} training samples, model `{cfg['model']}`, lr {cfg['lr']:g}, "
+             f"{_data_and_model(s)}, lr {cfg['lr']:g}, "
              f"B {cfg['batch_size']}, no momentum, {cfg['epochs']} epochs, K = {cfg['k']}: the step along the top-K "
              "Hessian eigenvectors (refreshed at the start of every epoch, Lanczos on a fixed subset of "
              f"{cfg['subset']} samples) scaled by γ (`correct_v`); γ = 1 is SGD. Same initialisation and minibatch "
@@ -140,4 +142,4 @@ def write_nsgd_report(out, s):
         lines.append(f"| {r['gamma']:g} | {fmt(t[0]['full_loss'])} | {fmt(t[-1]['full_loss'])} | "
                      f"{fmt(t[-1]['full_accuracy'])} | {fmt(r['final_lambda1'])} | {fmt(r['final_frobenius'])} | "
                      f"{r['test_accuracy']:.4f} |")
-    write_report(out, lines, written, plt, s)
+    return write_report(out, lines, s, _nsgd_figures)

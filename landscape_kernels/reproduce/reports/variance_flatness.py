@@ -116,7 +116,6 @@ def write_variance_flatness_report(out, s, arrays):
         _mlf_figures(plt, out, s, written)
         _temperature_figures(plt, out, s, arrays, written)
 
-    plt, written = draw_figures(draw, out, s)
     cfg, tr = s["config"], s["training"]
     lines = [f"# Inverse variance-flatness relation: {s['dataset']}, B = {cfg['batch_size']}, α = {cfg['lr']}", "",
              f"landscape_kernels {s['library_version']}; {tr['epochs']} epochs ({tr['steps']} SGD steps, stopped by "
@@ -146,8 +145,7 @@ def write_variance_flatness_report(out, s, arrays):
               "(PC1 and saturated sides excluded)."]
     timings = ["## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
     timings += [f"| {k} | {v:.1f} |" for k, v in s["timings_s"].items()] + [""]
-    write_report(out, lines, written, plt, s, footer=timings)
-    return written
+    return write_report(out, lines, s, draw, footer=timings)
 
 
 def _grid_figure(plt, out, grid, written):
