@@ -14,12 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from landscape_kernels import HessianOperator
+from landscape_kernels import DistributedOperator, HessianOperator, NoiseCovarianceOperator, lanczos_eigs
 from landscape_kernels.training.data import load_digits
-from landscape_kernels.operators.distributed import DistributedOperator
-from landscape_kernels.linalg.lanczos import lanczos_eigs
 from landscape_kernels.training.models import mlp
-from landscape_kernels.operators.noise import NoiseCovarianceOperator
 
 
 def main():
