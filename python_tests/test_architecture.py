@@ -106,3 +106,17 @@ def test_every_layer_is_a_subpackage_or_a_top_module():
     assert tops == set(LAYERS), f"modules outside the layers: {sorted(tops - set(LAYERS))}"
     for layer in LAYERS[1:-2]:
         assert _is_package(f"landscape_kernels.{layer}"), f"{layer} must be a subpackage"
+
+
+def test_the_public_names_stay():
+    """Every name ``import landscape_kernels as lk`` gave before the package was layered, and then some."""
+    names = ["PerSampleGradients", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
+             "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
+             "NoiseCovarianceOperator", "FisherOperator", "TrajectoryRecorder", "open_trajectory",
+             "open_sharded_trajectory", "StreamingPCA", "loss_profiles", "flatness", "FlatnessResult",
+             "SharpnessTracker", "NSGD", "ops", "reference", "info", "__version__",
+             "DistributedOperator", "distributed_moments", "distributed_gram", "sharded_pca", "rank_trajectory_store"]
+    missing = [n for n in names if not hasattr(landscape_kernels, n)]
+    assert not missing and set(names) <= set(landscape_kernels.__all__) | {"__version__"}, missing
+    for op in landscape_kernels.ops.SCHEMAS:
+        assert callable(getattr(landscape_kernels.ops, op)) and callable(getattr(landscape_kernels.reference, op))

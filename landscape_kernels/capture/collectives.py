@@ -12,7 +12,7 @@ def all_reduce_sum(t, group=None):
     except RuntimeError as exc:  # gloo / NCCL raise a RuntimeError subclass when the group's timeout passes
         if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
             raise RuntimeError(
-                f"landscape_kernels.distributed: rank {dist.get_rank(group)} waited for the other ranks longer than the "
+                f"landscape_kernels (distributed): rank {dist.get_rank(group)} waited for the other ranks longer than the "
                 "process group's timeout; every rank must make the same calls (the same products, in the same order, "
                 "with the same seeds) and none may have stopped. Original error: " + str(exc)) from exc
         raise

@@ -14,7 +14,7 @@ eigenpairs on every rank.
 The per-sample statistics over ranks are in ``capture.distributed``, the parameter-sharded trajectory
 PCA and stores in ``trajectory.distributed``.
 
-Launch with ``torchrun --nproc_per_node R script.py`` (see the README recipe).
+Launch with ``torchrun --nproc_per_node R script.py`` (``docs/guide/distributed.md``).
 """
 import torch
 

@@ -208,6 +208,7 @@ class Job:
     name = None
     config = None
     report = None
+    docs = None  # the job's page under docs/reproductions/ (default: the job's name)
 
     @property
     def help(self):
@@ -241,7 +242,9 @@ class Job:
     # -------------------------------------------------------------------------- command line
     def add_parser(self, subparsers):
         """This job's ``landscape-kernels reproduce NAME`` parser."""
-        p = subparsers.add_parser(self.name, help=self.help, description=self.help)
+        page = f"docs/reproductions/{self.docs or self.name}.md"
+        p = subparsers.add_parser(self.name, help=self.help, description=self.help,
+                                  epilog=f"Settings, measured results against the paper and what does not reproduce: {page}")
         add_config_arguments(p, self.config)
         p.add_argument("--out", default=os.path.join("runs", self.name), help="report folder (default: runs/%(prog)s)"
                        .replace("%(prog)s", self.name))

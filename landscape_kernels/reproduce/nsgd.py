@@ -35,6 +35,7 @@ class NSGDJob(Job):
     """Nudged SGD over gamma: training speed, sharpness, generalisation (Jastrzebski et al., ICLR 2019)"""
 
     name, config, report = "nsgd", NSGDConfig, write_nsgd_report
+    docs = "sharpest-directions"
 
     def compute(self, cfg, ctx):
         log = ctx.log

@@ -11,7 +11,7 @@ Callbacks: a plain callable is called as ``fn(step)`` before every SGD step (a `
 is such a callable: Feng & Tu 2021 take a snapshot before every step); an object may instead define
 ``before_step(trainer, step)`` and/or ``after_epoch(trainer, record)``, where ``record`` is the dict of
 the epoch's numbers appended to ``trainer.history``. A callback with ``state_dict`` and
-``load_state_dict`` (``landscape_kernels.callbacks``) is saved in the checkpoint and restored on resume.
+``load_state_dict`` (``training.callbacks``) is saved in the checkpoint and restored on resume.
 """
 import copy
 import math

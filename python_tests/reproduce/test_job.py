@@ -109,8 +109,10 @@ def test_results_are_never_half_written(tmp_path):
 def test_every_job_has_its_config_flags_and_the_common_ones():
     parser = build_parser()
     assert ToyJob().help == "numbers and their scaled sums"
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     for name, job in JOBS.items():
         assert job.help and job.name == name
+        assert os.path.isfile(os.path.join(root, "docs", "reproductions", f"{job.docs or name}.md")), name
         text = parser.parse_args(["reproduce", name]).__dict__
         for f in fields(job.config):
             if "cli" in f.metadata:
