@@ -4,6 +4,7 @@ per subpackage; what more than one test file needs lives here).
 - DEVICES: 'cpu', plus 'cuda' when a GPU is visible (CUDA cases are skipped otherwise, never faked).
 - BACKENDS: 'compiled' where the extension has kernels for the device, and always 'reference'.
 - Tolerances (docs/architecture.md): relative error ||out - ref|| / ||ref|| against a float64 oracle.
+- Models: ``small_mlp`` builds the seeded fully connected networks most tests use.
 - Oracles: dense Hessians and GGNs by ``torch.autograd.functional``, per-sample gradients by
   ``torch.func.vmap(grad)``, on a float64 copy of the model in eval mode (the model itself is untouched).
 """
@@ -12,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from landscape_kernels import ops
@@ -59,6 +61,21 @@ def randn(*shape, dtype, device, generator, contiguous=True):
 def seed_from(gen):
     """Seed the global RNG (module initialisation) from the test's generator: fresh but reproducible."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def small_mlp(widths, activation=nn.ReLU, bias=True, seed=None, dtype=torch.float64):
+    """``nn.Sequential`` of Linear layers of the given widths with ``activation`` between them; ``bias`` is
+    one bool or one per layer; the initialisation from ``torch.manual_seed(seed)`` (None: the global RNG
+    as it stands), in ``dtype``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    biases = [bias] * (len(widths) - 1) if isinstance(bias, bool) else list(bias)
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        if i:
+            layers.append(activation())
+        layers.append(nn.Linear(n_in, n_out, bias=biases[i]))
+    return nn.Sequential(*layers).to(dtype)
 
 
 # ----------------------------------------------------------------------------------- oracles

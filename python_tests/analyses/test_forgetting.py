@@ -7,11 +7,11 @@ from torch.func import functional_call, grad, vmap
 
 from landscape_kernels.analyses.forgetting import EWCPenalty, LDCPenalty, diagonal_fisher
 from landscape_kernels.training.trainer import SGDTrainer
+from testing import small_mlp
 
 
 def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3, bias=False), nn.ReLU(), nn.Linear(3, 2)).double()
+    return small_mlp((4, 3, 3, 2), bias=(True, False, True), seed=0)
 
 
 def test_ldc_penalties_have_their_closed_forms(gen):

@@ -8,16 +8,11 @@ import torch.nn.functional as F
 from landscape_kernels.analyses.noise_curvature import (
     hessian_second_moment, layer_factors, layer_hessian, minibatch_assignment, minibatch_covariance,
     minibatch_gradients, mse_on_softmax, random_rotation, relative_commutator, superlinear_relation)
+from testing import small_mlp
 
 
 def _relu_net(seed=0, widths=(6, 5, 4, 3)):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(a, b, bias=False))
-    return nn.Sequential(*layers).double()
+    return small_mlp(widths, bias=False, seed=seed)
 
 
 def _per_sample_hessians(model, loss_fn, x, y, param):

@@ -7,11 +7,11 @@ import torch.nn as nn
 
 from landscape_kernels.analyses.noise_structure import (
     decoupling_spectra, half_squared_error, noise_strength, output_gradient_gram)
+from testing import small_mlp
 
 
 def _net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    return small_mlp((5, 7, 6, 1), seed=seed)
 
 
 def _output_jacobian(model, x):

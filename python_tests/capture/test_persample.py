@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape_kernels import PerSampleGradients, ops
-from testing import DEVICE_BACKENDS, assert_close, seed_from, vmap_per_sample_gradients
+from testing import DEVICE_BACKENDS, assert_close, seed_from, small_mlp, vmap_per_sample_gradients
 
 
 class SeqModel(nn.Module):
@@ -35,7 +35,7 @@ class Grid4d(nn.Module):
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 3))
+    return small_mlp((6, 5, 4, 3), bias=(True, False, True), dtype=torch.float32)
 
 
 def cnn():

@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape_kernels import FisherOperator, GGNOperator, HessianOperator, NoiseCovarianceOperator, lanczos_eigs
-from testing import dense_cross_entropy_ggn, dense_hessian, rel_err, seed_from, vmap_per_sample_gradients
+from testing import dense_cross_entropy_ggn, dense_hessian, rel_err, seed_from, small_mlp, vmap_per_sample_gradients
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return small_mlp((6, 5, 3), nn.Tanh)
 
 
 def cnn():
