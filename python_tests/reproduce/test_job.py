@@ -124,3 +124,24 @@ def test_a_bad_comma_list_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "nsgd", "--gammas", "0.1,x"])
     assert "comma list of float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    "variance-flatness --dataset mnist --data-dir D --batch-size 25 --lr 0.2 --window 100 --max-epochs 5 --pcs-every 3 "
+    "--center mean --gamma-max-pc 50 --device cpu --seed 1 --out O --quick --resume --no-progress --grid "
+    "--grid-batch-sizes 25,50 --grid-lrs 0.1",
+    "forgetting --dataset digits --data-dir D --batch-size 10 --lr 0.1 --task1-epochs 2 --task2-epochs 2 "
+    "--num-constraints 3 --lam 1 --seed 0 --out O --quick",
+    "noise-curvature --dataset digits --data-dir D --per-class 10 --batch-size 5 --lr 0.1 --epochs 2 --clip 1 "
+    "--losses ce,mse --seeds 0,1 --top 5 --out O --quick --resume --no-progress",
+    "escape-rate --parts linear,noise --dataset digits --data-dir D --stationary-lrs 0.1 --stationary-batch-sizes 1,2 "
+    "--passage-dims 1 --passage-thresholds 1.1,1.2 --passage-datasets 2 --noise-epochs 3 --decoupling-epochs 0,2 "
+    "--spectrum-samples 50 --seed 0 --out O --quick --resume --no-progress",
+    "sharpest-directions --dataset digits --data-dir D --model mlp --epochs 1 --train-samples 100 --subset 50 --k 2 "
+    "--seed 0 --lrs 0.1,0.2 --lr-grid-batch-size 16 --batch-sizes 8,16 --batch-grid-lr 0.1 --measure-examples 100 "
+    "--dense-epochs 1 --step-analyses 1 --out O --quick --resume --no-progress",
+    "nsgd --dataset digits --data-dir D --model mlp --epochs 1 --train-samples 100 --subset 50 --k 2 --seed 0 "
+    "--lr 0.1 --batch-size 16 --gammas 0.5,1 --out O --quick --resume --no-progress",
+])
+def test_the_flags_of_earlier_versions_still_parse(argv):
+    build_parser().parse_args(["reproduce"] + argv.split())
