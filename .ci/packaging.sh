@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI, packaging: the sdist carries what the extension is built from, a wheel built from it holds every
 # subpackage and the compiled kernels, and that wheel, installed in a second clean virtualenv, works from
-# a folder outside the checkout. Run from the repository root with the first virtualenv active (the one
+# a folder outside the checkout; a plain `pip install` of the sdist (build isolation, torch not visible)
+# gives the working pure-torch package and says how to get the kernels. Run from the repository root with the first virtualenv active (the one
 # the README's install command made), so the extension is built against its torch.
 # Usage: .ci/packaging.sh TORCH_PIN   e.g. .ci/packaging.sh torch==2.13.0
 set -euo pipefail
@@ -51,5 +52,13 @@ grep -q "extension:        loaded" "$work/info.txt" || { echo "CI packaging: the
 "$work/venv/bin/python" -c "import landscape_kernels, os, sys; sys.exit(0 if not landscape_kernels.__file__.startswith('$top') else 'CI packaging: imported the checkout, not the wheel')"
 "$work/venv/bin/landscape-kernels" reproduce variance-flatness --quick --no-progress --out "$work/elsewhere/vf" | tail -1
 test -s "$work/elsewhere/vf/report.md" && test -s "$work/elsewhere/vf/summary.json"
+
+echo "CI packaging: a plain 'pip install' of the sdist (pip's build isolation: the pure-torch package)"
+python3 -m venv "$work/plain"
+"$work/plain/bin/pip" install -q "$torch_pin" numpy scipy
+"$work/plain/bin/pip" install -q "$sdist" > "$work/plain.log" 2>&1 || { cat "$work/plain.log"; exit 1; }
+"$work/plain/bin/landscape-kernels" info | tee "$work/plain_info.txt"
+grep -q "no-build-isolation" "$work/plain_info.txt" || { echo "CI packaging: info does not say how to get the kernels"; exit 1; }
+"$work/plain/bin/python" -c "import torch, landscape_kernels as lk; g = lk.ops.per_sample_gram(torch.randn(5, 3), torch.randn(5, 2)); assert g.shape == (5, 5)"
 cd "$top"
 echo "CI packaging: done"
