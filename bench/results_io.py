@@ -1,16 +1,14 @@
-"""Writing benchmark results: atomically (a temporary file renamed into place), so an interrupted run
-never leaves a truncated JSON behind."""
-import json
+"""Writing benchmark results: atomically (a temporary file renamed into place, the library's own
+writer), so an interrupted run never leaves a truncated JSON behind."""
 import os
+
+from landscape_kernels.reproduce.job import write_json as write_json_atomically
 
 
 def write_json(path, report):
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomically(path, report)
 
 
 def base_parser(doc, data_dir=False):

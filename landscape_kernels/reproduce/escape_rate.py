@@ -234,9 +234,12 @@ def decoupling_part(cfg, folder, data, ctx):
 
 # ----------------------------------------------------------------------------- the job
 def _timed(compute):
-    """The dict ``compute()`` returns, with the seconds it took."""
-    t = time.perf_counter()
-    return {**compute(), "seconds": time.perf_counter() - t}
+    """``compute`` made to add the seconds it took to the dict it returns."""
+    def run():
+        t = time.perf_counter()
+        return {**compute(), "seconds": time.perf_counter() - t}
+
+    return run
 
 
 class EscapeRateJob(Job):
@@ -248,8 +251,8 @@ class EscapeRateJob(Job):
         parts = ctx.stages("parts.json")  # every finished part is kept there, and reused by --resume
 
         if "linear" in cfg.parts:
-            parts.run("stationary", lambda: _timed(lambda: {"rows": stationary_part(cfg, ctx.log)}))
-            parts.run("passage", lambda: _timed(lambda: {"rows": passage_part(cfg, ctx.log)}))
+            parts.run("stationary", _timed(lambda: {"rows": stationary_part(cfg, ctx.log)}))
+            parts.run("passage", _timed(lambda: {"rows": passage_part(cfg, ctx.log)}))
         mlp_parts = [p for p in ("noise", "decoupling") if p in cfg.parts]
         if any(p not in parts for p in mlp_parts):
             data = even_odd_data(cfg)
@@ -257,7 +260,7 @@ class EscapeRateJob(Job):
                     f"{data[0].shape[1]}-{cfg.hidden}-{cfg.hidden}-1, B {cfg.batch_size}")
             for name in mlp_parts:
                 fn = noise_part if name == "noise" else decoupling_part
-                parts.run(name, lambda: _timed(lambda: fn(cfg, ctx.path(name), data, ctx)))
+                parts.run(name, _timed(lambda: fn(cfg, ctx.path(name), data, ctx)))
         results = dict(parts)
         # compute time over every invocation (parts reused with --resume keep their own seconds)
         return {**results, "checks": checks(results),

@@ -2,12 +2,14 @@
 
 A job is a subclass of ``Job`` that names itself and supplies its analysis and its report:
 
-- ``name``, ``help``, ``config``: the config is a dataclass; its fields declared with ``option(...)``
-  become the job's command-line flags (``--field-name``), and its ``resolved()`` applies ``--quick``
-  and checks the values (a bad value is a ``ValueError`` the command prints as one line);
+- its docstring is the ``--help`` line; ``name`` is the command, ``config`` a dataclass whose fields
+  declared with ``option(...)`` become the job's flags (``--field-name``), and whose ``resolved()``
+  applies ``--quick`` and checks the values (a bad value is a ``ValueError`` the command prints as one
+  line);
 - ``compute(cfg, ctx)``: the analysis; returns the summary dict, or (summary, arrays) when the report
   needs arrays that do not belong in ``summary.json``;
-- ``write_report(out, summary, arrays)`` and ``headline(summary)`` (the line printed at the end).
+- ``report``: the writer ``report(out, summary, arrays)``; ``headline(summary)``: the line printed at
+  the end.
 
 ``Job.run(cfg, out, resume, progress, log)`` does everything else: resolves the config, makes the
 output folder, times the stages (``ctx.timer``), adds the library version, the config and the total
@@ -115,8 +117,13 @@ def write_json(path, value, indent=1):
 
 
 def read_json(path):
+    """A result written by ``write_json``; a damaged file is one clear error naming it."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{os.fspath(path)}: not a readable result file ({exc}); remove it to compute it "
+                             "again") from exc
 
 
 class StageResults(dict):
@@ -218,7 +225,7 @@ class Job:
         raise NotImplementedError
 
     def write_report(self, out, summary, arrays):
-        type(self).report(out, summary, arrays)
+        type(self).report(out, summary, arrays)  # a plain function kept on the class: no self
 
     def headline(self, summary):
         raise NotImplementedError
@@ -246,8 +253,8 @@ class Job:
         p = subparsers.add_parser(self.name, help=self.help, description=self.help,
                                   epilog=f"Settings, measured results against the paper and what does not reproduce: {page}")
         add_config_arguments(p, self.config)
-        p.add_argument("--out", default=os.path.join("runs", self.name), help="report folder (default: runs/%(prog)s)"
-                       .replace("%(prog)s", self.name))
+        out = os.path.join("runs", self.name)
+        p.add_argument("--out", default=out, help=f"report folder (default: {out})")
         p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, reusing what it finished")
         p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
         self.add_arguments(p)

@@ -26,7 +26,7 @@ from ..training.data import load_dataset
 from ..training.models import mlp
 from ..training.trainer import InstabilityGuard, SGDTrainer, StoppingRule
 from ..version import __version__
-from .job import (Job, JobContext, comma_list, config_from_args, data_dir_option, dataset_option, option,
+from .job import (Job, comma_list, config_from_args, data_dir_option, dataset_option, option, read_json,
                   write_json)
 from .reports.variance_flatness import write_grid_report, write_variance_flatness_report
 
@@ -258,16 +258,19 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
     if not batch_sizes or not lrs:
         raise ValueError("run_grid: batch_sizes and lrs must each list at least one value")
     os.makedirs(out, exist_ok=True)
-    ctx = JobContext(os.fspath(out), resume, progress, log)
     rows = []
     for B in batch_sizes:
         for lr in lrs:
             folder = f"B{int(B)}_lr{float(lr):g}"
             log(f"--- grid setting B = {B}, lr = {lr} -> {folder}")
-            setting = replace(cfg, batch_size=int(B), lr=float(lr))
-            try:  # a resumed grid reuses the settings it finished
-                s = ctx.reuse(ctx.path(folder, "summary.json"), label=folder, compute=lambda: run(
-                    setting, ctx.path(folder), resume=resume, progress=progress, log=log))
+            finished = os.path.join(out, folder, "summary.json")  # each run writes its own
+            try:
+                if resume and os.path.isfile(finished):  # a resumed grid reuses the settings it finished
+                    log(f"{folder}: done before, reusing {finished}")
+                    s = read_json(finished)
+                else:
+                    s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
+                            progress=progress, log=log)
             except (ValueError, FloatingPointError) as exc:  # one failed setting must not lose the others
                 log(f"grid setting B = {B}, lr = {lr} failed: {exc}")
                 rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder,
@@ -287,5 +290,5 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
             "all_psi_positive": all("psi" in r and r["psi"] > 0 for r in rows),
             "library_version": __version__}
     write_grid_report(out, grid)
-    write_json(ctx.path("grid.json"), grid)
+    write_json(os.path.join(out, "grid.json"), grid)
     return grid

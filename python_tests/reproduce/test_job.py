@@ -106,6 +106,15 @@ def test_results_are_never_half_written(tmp_path):
     assert read_json(tmp_path / "s.json") == {"x": [1, 2]}
 
 
+def test_a_damaged_result_file_is_one_clear_error_naming_it(tmp_path, capsys):
+    out = tmp_path / "er"
+    out.mkdir()
+    (out / "parts.json").write_text('{"stationary": {"rows": [')  # e.g. edited by hand, or a full disk
+    code = main(["reproduce", "escape-rate", "--quick", "--parts", "linear", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "parts.json: not a readable result file" in err and "remove it" in err
+
+
 def test_every_job_has_its_config_flags_and_the_common_ones():
     parser = build_parser()
     assert ToyJob().help == "numbers and their scaled sums"
