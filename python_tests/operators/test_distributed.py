@@ -189,21 +189,32 @@ def test_noise_covariance_parts_the_distributed_operator_combines():
 def _timeout_worker(rank, world, init_file, out_dir):
     from landscape_kernels.operators.distributed import DistributedOperator
 
+    # Start-up under a generous timeout (a loaded CI machine may start one rank seconds after the other); the
+    # operator's own group has the short one the test is about.
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=3))
+                            timeout=timedelta(seconds=60))
+    short = dist.new_group(timeout=timedelta(seconds=3))
     model, x, y, V = _problem()
-    H = DistributedOperator(lambda d: HessianOperator(model, F.cross_entropy, d), (x[rank::2], y[rank::2]))
-    message = ""
+    H = DistributedOperator(lambda d: HessianOperator(model, F.cross_entropy, d), (x[rank::2], y[rank::2]), group=short)
+    dist.barrier()  # both ranks have built the operator
+    done = os.path.join(out_dir, "rank0.pt")
     if rank == 0:  # rank 1 never makes the product: rank 0 must get a clear error, not hang
+        message = ""
         try:
             H.matmat(V)
         except RuntimeError as exc:
             message = str(exc)
-    torch.save(message, os.path.join(out_dir, f"rank{rank}.pt"))
-    if rank == 1:
+        torch.save(message, done + ".part")
+        os.replace(done + ".part", done)
+    else:  # stay alive (not making the product) until rank 0 has its answer
         import time
 
-        time.sleep(6)  # stay alive past rank 0's timeout
+        deadline = time.monotonic() + 120
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # A group whose collective timed out cannot be torn down cleanly (gloo may abort in its destructor);
+    # leave without running it, as a crashed training job would.
+    os._exit(0)
 
 
 def test_a_rank_that_stops_making_products_gives_a_clear_timeout_error(tmp_path):
