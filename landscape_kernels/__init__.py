@@ -21,6 +21,7 @@ from .kernels import ops, reference  # noqa: E402  (importing ops registers the 
 from .kernels.info import info  # noqa: E402
 from .capture.distributed import distributed_gram, distributed_moments  # noqa: E402
 from .capture.persample import PerSampleGradients  # noqa: E402
+from .capture.rules import Call, Factors, register_per_sample_rule  # noqa: E402
 from .operators.base import DenseOperator  # noqa: E402
 from .operators.distributed import DistributedOperator  # noqa: E402
 from .operators.ggn import GGNOperator  # noqa: E402
@@ -38,7 +39,7 @@ from .trajectory.store import open_trajectory  # noqa: E402
 from .training.optim import NSGD  # noqa: E402
 from .training.sharpness import SharpnessTracker  # noqa: E402
 
-__all__ = ["PerSampleGradients", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
+__all__ = ["PerSampleGradients", "register_per_sample_rule", "Factors", "Call", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
            "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
            "NoiseCovarianceOperator", "FisherOperator", "DenseOperator", "DistributedOperator",
            "distributed_moments", "distributed_gram", "sharded_pca", "rank_trajectory_store",

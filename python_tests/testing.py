@@ -125,3 +125,19 @@ def vmap_per_sample_gradients(model, x, y, names=None, loss_fn=F.cross_entropy):
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], 1)
+
+
+def loop_per_sample_gradients(model, loss_fn, inputs, targets, names=None, output_fn=None):
+    """(B, P) gradients of the per-sample losses by B ordinary backward passes, each sample a batch of
+    one (inputs: a tensor, tuple or dict; the model's own call): the oracle independent of torch.func."""
+    from landscape_kernels.capture.model import batch_size_of, call_model, model_output, slice_batch
+
+    params = dict(model.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
+    rows = []
+    for b in range(batch_size_of(inputs)):
+        out = model_output(call_model(model, slice_batch(inputs, b, b + 1)), output_fn)
+        g = torch.autograd.grad(loss_fn(out, targets[b : b + 1]), [params[n] for n in names], allow_unused=True)
+        rows.append(torch.cat([torch.zeros(params[n].numel(), dtype=params[n].dtype) if gi is None else gi.reshape(-1)
+                               for n, gi in zip(names, g)]))
+    return torch.stack(rows)

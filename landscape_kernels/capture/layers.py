@@ -1,92 +1,167 @@
-"""The per-layer rules of per-sample gradient capture.
+"""The built-in per-sample gradient rules (see ``capture.rules`` for what a rule returns).
 
-For a hooked layer, one forward call records its input x and the gradient of the loss with respect to
-its output; a rule turns them into the factors of the per-sample weight gradients,
-G_b = sum_t D[b, t]^T A[b, t] with A of shape (B, T, in) and D of shape (B, T, out), which the fused
-kernels consume without ever forming the B x out x in tensor:
+Factor rules, G_b = sum_t D[b, t]^T A[b, t], consumed by the fused kernels:
 
 - ``nn.Linear`` (inputs of any rank >= 2): A is the input, D the output gradient, positions flattened;
-- ``nn.Conv2d``: A holds the input patches (``unfold``), D the output gradient per output pixel;
+  transformers' ``Conv1D`` (GPT-2's projections, weight stored (in, out)) the same with the roles swapped;
+- ``nn.Conv1d/2d/3d`` (any stride, dilation, padding and padding mode): A holds the input patches, D the
+  output gradient per output position; with ``groups > 1`` (depthwise included) the per-sample weight
+  gradients are formed explicitly, one small (B, out, in / groups, *kernel) tensor;
 - ``nn.Embedding``: the roles swap, A is the output gradient and D the one-hot indices, so that
-  sum_t D^T A has the weight's (vocabulary, dim) shape (the padding row receives nothing).
+  sum_t D^T A has the weight's (vocabulary, dim) shape (the padding row receives nothing); indices shared
+  by the batch (position ids of shape (T,) or (1, T)) are broadcast over it (``PerSampleGradients``
+  widens such an output to the batch so that its gradient keeps the samples apart).
 
-``nn.LayerNorm`` has no such factorisation worth using (its weight is a vector): its per-sample
-gradients are formed explicitly by ``layer_norm_gradients``.
+Explicit rules for the normalisation layers, whose weights are vectors: ``nn.LayerNorm``,
+``nn.RMSNorm``, ``nn.GroupNorm`` and BatchNorm in eval mode (running statistics): the weight's
+gradient is sum over positions of D * x_hat, the bias's the sum of D. Every other module with
+parameters (the RMS norms of transformers models, ``nn.MultiheadAttention``, a module owning a bare
+``nn.Parameter``) gets the exact per-sample vector-Jacobian rule of ``capture.sample_vjp``.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODULES = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)
+from .rules import Factors, register_per_sample_rule
 
 
-def unsupported_reason(module):
-    """Why ``module``'s parameters have no per-sample rule (None when they have one)."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return "Conv2d with groups > 1"
-        if module.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={module.padding_mode!r}"
-        return None
-    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
-        return "Embedding with max_norm or scale_grad_by_freq"
-    if isinstance(module, SUPPORTED_MODULES):
-        return None
-    return type(module).__name__
-
-
-def has_explicit_gradients(module):
-    """Whether the layer's per-sample gradients are formed explicitly rather than as (A, D) factors."""
-    return isinstance(module, nn.LayerNorm)
-
-
-def call_factors(name, module, x, grad):
-    """(A (B, T, in), D (B, T, out)) of one call of the layer ``name`` with input ``x`` and output
-    gradient ``grad``."""
-    if isinstance(module, nn.Embedding):
-        return _embedding_factors(name, module, x, grad)
-    if isinstance(module, nn.Linear):
-        if x.dim() < 2:
-            raise ValueError(f"PerSampleGradients: layer {name!r} got an unbatched input of shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1, x.shape[-1]), grad.reshape(grad.shape[0], -1, grad.shape[-1])
-    return _conv2d_factors(name, module, x, grad)
-
-
-def _embedding_factors(name, module, x, grad):
-    if x.dim() < 2:  # e.g. positions arange(T) broadcast over the batch: the per-sample parts are summed away
-        raise ValueError(f"PerSampleGradients: Embedding {name!r} got unbatched indices of shape {tuple(x.shape)} "
-                         "(shared by every sample); give it batched indices, e.g. positions.expand(B, T)")
+def _batched_2d(call, name, x, grad, width):
+    if x.dim() < 2:
+        raise ValueError(f"PerSampleGradients: layer {name!r} got an unbatched input of shape {tuple(x.shape)}")
     B = x.shape[0]
-    onehot = F.one_hot(x.reshape(B, -1), module.num_embeddings).to(grad.dtype)
+    return x.reshape(B, -1, x.shape[-1]), grad.reshape(B, -1, width)
+
+
+def _bias(D):
+    """A bias is a weight on a constant input 1: sum_t D[b, t]^T 1, one position."""
+    return Factors(D.new_ones(D.shape[0], 1, 1), D.sum(1, keepdim=True) if D.shape[1] > 1 else D)
+
+
+def linear_rule(module, call):
+    A, D = _batched_2d(call, type(module).__name__, call.input, call.grad, module.out_features)
+    return {"weight": Factors(A, D), "bias": _bias(D)}
+
+
+def transformers_conv1d_rule(module, call):
+    """transformers' ``Conv1D``: y = x W + b with W of shape (in, out)."""
+    x, grad = call.input, call.grad
+    A, D = _batched_2d(call, "Conv1D", x, grad, grad.shape[-1])
+    return {"weight": Factors(D, A), "bias": _bias(D)}
+
+
+def conv_patches(module, x):
+    """(B, T, groups, in / groups * prod(kernel)) input patches of a ConvNd, in the weight's layout,
+    T the output positions, after the module's own padding (any padding mode)."""
+    nd = len(module.kernel_size)
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends the window dimension
+        if d > 1:
+            x = x[..., ::d]
+    B, C = x.shape[:2]
+    spatial = x.shape[2 : 2 + nd]
+    T = int(torch.Size(spatial).numel())
+    # (B, C, *out positions, *kernel) -> (B, *out positions, C, *kernel)
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    g = module.groups
+    return x.reshape(B, T, g, (C // g) * int(torch.Size(module.kernel_size).numel()))
+
+
+def conv_rule(module, call):
+    x, grad = call.input, call.grad
+    nd = len(module.kernel_size)
+    if x.dim() != nd + 2:
+        raise ValueError(f"PerSampleGradients: {type(module).__name__} needs a batched (B, C, {nd} spatial) input, "
+                         f"got shape {tuple(x.shape)}")
+    patches = conv_patches(module, x)
+    B, T, g, _ = patches.shape
+    D = grad.reshape(B, module.out_channels, T).transpose(1, 2)  # (B, T, out)
+    if g == 1:
+        weight = Factors(patches[:, :, 0], D)
+    else:  # block-diagonal over the groups: small explicit per-sample gradients
+        Dg = D.reshape(B, T, g, module.out_channels // g)
+        weight = torch.einsum("btgi,btgo->bgoi", patches, Dg).reshape(B, *module.weight.shape)
+    return {"weight": weight, "bias": _bias(D)}
+
+
+def conv_check(module):
+    if module.transposed:
+        return "transposed convolution"
+    return None
+
+
+def embedding_rule(module, call):
+    idx, grad = call.input, call.grad
+    if grad.dim() < 2:
+        raise ValueError(f"PerSampleGradients: Embedding got unbatched indices of shape {tuple(idx.shape)} outside the "
+                         "model's forward; give it batched indices, e.g. positions.expand(B, T)")
+    if tuple(idx.shape) != tuple(grad.shape[:-1]):  # indices shared by the batch, broadcast over it
+        idx = idx.expand(grad.shape[:-1])
+    B = grad.shape[0]
+    onehot = F.one_hot(idx.reshape(B, -1), module.num_embeddings).to(grad.dtype)
     if module.padding_idx is not None:  # the padding row receives no gradient
         onehot[..., module.padding_idx] = 0
-    return grad.reshape(B, -1, grad.shape[-1]), onehot
+    return {"weight": Factors(grad.reshape(B, -1, grad.shape[-1]), onehot)}
 
 
-def _conv2d_factors(name, module, x, grad):
-    if x.dim() != 4:
-        raise ValueError(
-            f"PerSampleGradients: Conv2d layer {name!r} needs a batched (B, C, H, W) input, got shape {tuple(x.shape)}"
-        )
-    padding = module.padding
-    if isinstance(padding, str):  # 'valid' or 'same' (stride 1); pad explicitly, possibly unevenly
-        pads = []
-        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
-            total = d * (k - 1) if padding == "same" else 0
-            pads += [total // 2, total - total // 2]
-        x, padding = F.pad(x, pads), 0
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return patches.transpose(1, 2), grad.flatten(2).transpose(1, 2)
+def embedding_check(module):
+    if module.max_norm is not None or module.scale_grad_by_freq:
+        return "Embedding with max_norm or scale_grad_by_freq"
+    return None
 
 
-def layer_norm_gradients(module, inputs, grads):
-    """(G_weight, G_bias), each (B, normalized size): LayerNorm's per-sample gradients summed over
-    positions and calls, sum of D * x_hat (weight) and of D (bias), for the recorded ``inputs`` and
-    output ``grads`` of each call."""
-    size = int(torch.Size(module.normalized_shape).numel())
-    G_w = G_b = 0
-    for x, grad in zip(inputs, grads):
-        x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        G_w = G_w + (grad * x_hat).reshape(x.shape[0], -1, size).sum(1)
-        G_b = G_b + grad.reshape(x.shape[0], -1, size).sum(1)
-    return G_w, G_b
+def affine_gradients(module, grad, x_hat, channel_dim=None):
+    """{weight: sum over positions of grad * x_hat, bias: sum of grad}, each (B, *parameter shape), for
+    a parameter over the trailing dims (``channel_dim`` None) or over dim ``channel_dim``."""
+    if channel_dim is not None:
+        grad, x_hat = grad.movedim(channel_dim, -1), x_hat.movedim(channel_dim, -1)
+    B = grad.shape[0]
+    shape = (module.weight if module.weight is not None else module.bias).shape
+    size = int(torch.Size(shape).numel())
+    out = {}
+    if module.weight is not None:
+        out["weight"] = (grad * x_hat).reshape(B, -1, size).sum(1).reshape(B, *shape)
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = grad.reshape(B, -1, size).sum(1).reshape(B, *shape)
+    return out
+
+
+def layer_norm_rule(module, call):
+    x_hat = F.layer_norm(call.input, module.normalized_shape, None, None, module.eps)
+    return affine_gradients(module, call.grad, x_hat)
+
+
+def rms_norm_rule(module, call):
+    x_hat = F.rms_norm(call.input, module.normalized_shape, None, module.eps)
+    return affine_gradients(module, call.grad, x_hat)
+
+
+def group_norm_rule(module, call):
+    x_hat = F.group_norm(call.input, module.num_groups, None, None, module.eps)
+    return affine_gradients(module, call.grad, x_hat, channel_dim=1)
+
+
+def batch_norm_rule(module, call):
+    x = call.input
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    x_hat = (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+    return affine_gradients(module, call.grad, x_hat, channel_dim=1)
+
+
+def batch_norm_check(module):
+    if module.training or module.running_mean is None:
+        return ("BatchNorm normalising with batch statistics (training mode, or track_running_stats=False) mixes the "
+                "samples of a batch, so per-sample gradients are not defined; call model.eval() with running statistics")
+    return None
+
+
+register_per_sample_rule(nn.Linear, linear_rule)
+register_per_sample_rule("transformers.pytorch_utils.Conv1D", transformers_conv1d_rule)
+register_per_sample_rule(nn.modules.conv._ConvNd, conv_rule, check=conv_check)
+register_per_sample_rule(nn.Embedding, embedding_rule, check=embedding_check, widen_shared=True)
+register_per_sample_rule(nn.LayerNorm, layer_norm_rule)
+register_per_sample_rule(nn.RMSNorm, rms_norm_rule)
+register_per_sample_rule(nn.GroupNorm, group_norm_rule)
+register_per_sample_rule(nn.modules.batchnorm._BatchNorm, batch_norm_rule, check=batch_norm_check)

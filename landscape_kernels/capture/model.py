@@ -1,37 +1,151 @@
-"""Model and data plumbing shared by every layer above: which parameters, which batches, which mode.
+"""Model and data plumbing shared by every layer above: which parameters, which batches, which mode,
+and how a model is called.
 
 - ``chosen_parameters(model, params)``: the (names, tensors) an analysis works on, checked.
-- ``as_batches(data, batch_size)``: an (inputs, targets) pair or an iterable of batches as a list of
-  non-empty batches.
+- ``as_batches(data, batch_size)``: an (inputs, targets) pair or an iterable of batches (a
+  ``DataLoader``) as a list of non-empty batches.
+- inputs are a tensor (``model(x)``), a tuple or list (``model(*x)``) or a dict (``model(**x)``, the
+  usual call of a transformers model): ``batch_size_of``, ``slice_batch`` and ``call_model`` handle the
+  three forms; ``model_output`` picks the tensor the loss is taken of (``output_fn``).
 - ``eval_mode(model)``: a context that puts the model in eval mode and restores its previous mode,
   also when the body raises (products and measurements are taken in inference mode).
 """
 import contextlib
+import inspect
 
 import torch
+from torch.func import functional_call
+
+
+def _tensors(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, dict):
+        return [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    if isinstance(inputs, (tuple, list)):
+        return [v for v in inputs if isinstance(v, torch.Tensor)]
+    return []
+
+
+def is_inputs(inputs):
+    """Whether ``inputs`` has one of the accepted forms (a tensor, or a tuple/list/dict holding one)."""
+    return bool(_tensors(inputs))
+
+
+def batch_size_of(inputs, name="inputs"):
+    """The batch size of model inputs: the leading size of the tensor, or of the first tensor of a
+    tuple, list or dict."""
+    tensors = _tensors(inputs)
+    if not tensors or tensors[0].dim() == 0:
+        raise TypeError(f"{name}: expected a tensor, or a tuple/list/dict of tensors with a batch dimension, "
+                        f"got {type(inputs).__name__}")
+    return tensors[0].shape[0]
+
+
+def slice_batch(inputs, start, stop):
+    """Rows ``start:stop`` of model inputs: every tensor whose leading size is the batch size is cut,
+    the others (masks shared by the batch, flags) are kept as they are."""
+    B = batch_size_of(inputs)
+
+    def cut(v):
+        return v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, dict):
+        return {k: cut(v) for k, v in inputs.items()}
+    return type(inputs)(cut(v) for v in inputs)
+
+
+def _accepts_use_cache(model):
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_model(model, inputs, params=None):
+    """``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple or list, ``model(**inputs)`` for a
+    dict; with ``params`` (name -> tensor) through ``torch.func.functional_call`` (tied weights follow).
+    A model whose forward takes ``use_cache`` (transformers) is called with ``use_cache=False``: a
+    generation cache is no part of the loss and breaks forward-mode products."""
+    if isinstance(inputs, dict):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        args, kwargs = (inputs,), {}
+    if "use_cache" not in kwargs and _accepts_use_cache(model):
+        kwargs["use_cache"] = False
+    if params is None:
+        return model(*args, **kwargs)
+    return functional_call(model, params, args, kwargs, strict=False)
+
+
+def cast_floating(inputs, dtype):
+    """Model inputs (or targets) with their floating-point tensors in ``dtype`` (indices and masks kept)."""
+    def cast(v):
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    if isinstance(inputs, dict):
+        return {k: cast(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(cast(v) for v in inputs)
+    return cast(inputs)
+
+
+def model_output(output, output_fn=None):
+    """The tensor the loss is taken of: ``output_fn(output)`` when given; else the output itself when it
+    is a tensor, its ``.logits`` when it has them (transformers), or the first element of a tuple."""
+    if output_fn is not None:
+        out = output_fn(output)
+    elif isinstance(output, torch.Tensor):
+        out = output
+    elif getattr(output, "logits", None) is not None:
+        out = output.logits
+    elif isinstance(output, (tuple, list)) and output:
+        out = output[0]
+    else:
+        out = output
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"output_fn: the model returned {type(output).__name__}, from which no tensor was picked; pass "
+                        "output_fn=lambda out: ... returning the tensor the loss is taken of")
+    return out
 
 
 def as_batches(data, batch_size=None):
-    """A list of (inputs, targets) batches from a (inputs, targets) pair of tensors (cut into
-    ``batch_size`` rows, None: one batch) or an iterable of such pairs; empty batches are dropped."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    """A list of (inputs, targets) batches from an (inputs, targets) pair (cut into ``batch_size`` rows,
+    None: one batch) or an iterable of such pairs; inputs are a tensor, tuple, list or dict (see
+    ``call_model``); empty batches are dropped."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) \
+            and (isinstance(data[0], (torch.Tensor, dict)) or (isinstance(data[0], (tuple, list)) and is_inputs(data[0]))):
         x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"data: inputs and targets differ in length: {x.shape[0]} and {y.shape[0]}")
-        if x.shape[0] == 0:
+        n = batch_size_of(x, "data inputs")
+        if n != y.shape[0]:
+            raise ValueError(f"data: inputs and targets differ in length: {n} and {y.shape[0]}")
+        if n == 0:
             raise ValueError("data: no samples (an empty dataset)")
-        step = batch_size or x.shape[0]
-        batches = [(x[i : i + step], y[i : i + step]) for i in range(0, x.shape[0], step)]
+        step = batch_size or n
+        batches = [(slice_batch(x, i, i + step), y[i : i + step]) for i in range(0, n, step)]
     else:
-        batches = [tuple(b) for b in data]
-    batches = [b for b in batches if b[0].shape[0] > 0]
+        try:
+            batches = [tuple(b) for b in data]
+        except TypeError:
+            raise TypeError(f"data: expected an (inputs, targets) pair or an iterable of such batches, "
+                            f"got {type(data).__name__}") from None
+        for i, b in enumerate(batches):
+            if len(b) != 2:
+                raise ValueError(f"data: batch {i} has {len(b)} elements, expected (inputs, targets)")
+            batch_size_of(b[0], f"data: batch {i}'s inputs")
+    batches = [b for b in batches if batch_size_of(b[0]) > 0]
     if not batches:
         raise ValueError("data: no samples (an empty dataset or only empty batches)")
     return batches
 
 
 def chosen_parameters(model, params):
-    """(names, tensors) of ``params`` (None: every trainable parameter), in the order given."""
+    """(names, tensors) of ``params`` (None: every trainable parameter), in the order given. A weight
+    tied to another (shared by two modules) appears once, under its first name."""
     named = dict(model.named_parameters())
     names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
     missing = [n for n in names if n not in named]

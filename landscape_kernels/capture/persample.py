@@ -1,10 +1,12 @@
 """Per-sample gradient statistics of a model from one ordinary backward pass.
 
-``PerSampleGradients`` hooks ``nn.Linear`` (inputs of any rank >= 2, with or without bias),
-``nn.Conv2d`` (through input patches), ``nn.Embedding`` (one-hot positions: memory B x T x vocabulary)
-and ``nn.LayerNorm`` (its few per-sample gradients formed explicitly), records each layer's inputs A and output gradients D during one
-forward + backward, and computes statistics of the per-sample gradients G_b = sum_t D[b,t]^T A[b,t]
-with the fused ops, never holding the batch x parameters tensor.
+``PerSampleGradients`` hooks every module that holds a chosen parameter, records each call's inputs and
+the gradient of the loss with respect to its output during one forward + backward, and turns them into
+the per-sample gradients of the parameters with the per-layer rules (``capture.layers``: Linear,
+transformers' Conv1D, Conv1d/2d/3d, Embedding and the normalisation layers as factors or small explicit
+tensors; ``capture.sample_vjp``: nn.MultiheadAttention and any other module, exactly, by per-sample
+vector-Jacobian products). The statistics then come from the fused ops, never holding the
+batch x parameters tensor for the factor rules. Users add rules with ``register_per_sample_rule``.
 
 Scale convention: every statistic is of the per-sample *loss* gradients g_b = grad l_b, whatever the
 reduction of the batch loss. With ``loss_reduction="mean"`` (loss = (1/B) sum_b l_b) the recorded
@@ -12,10 +14,14 @@ output gradients are multiplied by B; with ``"sum"`` they are used as they are. 
 population variance over the batch (the diagonal of C_1 in the conventions of docs/methods.md; ``correction=1`` gives
 the unbiased one), ``cov_matvec`` applies C_1 (divide by the SGD batch size for the noise covariance).
 
-A layer applied several times in one forward (weight sharing) is handled exactly: its calls are joined
-along the position axis T, since G_b sums over positions. Parameters of other modules are listed in an
-error, or, with ``fallback="vmap"``, handled by chunked ``torch.func`` per-sample gradients (which needs
-the loss, so statistics are then taken through ``compute(loss_fn, inputs, targets)``).
+Inside the ``with`` block a ``torch.compile``'d model runs eagerly (compiled code runs no module hooks),
+so its statistics are those of the same model uncompiled.
+
+A parameter used several times in one forward (a layer applied twice, a weight tied between two modules
+such as GPT-2's input embedding and output layer) gets the exact sum over its uses. The per-sample
+gradients are checked against the batch gradient autograd computed (in ``compute``, and after an
+ordinary ``loss.backward()`` when ``.grad`` was empty before): a use no rule saw (a weight read outside
+its module's forward) is an error, not a silent wrong result.
 """
 from dataclasses import dataclass, field
 
@@ -24,30 +30,29 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.checks import check_finite
-from .layers import call_factors, has_explicit_gradients, layer_norm_gradients, unsupported_reason
+from .model import batch_size_of, call_model, model_output, slice_batch
+from .rules import Call, Factors, Rule, output_tensors, rule_for
+from .sample_vjp import generic_rule, stochastic_reason
 
 
 @dataclass
-class _Layer:
-    """A hooked module, its trainable parameters and what one forward/backward recorded."""
+class _Hooked:
+    """A hooked module, its rule, the chosen parameters it uses (name relative to the module -> model
+    name) and the calls one forward/backward recorded."""
 
     name: str
     module: nn.Module
-    weight: str = None  # qualified parameter names, None when absent or frozen
-    bias: str = None
-    inputs: list = field(default_factory=list)
-    grads: dict = field(default_factory=dict)
-
-    def param_names(self):
-        return [n for n in (self.weight, self.bias) if n is not None]
+    rule: Rule
+    params: dict
+    calls: list = field(default_factory=list)
 
 
 class PerSampleGradients:
-    """Context manager giving per-sample gradient statistics of ``model``'s hooked parameters.
+    """Context manager giving per-sample gradient statistics of ``model``'s parameters.
 
     Usage::
 
-        ps = PerSampleGradients(model)            # all Linear / Conv2d layers
+        ps = PerSampleGradients(model)            # every trainable parameter
         with ps:
             loss = F.cross_entropy(model(x), y)   # reduction="mean", as loss_reduction says
             loss.backward()
@@ -55,199 +60,312 @@ class PerSampleGradients:
 
     Args:
         model: the ``nn.Module``.
-        layers: ``None`` (every module that has trainable parameters) or a list of module names or
-            modules to hook.
+        layers: ``None`` (every trainable parameter) or a list of module names or modules whose own
+            parameters are wanted (every use of them is then hooked, tied copies included).
+        params: or a list of parameter names (as ``model.named_parameters()`` gives them).
         loss_reduction: ``"mean"`` or ``"sum"``: how the batch loss reduces the per-sample losses.
-        fallback: ``"error"`` (parameters of unsupported modules raise a ``ValueError`` listing them) or
-            ``"vmap"`` (their per-sample gradients come from chunked ``torch.func``; use ``compute``).
+        fallback: ``"error"`` (a parameter no rule can serve raises a ``ValueError`` naming it) or
+            ``"vmap"`` (the parameters of modules without a registered rule get chunked ``torch.func``
+            per-sample gradients of the whole model; take the statistics through ``compute``).
         vmap_chunk_size: samples per ``torch.func`` call in the fallback.
+        output_fn: for ``compute``: the tensor the loss is taken of (default: the output, its ``.logits``,
+            or its first element; see ``capture.model.model_output``).
     """
 
-    def __init__(self, model, layers=None, loss_reduction="mean", fallback="error", vmap_chunk_size=64):
+    def __init__(self, model, layers=None, loss_reduction="mean", fallback="error", vmap_chunk_size=64,
+                 params=None, output_fn=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleGradients: model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"PerSampleGradients: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if fallback not in ("error", "vmap"):
             raise ValueError(f"PerSampleGradients: fallback must be 'error' or 'vmap', got {fallback!r}")
+        if layers is not None and params is not None:
+            raise ValueError("PerSampleGradients: pass layers or params, not both")
         self.model = model
         self.loss_reduction = loss_reduction
         self.fallback = fallback
         self.vmap_chunk_size = int(vmap_chunk_size)
-        self._layers, self._fallback_params = self._resolve(layers)
+        self.output_fn = output_fn
+        named = dict(model.named_parameters())
+        self.param_names = self._chosen_names(layers, params, named)
+        self._hooked, self._fallback_params = self._resolve(set(self.param_names), named)
+        self.param_shapes = {n: tuple(named[n].shape) for n in self.param_names}
+        self.num_params = sum(named[n].numel() for n in self.param_names)
         self._handles = []
         self._fallback_grads = None  # (B, P_fallback) after compute()
+        self._reference = {}  # name -> the batch gradient autograd computed, for the sum check
         self._batch_size = None
+        self._forwards = 0
         self._cache = {}
-        names = [n for layer in self._layers for n in layer.param_names()] + list(self._fallback_params)
-        params = dict(model.named_parameters())
-        self.param_names = names
-        self.param_shapes = {n: tuple(params[n].shape) for n in names}
-        self.num_params = sum(params[n].numel() for n in names)
 
     # ----------------------------------------------------------------------------------- set-up
-    def _resolve(self, layers):
-        named = dict(self.model.named_modules())
-        if layers is None:
-            chosen = [(n, m) for n, m in named.items() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    def _chosen_names(self, layers, params, named):
+        if params is not None:
+            missing = [n for n in params if n not in named]
+            if missing:
+                raise ValueError(f"PerSampleGradients: params {missing} are not parameters of the model")
+            wanted = {id(named[n]) for n in params}
+        elif layers is None:
+            wanted = {id(p) for p in named.values() if p.requires_grad}
         else:
-            by_id = {id(m): n for n, m in named.items()}
-            chosen = []
+            modules = dict(self.model.named_modules())
+            by_id = {id(m): n for n, m in modules.items()}
+            wanted = set()
             for item in layers:
                 if isinstance(item, str):
-                    if item not in named:
+                    if item not in modules:
                         raise ValueError(f"PerSampleGradients: layers names {item!r}, which is not a module of the model")
-                    chosen.append((item, named[item]))
+                    module = modules[item]
                 elif isinstance(item, nn.Module) and id(item) in by_id:
-                    chosen.append((by_id[id(item)], item))
+                    module = item
                 else:
                     raise ValueError(f"PerSampleGradients: layers must hold module names or modules of the model, got {item!r}")
-        hooked, fallback, unsupported = [], {}, []
-        for name, module in chosen:
-            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
+                wanted |= {id(p) for p in module.parameters(recurse=False) if p.requires_grad}
+        names = [n for n, p in named.items() if id(p) in wanted and p.requires_grad]
+        if not names:
+            raise ValueError("PerSampleGradients: the model has no trainable parameters in the chosen layers")
+        return names
+
+    def _resolve(self, chosen, named):
+        """The hooked modules (a rule each) and the parameters left to the vmap fallback."""
+        canonical = {}
+        for n, p in named.items():
+            canonical.setdefault(id(p), n)
+        hooked, fallback, unsupported, covered = [], {}, [], set()
+        for name, module in self.model.named_modules():
+            if id(module) in covered:
+                continue
+            rule = rule_for(module)
+            recurse = rule is not None and rule.covers_children
+            if recurse:
+                covered |= {id(m) for m in module.modules()}
+            own = {rel: canonical[id(p)] for rel, p in module.named_parameters(recurse=recurse, remove_duplicate=False)
+                   if id(p) in canonical and canonical[id(p)] in chosen}
             if not own:
                 continue
-            qual = {pn: f"{name}.{pn}" if name else pn for pn, _ in own}
-            reason = unsupported_reason(module)
-            if reason is None:
-                hooked.append(_Layer(name, module, weight=qual.get("weight"), bias=qual.get("bias")))
+            reason = rule.check(module) if rule is not None and rule.check is not None else None
+            if rule is None and self.fallback == "error":
+                rule, reason = Rule(generic_rule), stochastic_reason(module)
+            if rule is not None and reason is None:
+                hooked.append(_Hooked(name, module, rule, own))
             elif self.fallback == "vmap":
-                fallback.update({qual[pn]: p for pn, p in own})
+                fallback.update({n: named[n] for n in own.values()})
             else:
-                unsupported.append(f"{name or '<model>'} ({reason}: {', '.join(qual[pn] for pn, _ in own)})")
+                unsupported.append(f"{name or '<model>'} ({reason}: {', '.join(own.values())})")
         if unsupported:
             raise ValueError(
-                "PerSampleGradients: no fused per-sample kernels for the parameters of "
-                + "; ".join(unsupported)
-                + ". Pass layers=[...] to leave them out, freeze them (requires_grad=False), "
+                "PerSampleGradients: no per-sample rule for the parameters of " + "; ".join(unsupported)
+                + ". Pass layers=[...] or params=[...] to leave them out, freeze them (requires_grad=False), "
                 "or use fallback='vmap' with compute(loss_fn, inputs, targets)."
             )
-        if not hooked and not fallback:
-            raise ValueError("PerSampleGradients: the model has no trainable parameters in the chosen layers")
-        return hooked, fallback
+        fallback_ids = {id(p) for p in fallback.values()}
+        for h in hooked:  # a tied parameter with one use in the fallback is handled there entirely
+            h.params = {rel: n for rel, n in h.params.items() if id(named[n]) not in fallback_ids}
+        return [h for h in hooked if h.params], fallback
 
     def __enter__(self):
+        if self._handles:
+            raise RuntimeError("PerSampleGradients: this object is already recording (a `with` block inside another, "
+                               "or compute() inside a `with` block); use one `with` block, or compute() alone")
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 raise ValueError(
                     "PerSampleGradients: BatchNorm in training mode mixes the samples of a batch, so per-sample "
                     "gradients are not defined; call model.eval() first"
                 )
-        for layer in self._layers:
-            layer.inputs.clear()
-            layer.grads.clear()
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        params = dict(self.model.named_parameters())
+        self._empty_grads = [n for n in self.param_names if params[n].grad is None]
+        for h in self._hooked:
+            h.calls.clear()
+            self._handles.append(h.module.register_forward_hook(self._forward_hook(h), with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+        # a torch.compile'd model (or forward) runs eagerly inside the block: compiled code runs no module hooks
+        self._stance = torch.compiler.set_stance("force_eager")
         self._cache.clear()
+        self._reference = {}
         self._fallback_grads = None
         self._batch_size = None
+        self._model_batch = None
+        self._forwards = 0
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._stance.__exit__(None, None, None)
+        if exc[0] is None:
+            params = dict(self.model.named_parameters())
+            for n in self._empty_grads:  # an ordinary loss.backward() filled .grad: the sum check's reference
+                if params[n].grad is not None and n not in self._reference:
+                    self._reference[n] = params[n].grad.detach().clone()
         return False
 
-    def _forward_hook(self, layer):
-        def hook(module, args, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            index = len(layer.inputs)
-            layer.inputs.append(args[0].detach())
+    def _model_pre_hook(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self._forwards += 1
+            try:
+                self._model_batch = batch_size_of(args if args else kwargs)
+            except TypeError:
+                self._model_batch = None
 
-            def store(grad):
-                layer.grads[index] = grad.detach()
-
-            output.register_hook(store)
+    def _forward_hook(self, hooked):
+        def hook(module, args, kwargs, output):
+            if not torch.is_grad_enabled():
+                return None
+            B = self._model_batch
+            replaced = None
+            if hooked.rule.widen_shared and B is not None and isinstance(output, torch.Tensor):
+                replaced = _widen_shared_embedding(args[0], output, B)
+                output = output if replaced is None else replaced
+            tensors = output_tensors(output)
+            if not any(t.requires_grad for t in tensors):
+                return replaced
+            call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()},
+                        _detached(output), [None] * len(tensors), B)
+            hooked.calls.append(call)
+            for i, t in enumerate(tensors):
+                if t.requires_grad:
+                    t.register_hook(_storer(call, i))
+            return replaced
 
         return hook
 
     # ---------------------------------------------------------------------------- capture helper
     def compute(self, loss_fn, inputs, targets):
-        """Run forward and backward of ``loss_fn(model(inputs), targets)`` under the hooks (gradients are
-        taken with ``torch.autograd.grad``, so ``.grad`` is left alone) and, with ``fallback="vmap"``,
-        the per-sample gradients of the fallback parameters. Returns the batch loss."""
-        params = [p for n, p in self.model.named_parameters() if n in self.param_shapes]
+        """Run forward and backward of ``loss_fn(output_fn(model(inputs)), targets)`` under the hooks
+        (gradients are taken with ``torch.autograd.grad``, so ``.grad`` is left alone) and, with
+        ``fallback="vmap"``, the per-sample gradients of the fallback parameters. ``inputs``: a tensor,
+        a tuple (``model(*inputs)``) or a dict (``model(**inputs)``). Returns the batch loss."""
+        named = dict(self.model.named_parameters())
+        params = [named[n] for n in self.param_names]
         with self:
-            loss = loss_fn(self.model(inputs), targets)
-            torch.autograd.grad(loss, params, allow_unused=True)
+            loss = loss_fn(model_output(call_model(self.model, inputs), self.output_fn), targets)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self._reference = {n: g for n, g in zip(self.param_names, grads) if g is not None}
         if self._fallback_params:
             self._fallback_grads = self._vmap_gradients(loss_fn, inputs, targets)
         return loss.detach()
 
+    def batch_gradient(self, name):
+        """The gradient of the batch loss that autograd computed for parameter ``name`` in ``compute`` (or
+        the ``.grad`` an ordinary backward filled), None where it did not reach the loss."""
+        if name not in self.param_shapes:
+            raise ValueError(f"batch_gradient: {name!r} is not among the parameters {self.param_names}")
+        return self._reference.get(name)
+
     def _vmap_gradients(self, loss_fn, inputs, targets):
-        from torch.func import functional_call, grad, vmap
+        from torch.func import grad, vmap
 
         names = list(self._fallback_params)
-        fixed = {n: t.detach() for n, t in self.model.named_parameters() if n not in self._fallback_params}
-        fixed.update(dict(self.model.named_buffers()))
-
-        def sample_loss(trainable, x, y):
-            out = functional_call(self.model, {**fixed, **trainable}, (x.unsqueeze(0),))
-            return loss_fn(out, y.unsqueeze(0))
-
-        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        B = batch_size_of(inputs)
         trainable = {n: self._fallback_params[n].detach() for n in names}
         rows = []
-        for start in range(0, inputs.shape[0], self.vmap_chunk_size):
-            g = per_sample(trainable, inputs[start : start + self.vmap_chunk_size], targets[start : start + self.vmap_chunk_size])
-            rows.append(torch.cat([g[n].flatten(1) for n in names], 1))
+        for start in range(0, B, self.vmap_chunk_size):
+            x = slice_batch(inputs, start, start + self.vmap_chunk_size)
+            n = batch_size_of(x)
+            dims = _input_dims(x, n)
+
+            def sample_loss(values, x_b, y_b, dims=dims):
+                out = model_output(call_model(self.model, _with_batch_of_one(x_b, dims), values), self.output_fn)
+                return loss_fn(out, y_b.unsqueeze(0))
+
+            with torch.no_grad():  # the other parameters are constants here (grad transforms see through it)
+                g = vmap(grad(sample_loss), in_dims=(None, dims, 0))(trainable, x, targets[start : start + n])
+            rows.append(torch.cat([g[k].flatten(1) for k in names], 1))
         return torch.cat(rows)
 
-    # ------------------------------------------------------------------- recorded layer blocks
+    # ------------------------------------------------------------------- recorded parameter blocks
     def _blocks(self):
-        """One ``_Block`` per parameter: the weight and bias of each hooked layer, then the fallback ones."""
+        """One ``_Block`` per chosen parameter (model order): the sum of its uses' contributions, or its
+        fallback per-sample gradients."""
         if "blocks" in self._cache:
             return self._cache["blocks"]
         if self._handles:
             raise RuntimeError("PerSampleGradients: statistics are available after the `with` block has ended")
-        blocks = [b for layer in self._layers for b in self._layer_blocks(layer)]
-        if self._fallback_params:
-            if self._fallback_grads is None:
-                raise RuntimeError(
-                    "PerSampleGradients: parameters " + ", ".join(self._fallback_params) + " use the vmap fallback, "
-                    "which needs the loss: take the statistics through compute(loss_fn, inputs, targets)"
-                )
-            # per-sample gradients as A with D = 1 (G_b = 1 x g_b), one block per parameter
-            G = self._fallback_grads
-            ones = G.new_ones(G.shape[0], 1)
-            start = 0
-            for name in self._fallback_params:
-                size = int(torch.Size(self.param_shapes[name]).numel())
-                blocks.append(_Block(name, self.param_shapes[name], None, G[:, start : start + size], ones))
-                start += size
+        if self._forwards > 1:
+            raise RuntimeError(f"PerSampleGradients: the model ran {self._forwards} forward passes in one `with` block; "
+                               "the recorded uses would be joined as if one forward had made them all. Use one forward "
+                               "and one backward per `with` block (or compute())")
+        contributions = self._contributions()
+        fallback = self._fallback_blocks()
+        blocks = []
+        for name in self.param_names:
+            if name in fallback:
+                blocks.append(fallback[name])
+            elif name in contributions:
+                layers, parts = contributions[name]
+                blocks.append(self._combine(name, layers, parts))
+        self._check_against_batch_gradient(blocks)
         self._cache["blocks"] = blocks
         return blocks
 
-    def _layer_blocks(self, layer):
-        """The weight and the bias of a hooked layer as two blocks: a bias is a weight on a constant
-        input 1, kept apart so that A keeps its BLAS-friendly width."""
-        if not layer.inputs:
+    def _contributions(self):
+        """name -> (hooked module names, [Factors or (B, *shape) tensors]) over every recorded call."""
+        out = {}
+        for h in self._hooked:
+            for call in h.calls:
+                if len(call.grads) and all(g is None for g in call.grads):
+                    raise RuntimeError(
+                        f"PerSampleGradients: layer {h.name!r} received no output gradient: call loss.backward() "
+                        "inside the `with` block (and make sure the layer's output reaches the loss)")
+                given = h.rule.fn(h.module, call)
+                for rel, model_name in h.params.items():
+                    if rel not in given:
+                        raise ValueError(f"PerSampleGradients: the rule for {type(h.module).__name__} ({h.name!r}) gave "
+                                         f"no per-sample gradient for its parameter {rel!r}")
+                    layers, parts = out.setdefault(model_name, ([], []))
+                    if h.name not in layers:
+                        layers.append(h.name)
+                    parts.append(given[rel])
+        missing = [n for n in self.param_names if n not in out and n not in self._fallback_params]
+        if missing:
+            users = [h.name for h in self._hooked if set(h.params.values()) & set(missing)]
+            raise RuntimeError(f"PerSampleGradients: the modules {users} holding {missing} recorded no forward pass: run "
+                               "the model inside the `with` block")
+        return out
+
+    def _combine(self, name, layers, parts):
+        """One block from the contributions of every use of a parameter: factors of one layout joined along
+        the positions (G_b sums over them), anything else summed as explicit per-sample gradients."""
+        shape = self.param_shapes[name]
+        factors = [Factors(*(t.unsqueeze(1) if t.dim() == 2 else t for t in p)) for p in parts if isinstance(p, Factors)]
+        explicit = [p for p in parts if not isinstance(p, Factors)]
+        widths = {(f.A.shape[-1], f.D.shape[-1]) for f in factors}
+        B = self._agree_batch_size(layers[0], (factors[0].A if factors else explicit[0]).shape[0])
+        for p in factors + explicit:
+            self._agree_batch_size(layers[0], (p.A if isinstance(p, Factors) else p).shape[0])
+        scale = B if self.loss_reduction == "mean" else 1
+        if not explicit and len(widths) == 1:
+            A = torch.cat([f.A for f in factors], 1) if len(factors) > 1 else factors[0].A
+            D = torch.cat([f.D for f in factors], 1) if len(factors) > 1 else factors[0].D
+            check_finite(A, f"the inputs recorded at layer {layers[0]!r}", "PerSampleGradients")
+            check_finite(D, f"the output gradients recorded at layer {layers[0]!r}", "PerSampleGradients")
+            return _Block(name, shape, layers, A, D * scale)
+        G = sum(torch.einsum("bto,bti->boi", f.D, f.A).reshape(B, -1) for f in factors) if factors else 0
+        G = G + sum(e.reshape(B, -1) for e in explicit)
+        check_finite(G, f"the per-sample gradients at layer {layers[0]!r}", "PerSampleGradients")
+        return _Block(name, shape, layers, G * scale, G.new_ones(B, 1))
+
+    def _fallback_blocks(self):
+        if not self._fallback_params:
+            return {}
+        if self._fallback_grads is None:
             raise RuntimeError(
-                f"PerSampleGradients: layer {layer.name!r} recorded no forward pass: run the model inside the `with` block"
+                "PerSampleGradients: parameters " + ", ".join(self._fallback_params) + " use the vmap fallback, "
+                "which needs the loss: take the statistics through compute(loss_fn, inputs, targets)"
             )
-        if len(layer.grads) != len(layer.inputs):
-            raise RuntimeError(
-                f"PerSampleGradients: layer {layer.name!r} received no output gradient: call loss.backward() inside "
-                "the `with` block (and make sure the layer's output reaches the loss)"
-            )
-        if has_explicit_gradients(layer.module):
-            return self._layer_norm_blocks(layer)
-        pieces = [call_factors(layer.name, layer.module, layer.inputs[i], layer.grads[i]) for i in range(len(layer.inputs))]
-        A = torch.cat([a for a, _ in pieces], 1) if len(pieces) > 1 else pieces[0][0]
-        D = torch.cat([d for _, d in pieces], 1) if len(pieces) > 1 else pieces[0][1]
-        B = self._agree_batch_size(layer, A.shape[0])
-        check_finite(A, f"the inputs recorded at layer {layer.name!r}", "PerSampleGradients")
-        check_finite(D, f"the output gradients recorded at layer {layer.name!r}", "PerSampleGradients")
-        if self.loss_reduction == "mean":
-            D = D * B
-        blocks = []
-        if layer.weight is not None:
-            blocks.append(_Block(layer.weight, self.param_shapes[layer.weight], layer.name, A, D))
-        if layer.bias is not None:  # sum_t D[b,t]^T 1 = (sum_t D[b,t])^T 1: one position suffices
-            D_bias = D.sum(1, keepdim=True) if D.shape[1] > 1 else D
-            blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, A.new_ones(A.shape[0], 1, 1), D_bias))
-        return blocks
+        # per-sample gradients as A with D = 1 (G_b = 1 x g_b), one block per parameter
+        G = self._fallback_grads
+        ones = G.new_ones(G.shape[0], 1)
+        out, start = {}, 0
+        for name in self._fallback_params:
+            size = int(torch.Size(self.param_shapes[name]).numel())
+            out[name] = _Block(name, self.param_shapes[name], [], G[:, start : start + size], ones)
+            self._agree_batch_size("the vmap fallback", G.shape[0])
+            start += size
+        return out
 
     def _agree_batch_size(self, layer, B):
         """Record the batch size of the first layer read; every other layer must have seen the same."""
@@ -255,32 +373,42 @@ class PerSampleGradients:
             self._batch_size = B
         elif B != self._batch_size:
             raise ValueError(
-                f"PerSampleGradients: layer {layer.name!r} saw batch size {B}, other layers {self._batch_size}: "
-                "use one forward and one backward per `with` block"
+                f"PerSampleGradients: layer {layer!r} saw batch size {B}, other layers {self._batch_size}: "
+                "use one forward and one backward per `with` block (an embedding of position ids shared by the batch is "
+                "widened to the batch only inside the model's own forward; elsewhere give it batched indices, e.g. "
+                "positions.expand(B, T))"
             )
         return B
 
-    def _layer_norm_blocks(self, layer):
-        """LayerNorm's per-sample gradients, formed explicitly (B x normalized size) and kept as
-        fallback-style blocks (D = 1)."""
-        G_w, G_b = layer_norm_gradients(layer.module, layer.inputs, [layer.grads[i] for i in range(len(layer.inputs))])
-        B = self._agree_batch_size(layer, G_w.shape[0])
-        check_finite(G_w, f"the per-sample gradients at layer {layer.name!r}", "PerSampleGradients")
-        if self.loss_reduction == "mean":
-            G_w, G_b = G_w * B, G_b * B
-        ones = G_w.new_ones(B, 1)
-        blocks = []
-        if layer.weight is not None:
-            blocks.append(_Block(layer.weight, self.param_shapes[layer.weight], layer.name, G_w, ones))
-        if layer.bias is not None:
-            blocks.append(_Block(layer.bias, self.param_shapes[layer.bias], layer.name, G_b, ones))
-        return blocks
+    def _check_against_batch_gradient(self, blocks):
+        """The per-sample gradients must add up to the batch gradient autograd computed: a use of a
+        parameter that no rule saw would otherwise give silently wrong statistics."""
+        bad = []
+        for b in blocks:
+            ref = self._reference.get(b.name)
+            if ref is None:
+                continue
+            total = torch.einsum("bto,bti->oi", *(t.unsqueeze(1) if t.dim() == 2 else t for t in (b.D, b.A)))
+            if self.loss_reduction == "mean":
+                total = total / b.A.shape[0]
+            ref = ref.reshape(total.shape).to(total.dtype)
+            tol = 1e-6 if total.dtype == torch.float64 else 2e-3
+            diff, size = float((total - ref).detach().norm()), float(ref.detach().norm())
+            if diff > tol * size + 1e-12 * max(1.0, float(total.detach().norm())):
+                bad.append(f"{b.name} (relative difference {diff / max(size, 1e-300):.2g})")
+        if bad:
+            raise RuntimeError(
+                "PerSampleGradients: the per-sample gradients do not add up to the batch gradient autograd computed for "
+                + ", ".join(bad) + f". Either loss_reduction={self.loss_reduction!r} does not match the loss, or a "
+                "parameter is used where no hooked module saw it (read outside its module's forward, e.g. "
+                "F.linear(x, layer.weight)); register a rule for the module that uses it (docs/guide/per-sample.md) "
+                "or use fallback='vmap' with compute(...)")
 
     def _selected(self, layer):
         blocks = self._blocks()
         if layer is None:
             return blocks
-        chosen = [b for b in blocks if b.layer == layer]
+        chosen = [b for b in blocks if layer in b.layers]
         if not chosen:
             raise ValueError(f"PerSampleGradients: layer {layer!r} is not among the hooked layers {self.layer_names}")
         return chosen
@@ -288,7 +416,7 @@ class PerSampleGradients:
     @property
     def layer_names(self):
         """Names of the hooked modules (the ``layer=`` argument of the statistics)."""
-        return [layer.name for layer in self._layers]
+        return [h.name for h in self._hooked]
 
     @property
     def batch_size(self):
@@ -416,7 +544,7 @@ class _Block:
 
     name: str
     shape: tuple
-    layer: str  # the hooked module's name, None for the fallback
+    layers: list  # the hooked modules that use it (empty for the fallback)
     A: torch.Tensor
     D: torch.Tensor
 
@@ -427,3 +555,50 @@ class _Block:
     def directions(self, vectors, K):
         """(K, out, cols) directions from vectors name -> (K, *shape)."""
         return vectors[self.name].reshape(K, self.D.shape[-1], self.A.shape[-1])
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _storer(call, index):
+    def store(grad):
+        call.grads[index] = grad.detach()
+
+    return store
+
+
+def _widen_shared_embedding(indices, output, B):
+    """An embedding of indices shared by the batch (position ids of shape (1, T), or (T,) with T != B) as
+    a (B, ...) view, so that its gradient keeps the samples apart; None when the indices are batched."""
+    if not isinstance(indices, torch.Tensor) or B is None:
+        return None
+    if indices.dim() >= 2 and indices.shape[0] == 1 and B > 1:
+        return output.expand(B, *output.shape[1:])
+    if indices.dim() == 1 and indices.shape[0] != B:
+        return output.unsqueeze(0).expand(B, *output.shape)
+    return None
+
+
+def _input_dims(inputs, B):
+    """vmap in_dims for model inputs: 0 for tensors with the batch size leading, None for the others."""
+    def dim(v):
+        return 0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else None
+
+    if isinstance(inputs, torch.Tensor):
+        return 0
+    if isinstance(inputs, dict):
+        return {k: dim(v) for k, v in inputs.items()}
+    return type(inputs)(dim(v) for v in inputs)
+
+
+def _with_batch_of_one(inputs, dims):
+    """Inside vmap: each sample's inputs as a batch of one (the tensors ``dims`` marks as batched)."""
+    def widen(v, d):
+        return v.unsqueeze(0) if d == 0 else v
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs.unsqueeze(0)
+    if isinstance(inputs, dict):
+        return {k: widen(v, dims[k]) for k, v in inputs.items()}
+    return type(inputs)(widen(v, d) for v, d in zip(inputs, dims))

@@ -77,6 +77,12 @@ def all_finite(x):
 
 
 def check_finite(x, name, op):
+    """Raise a ``ValueError`` naming ``name`` when x has a NaN/Inf. Inside ``torch.compile`` / ``torch.export``
+    the test is an in-graph assertion (no data-dependent branch in the traced graph), which raises a
+    ``RuntimeError`` with the same message when the compiled code runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(x).all(), f"{op}: {name} contains NaN/Inf values (finite input is required)")
+        return
     if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{op}: {name} contains {bad} NaN/Inf value(s) (finite input is required)")

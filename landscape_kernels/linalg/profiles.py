@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from ..capture.model import as_batches, chosen_parameters, eval_mode
+from ..capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output, slice_batch
 from ..kernels import ops
 from ..kernels.checks import all_finite
 from ..operators.rop import loss_kind
@@ -60,7 +60,7 @@ def _activation_numel_per_sample(model, x):
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
         with torch.no_grad():
-            model(x[:1])
+            call_model(model, slice_batch(x, 0, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -80,12 +80,12 @@ class LossEvaluator:
     MIN_TILE_ROWS = 64
 
     def __init__(self, model, loss_fn, data, directions, params=None, batch_size=None, points_per_pass=None,
-                 fast_path=None, memory_budget=64 * 2**20, zd_cache_bytes=0):
-        self.model, self.loss_fn = model, loss_fn
+                 fast_path=None, memory_budget=64 * 2**20, zd_cache_bytes=0, output_fn=None):
+        self.model, self.loss_fn, self.output_fn = model, loss_fn, output_fn
         self.zd_cache_bytes = zd_cache_bytes
         self._io_cache, self._zd_cache = {}, {}
         self.batches = as_batches(data, batch_size)
-        self.num_samples = sum(b[0].shape[0] for b in self.batches)
+        self.num_samples = sum(batch_size_of(b[0]) for b in self.batches)
         self.names, chosen = chosen_parameters(model, params)
         self.theta0 = [p.detach() for p in chosen]
         self.shapes = [tuple(p.shape) for p in self.theta0]
@@ -112,13 +112,13 @@ class LossEvaluator:
         """The batches cut into blocks of at most ROW_BLOCK rows (views): the temporaries of a pass then
         stay small enough to be reused by the allocator instead of being mapped afresh every pass."""
         for x, y in self.batches:
-            for r in range(0, x.shape[0], self.ROW_BLOCK):
-                yield x[r : r + self.ROW_BLOCK], y[r : r + self.ROW_BLOCK]
+            for r in range(0, batch_size_of(x), self.ROW_BLOCK):
+                yield slice_batch(x, r, r + self.ROW_BLOCK), y[r : r + self.ROW_BLOCK]
 
     def _points_for_budget(self, memory_budget, P):
         if not float(memory_budget) > 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-        rows = min(max(b[0].shape[0] for b in self.batches), self.ROW_BLOCK)
+        rows = min(max(batch_size_of(b[0]) for b in self.batches), self.ROW_BLOCK)
         with eval_mode(self.model):
             numel = _activation_numel_per_sample(self.model, self.batches[0][0])
         per_point = (rows * numel + P) * self.theta0[0].element_size()
@@ -134,7 +134,8 @@ class LossEvaluator:
         return all(y.dtype == torch.long and y.dim() == 1 and bool((y >= 0).all()) for _, y in self.batches)
 
     def _single_linear_weight(self):
-        if not isinstance(self.model, nn.Sequential) or len(self.names) != 1:
+        if not isinstance(self.model, nn.Sequential) or len(self.names) != 1 or self.output_fn is not None \
+                or not all(isinstance(x, torch.Tensor) for x, _ in self.batches):
             return None
         index, _, leaf = self.names[0].partition(".")
         if leaf != "weight" or not index.isdigit() or not isinstance(self.model[int(index)], nn.Linear):
@@ -148,7 +149,7 @@ class LossEvaluator:
         out = torch.zeros(k.numel(), dtype=torch.float64)
         with eval_mode(self.model), torch.no_grad():
             for b, (x, y) in enumerate(self._row_blocks()):
-                w = x.shape[0] / self.num_samples
+                w = batch_size_of(x) / self.num_samples
                 out += w * (self._fast(b, x, y, k, delta) if self.layer_index is not None else self._generic(x, y, k, delta))
         return out
 
@@ -165,7 +166,7 @@ class LossEvaluator:
                        zip(self.names, self.theta0, offsets.split(self.sizes, 1), self.shapes)}
 
             def run(values):
-                return functional_call(self.model, values, (x,), strict=False)
+                return model_output(call_model(self.model, x, values), self.output_fn)
 
             res.append(self._point_loss(vmap(run)(stacked), y))
         return torch.cat(res)
@@ -273,7 +274,7 @@ class LossEvaluator:
 
 
 def loss_profiles(model, loss_fn, data, directions, deltas, params=None, batch_size=None, points_per_pass=None,
-                  fast_path=None, memory_budget=64 * 2**20):
+                  fast_path=None, memory_budget=64 * 2**20, output_fn=None):
     """(K, G) float64 mean losses L(theta0 + deltas[g] * directions[k]) over ``data`` ((inputs, targets)
     tensors or an iterable of batches; ``loss_fn`` must return the mean over its batch). ``directions``:
     (K, P) over the chosen ``params`` (flattened in model order) or a dict name -> (K, *shape).
@@ -282,7 +283,8 @@ def loss_profiles(model, loss_fn, data, directions, deltas, params=None, batch_s
     deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
     if deltas.numel() == 0:
         raise ValueError("deltas: no offsets (G = 0)")
-    ev = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path, memory_budget)
+    ev = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path, memory_budget,
+                       output_fn=output_fn)
     K, G = ev.directions.shape[0], deltas.numel()
     return ev.losses(torch.arange(K).repeat_interleave(G), deltas.repeat(K)).reshape(K, G)
 

@@ -1,11 +1,11 @@
 """``HessianOperator``: products with the Hessian of a model's mean training loss, by the R-operator,
 double backward, forward-over-reverse or finite differences."""
-import contextlib
+import copy
 
 import torch
 from torch.func import grad, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..capture.model import call_model, cast_floating, model_output
 from . import rop
 from .model import ModelOperator
 
@@ -21,7 +21,12 @@ class HessianOperator(ModelOperator):
     - "double_backward": with ``keep_graph`` the gradient graphs of all batches are kept across
       products, trading memory for one forward and backward per product;
     - "forward_over_reverse": torch.func jvp of grad, vmapped over the K columns;
-    - "finite_difference": central differences of gradients, for models without double backward.
+    - "finite_difference": central differences of gradients, for models without double backward. The
+      gradients are taken on a float64 copy of a lower-precision model (``fd_dtype``), with the step
+      ``fd_eps`` (default: the cube root of the evaluation dtype's machine epsilon times the root mean
+      square parameter, at least 1, per unit of the direction's norm); every column is also taken at twice
+      the step, and a column whose two estimates differ by more than ``fd_tolerance`` of its norm
+      (the truncation or rounding error is then too large) raises an error instead of a wrong product.
 
     ``keep_graph`` keeps what the products of a batch need across products (the gradient graph for
     double backward; activations, backward errors and activation derivatives for "rop").
@@ -30,15 +35,17 @@ class HessianOperator(ModelOperator):
     False for models with convolutions, whose vmapped double backward is slower than the loop on
     CPU (measured 1.5x on the MNIST SimpleCNN), and True otherwise (1.4x faster on the MNIST MLP).
     ``math_attention``: run ``scaled_dot_product_attention`` on its math backend during the products;
-    the fused (flash / memory-efficient) backends have no double backward or forward-mode derivative,
-    so transformer models need this switch or ``method="finite_difference"`` (the error says so)."""
+    the fused (flash / memory-efficient) backends have no double backward or forward-mode derivative.
+    None (default): switch to it when a product needs it (exact; see ``ModelOperator.attention_safe``);
+    False: raise an error that names the switch instead."""
 
     METHODS = ("auto", "rop", "double_backward", "forward_over_reverse", "finite_difference")
 
     def __init__(self, model, loss_fn, data, params=None, method="auto", batch_size=None,
-                 keep_graph=False, fd_eps=None, batched_backward=None, math_attention=False):
-        super().__init__(model, loss_fn, data, params, batch_size)
-        self.math_attention = bool(math_attention)
+                 keep_graph=False, fd_eps=None, batched_backward=None, math_attention=None, output_fn=None,
+                 fd_dtype=torch.float64, fd_tolerance=1e-4):
+        super().__init__(model, loss_fn, data, params, batch_size, output_fn, math_attention)
+        self.fd_dtype, self.fd_tolerance, self._fd_model = fd_dtype, float(fd_tolerance), None
         if method not in self.METHODS:
             raise ValueError(f"HessianOperator: method must be one of {self.METHODS}, got {method!r}")
         if batched_backward not in (None, True, False):
@@ -59,17 +66,8 @@ class HessianOperator(ModelOperator):
             self.column_chunk = 32  # no graph traversal to amortise: wider GEMMs only help
 
     def _matmat(self, V):
-        attention = sdpa_kernel(SDPBackend.MATH) if self.math_attention else contextlib.nullcontext()
-        with self.eval_mode(), attention:
-            try:
-                return getattr(self, "_" + self.method)(V)
-            except (RuntimeError, NotImplementedError) as exc:
-                if "scaled_dot_product" in str(exc) or "_flash_attention" in str(exc) or "efficient_attention" in str(exc):
-                    raise RuntimeError(
-                        f"HessianOperator: method {self.method!r} needs second derivatives of scaled_dot_product_attention, "
-                        "which its fused backends lack; pass math_attention=True (exact, the math backend) or "
-                        f"method='finite_difference' (no second derivatives). Original error: {exc}") from exc
-                raise
+        with self.eval_mode():
+            return self.attention_safe(lambda: getattr(self, "_" + self.method)(V))
 
     def _per_batch(self, make):
         """``make(x, y)`` for each batch: the kept results (keep_graph=True, after the first pass), or one
@@ -138,27 +136,55 @@ class HessianOperator(ModelOperator):
                 o.add_(h)
         return self.flatten(out)
 
-    def _full_gradient(self, values):
+    def _full_gradient(self, model, values, dtype):
+        """The gradient of the mean loss of ``model`` (the operator's model or its copy in ``dtype``) at
+        the chosen parameters ``values``."""
         total = [torch.zeros_like(v) for v in values]
         for x, y in self.batches:
             vals = [v.detach().requires_grad_(True) for v in values]
-            for t, g in zip(total, torch.autograd.grad(self.batch_loss(vals, x, y) * self.batch_weight(x), vals)):
+            out = model_output(call_model(model, cast_floating(x, dtype), dict(zip(self.param_names, vals))),
+                               self.output_fn)
+            loss = self.loss_fn(out, cast_floating(y, dtype)) * self.batch_weight(x)
+            for t, g in zip(total, torch.autograd.grad(loss, vals)):
                 t.add_(g)
         return total
 
+    def _finite_difference_model(self):
+        """(model, dtype) the gradients are evaluated with: the model itself, or its copy in ``fd_dtype``
+        when that is more precise (made once, the parameters are those of the first product)."""
+        dtype = self.fd_dtype if torch.finfo(self.fd_dtype).eps < torch.finfo(self.dtype).eps else self.dtype
+        if dtype == self.dtype:
+            return self.model, dtype
+        if self._fd_model is None:
+            self._fd_model = copy.deepcopy(self.model).to(dtype)
+        return self._fd_model, dtype
+
     def _finite_difference(self, V):
-        theta = [p.detach() for p in self.params]
-        scale = 1.0 + float(torch.sqrt(sum(t.double().pow(2).sum() for t in theta)))
-        eps0 = self.fd_eps or (torch.finfo(self.dtype).eps ** (1 / 3)) * scale
-        cols, vs = [], self.unflatten(V)
+        model, dtype = self._finite_difference_model()
+        theta = [p.detach().to(dtype) for p in self.params]
+        rms = float(torch.sqrt(sum(t.pow(2).sum() for t in theta) / sum(t.numel() for t in theta)))
+        eps0 = self.fd_eps or (torch.finfo(dtype).eps ** (1 / 3)) * max(1.0, rms)
+        cols, vs = [], self.unflatten(V.to(dtype))
+
+        def difference(vk, eps):
+            plus = self._full_gradient(model, [t + eps * c for t, c in zip(theta, vk)], dtype)
+            minus = self._full_gradient(model, [t - eps * c for t, c in zip(theta, vk)], dtype)
+            return torch.cat([((a - b) / (2 * eps)).reshape(-1) for a, b in zip(plus, minus)])
+
         for k in range(V.shape[1]):
             vk = [c[k] for c in vs]
-            norm = float(torch.sqrt(sum(c.double().pow(2).sum() for c in vk)))
+            norm = float(torch.sqrt(sum(c.pow(2).sum() for c in vk)))
             if norm == 0:
-                cols.append(torch.zeros(self.shape[0], dtype=self.dtype, device=self.device))
+                cols.append(torch.zeros(self.shape[0], dtype=dtype, device=self.device))
                 continue
             eps = eps0 / norm
-            plus = self._full_gradient([t + eps * c for t, c in zip(theta, vk)])
-            minus = self._full_gradient([t - eps * c for t, c in zip(theta, vk)])
-            cols.append(torch.cat([((a - b) / (2 * eps)).reshape(-1) for a, b in zip(plus, minus)]))
-        return torch.stack(cols, 1)
+            col, wider = difference(vk, eps), difference(vk, 2 * eps)
+            error, size = float((col - wider).norm()) / 3, float(col.norm())  # central differences: O(eps^2)
+            if error > self.fd_tolerance * size + 1e3 * torch.finfo(dtype).tiny:
+                raise RuntimeError(
+                    f"HessianOperator: finite differences cannot give column {k} to {self.fd_tolerance:g} relative: "
+                    f"the estimates at steps {eps:.3g} and {2 * eps:.3g} differ by {error / max(size, 1e-300):.2g} of "
+                    f"its norm (evaluated in {dtype}); pass fd_eps, fd_dtype=torch.float64, or use an exact method "
+                    "(method='double_backward', with math_attention=True for attention)")
+            cols.append(col)
+        return torch.stack(cols, 1).to(self.dtype)

@@ -1,14 +1,16 @@
 """``ModelOperator``: the shared set-up of the operators of a model's training loss.
 
-The loss is the mean over a fixed dataset of ``loss_fn(model(x), y)``, which must itself be the mean
-over its batch; batches are weighted by their size. P counts the chosen parameters (``params``: None
+The loss is the mean over a fixed dataset of ``loss_fn(output_fn(model(x)), y)``, which must itself be
+the mean over its batch; batches are weighted by their size. Inputs are a tensor, a tuple (``model(*x)``)
+or a dict (``model(**x)``); ``output_fn`` picks the tensor the loss is taken of (default: the output
+itself, its ``.logits``, or its first element), see ``capture.model``. P counts the chosen parameters (``params``: None
 for all trainable ones, or a list of names), flattened in model order. Products run with the model in
 eval mode (restored afterwards).
 """
 import torch
-from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..capture.model import as_batches, chosen_parameters, eval_mode
+from ..capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
 from .base import Operator
 
 
@@ -19,10 +21,13 @@ class ModelOperator(Operator):
     ``batch_weight``), the chosen parameters as ``param_names`` / ``params``, and move between the flat
     (P, K) layout and one (K, *shape) tensor per parameter with ``unflatten`` / ``flatten``."""
 
-    def __init__(self, model, loss_fn, data, params=None, batch_size=None):
-        self.model, self.loss_fn = model, loss_fn
+    def __init__(self, model, loss_fn, data, params=None, batch_size=None, output_fn=None, math_attention=None):
+        if math_attention not in (None, True, False):
+            raise ValueError(f"math_attention must be None, True or False, got {math_attention!r}")
+        self.model, self.loss_fn, self.output_fn = model, loss_fn, output_fn
+        self.math_attention = math_attention
         self.batches = as_batches(data, batch_size)
-        self.num_samples = sum(b[0].shape[0] for b in self.batches)
+        self.num_samples = sum(batch_size_of(b[0]) for b in self.batches)
         self.param_names, self.params = chosen_parameters(model, params)
         self.sizes = [p.numel() for p in self.params]
         P = sum(self.sizes)
@@ -42,11 +47,38 @@ class ModelOperator(Operator):
         """The model in eval mode for the products (its mode restored afterwards)."""
         return eval_mode(self.model)
 
+    def attention_safe(self, product):
+        """``product()`` with ``scaled_dot_product_attention`` on its math backend when ``math_attention``
+        is True, or, when it is None, after the first product that needs it: the fused backends have no
+        second or forward-mode derivatives (the math backend is exact, and slower). False: the error
+        names the switch."""
+        if self.math_attention:
+            with sdpa_kernel(SDPBackend.MATH):
+                return product()
+        try:
+            return product()
+        except (RuntimeError, NotImplementedError) as exc:
+            text = str(exc)
+            if not any(k in text for k in ("scaled_dot_product", "_flash_attention", "efficient_attention")):
+                raise
+            if self.math_attention is None:
+                self.math_attention = True
+                return self.attention_safe(product)
+            raise RuntimeError(
+                f"{type(self).__name__}: the products need second or forward-mode derivatives of "
+                "scaled_dot_product_attention, which its fused backends lack; pass math_attention=True (exact, the "
+                "math backend) or None (switch when needed). Original error: " + text) from exc
+
+    def output(self, param_values, x):
+        """The tensor the loss is taken of on inputs ``x``, the chosen parameters set to ``param_values``
+        (None: as they are)."""
+        values = None if param_values is None else dict(zip(self.param_names, param_values))
+        return model_output(call_model(self.model, x, values), self.output_fn)
+
     def batch_loss(self, param_values, x, y):
         """``loss_fn`` on the batch (x, y) with the chosen parameters set to ``param_values``."""
-        values = dict(zip(self.param_names, param_values))
-        return self.loss_fn(functional_call(self.model, values, (x,), strict=False), y)
+        return self.loss_fn(self.output(param_values, x), y)
 
     def batch_weight(self, x):
         """The batch's share of the data (batches are weighted by their size)."""
-        return x.shape[0] / self.num_samples
+        return batch_size_of(x) / self.num_samples

@@ -38,9 +38,8 @@ class NoiseCovarianceOperator(ModelOperator):
     column_chunk = None  # projections and weighted sums take all columns at once
 
     def __init__(self, model, loss_fn, data, params=None, batch_size=None, sgd_batch_size=None,
-                 without_replacement=False, keep_factors=True):
-        super().__init__(model, loss_fn, data, params, batch_size)
-        self._modules = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self.param_names})
+                 without_replacement=False, keep_factors=True, output_fn=None):
+        super().__init__(model, loss_fn, data, params, batch_size, output_fn)
         self.scale = sgd_noise_scale(sgd_batch_size, self.num_samples, without_replacement)
         if keep_factors not in (True, False):
             raise ValueError(f"keep_factors must be True or False, got {keep_factors!r}")
@@ -58,16 +57,12 @@ class NoiseCovarianceOperator(ModelOperator):
     def _record(self, x, y, mean_into=None):
         """One batch's per-sample factors. ``mean_into``: add the batch's gradient (which autograd returns
         anyway), weighted by the batch's share of the data, to this (P,) mean gradient."""
-        ps = PerSampleGradients(self.model, layers=self._modules, loss_reduction="mean")
-        if sorted(ps.param_names) != sorted(self.param_names):
-            raise ValueError(f"params: the per-sample kernels cover {ps.param_names}, the operator was asked for "
-                             f"{self.param_names}")
-        params = dict(self.model.named_parameters())
-        with self.eval_mode(), ps:
-            grads = torch.autograd.grad(self.loss_fn(self.model(x), y), [params[n] for n in self.param_names],
-                                        allow_unused=True)
+        ps = PerSampleGradients(self.model, params=self.param_names, loss_reduction="mean", output_fn=self.output_fn)
+        with self.eval_mode():
+            ps.compute(self.loss_fn, x, y)
+        grads = [ps.batch_gradient(n) for n in self.param_names]
         if mean_into is not None:
-            share = x.shape[0] / self.num_samples
+            share = self.batch_weight(x)
             for part, g in zip(mean_into.split(self.sizes), grads):
                 if g is not None:
                     part.add_(g.reshape(-1), alpha=share)

@@ -148,13 +148,25 @@ def test_layer_subset_and_per_layer_statistics(gen):
         ps.sq_norms(layer="2")
 
 
+class Scale(nn.Module):
+    """A module no rule is registered for: a bare parameter multiplying the activations."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
 def test_vmap_fallback_for_unsupported_layers(gen):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.GroupNorm(1, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(6, 5), Scale(5), nn.ReLU(), nn.Linear(5, 3)).double()
     x, y = torch.randn(8, 6, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen)
     ps = PerSampleGradients(model, fallback="vmap", vmap_chunk_size=3)
     ps.compute(lambda out, t: F.cross_entropy(out, t), x, y)
-    assert ps.param_names[-2:] == ["1.weight", "1.bias"]
+    assert ps.param_names == ["0.weight", "0.bias", "1.scale", "3.weight", "3.bias"]
+    assert ps.layer_names == ["0", "3"]  # 1.scale goes through the fallback
     G = vmap_per_sample_gradients(model, x, y, ps.param_names)
     assert_close(ps.sq_norms(), G.square().sum(1), torch.float64, what="sq_norms with fallback")
     assert_close(ps.gram(), G @ G.T, torch.float64, what="gram with fallback")
@@ -167,13 +179,13 @@ def test_vmap_fallback_for_unsupported_layers(gen):
 
 
 def test_unsupported_layer_is_listed():
-    model = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Conv2d(2, 2, 3, groups=2))
-    with pytest.raises(ValueError, match=r"1 \(GroupNorm: 1.weight, 1.bias\).*groups > 1.*fallback='vmap'"):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ConvTranspose2d(2, 2, 3), nn.Embedding(5, 4, max_norm=1.0))
+    with pytest.raises(ValueError, match=r"1 \(transposed convolution: 1.weight, 1.bias\).*max_norm.*fallback='vmap'"):
         PerSampleGradients(model)
 
 
 def test_fallback_needs_compute(gen):
-    model = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4))
+    model = nn.Sequential(nn.Linear(4, 4), Scale(4))
     ps = PerSampleGradients(model, fallback="vmap")
     with ps:
         model(torch.randn(3, 4)).sum().backward()

@@ -63,17 +63,20 @@ def test_embedding_with_max_norm_is_named_as_unsupported():
         PerSampleGradients(model)
 
 
-def test_hessian_of_an_attention_model_needs_the_math_switch_or_finite_differences():
+def test_hessian_of_an_attention_model_switches_to_the_math_attention_backend():
     from landscape_kernels import HessianOperator
 
     torch.manual_seed(1)
     model = TinyGPT(layers=1).double()
     idx, targets = torch.randint(0, 19, (3, 7)), torch.randint(0, 19, (3, 7))
     V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="math_attention=True .* or method='finite_difference'"):
-        HessianOperator(model, lm_loss, (idx, targets)).matmat(V)
+    with pytest.raises(RuntimeError, match="pass math_attention=True"):  # switching it off gives the error
+        HessianOperator(model, lm_loss, (idx, targets), math_attention=False).matmat(V)
+    auto = HessianOperator(model, lm_loss, (idx, targets))
     exact = HessianOperator(model, lm_loss, (idx, targets), math_attention=True).matmat(V)
+    torch.testing.assert_close(auto.matmat(V), exact, rtol=1e-12, atol=1e-13)
+    assert auto.math_attention is True  # it switched after the first product needed it
     fwd = HessianOperator(model, lm_loss, (idx, targets), method="forward_over_reverse", math_attention=True).matmat(V)
     fd = HessianOperator(model, lm_loss, (idx, targets), method="finite_difference").matmat(V)
     torch.testing.assert_close(fwd, exact, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(fd, exact, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fd, exact, rtol=1e-7, atol=1e-9)
