@@ -85,16 +85,19 @@ def _float64_copy(model):
 
 def flat_parameter_function(model, names, x, of_outputs):
     """(f, theta0): f(theta) = of_outputs(model(x)) with the parameters ``names`` set from the flat
-    vector theta (in the order given), on a float64 copy of the model in eval mode."""
+    vector theta (in the order given), on a float64 copy of the model in eval mode. ``x``: a tensor, a
+    tuple or a dict of inputs; a transformers output gives its logits."""
+    from landscape_kernels.capture.model import call_model, cast_floating, model_output
+
     model = _float64_copy(model)
     params = dict(model.named_parameters())
     names = list(params) if names is None else list(names)
     shapes, sizes = [params[n].shape for n in names], [params[n].numel() for n in names]
-    x = x.double() if x.is_floating_point() else x
+    x = cast_floating(x, torch.float64)
 
     def f(theta):
         values = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
-        return of_outputs(functional_call(model, values, (x,)))
+        return of_outputs(model_output(call_model(model, x, values)))
 
     return f, torch.cat([params[n].detach().flatten() for n in names])
 

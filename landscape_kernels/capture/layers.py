@@ -2,7 +2,8 @@
 
 Factor rules, G_b = sum_t D[b, t]^T A[b, t], consumed by the fused kernels:
 
-- ``nn.Linear`` (inputs of any rank >= 2): A is the input, D the output gradient, positions flattened;
+- ``nn.Linear`` (inputs of any rank >= 2, batch first; a 2-D input of k B rows is read as k rows per
+  sample, see ``sample_rows``): A is the input, D the output gradient, positions flattened;
   transformers' ``Conv1D`` (GPT-2's projections, weight stored (in, out)) the same with the roles swapped;
 - ``nn.Conv1d/2d/3d`` (any stride, dilation, padding and padding mode): A holds the input patches, D the
   output gradient per output position; with ``groups > 1`` (depthwise included) the per-sample weight
@@ -25,9 +26,19 @@ from torch import nn
 from .rules import Factors, register_per_sample_rule
 
 
+def sample_rows(t, batch_size):
+    """``t`` as (B, rows per sample, ...): a 2-D (k B, features) input of a layer is read as the k rows of
+    each sample in order (the ``reshape(-1, d)`` of a (B, T, d) tensor, as OPT's MLP does); other inputs
+    keep their leading batch dimension."""
+    if t.dim() == 2 and batch_size and t.shape[0] != batch_size and t.shape[0] % batch_size == 0:
+        return t.reshape(batch_size, -1, t.shape[-1])
+    return t
+
+
 def _batched_2d(call, name, x, grad, width):
     if x.dim() < 2:
         raise ValueError(f"PerSampleGradients: layer {name!r} got an unbatched input of shape {tuple(x.shape)}")
+    x, grad = sample_rows(x, call.batch_size), sample_rows(grad, call.batch_size)
     B = x.shape[0]
     return x.reshape(B, -1, x.shape[-1]), grad.reshape(B, -1, width)
 
@@ -130,12 +141,12 @@ def affine_gradients(module, grad, x_hat, channel_dim=None):
 
 def layer_norm_rule(module, call):
     x_hat = F.layer_norm(call.input, module.normalized_shape, None, None, module.eps)
-    return affine_gradients(module, call.grad, x_hat)
+    return affine_gradients(module, sample_rows(call.grad, call.batch_size), sample_rows(x_hat, call.batch_size))
 
 
 def rms_norm_rule(module, call):
     x_hat = F.rms_norm(call.input, module.normalized_shape, None, module.eps)
-    return affine_gradients(module, call.grad, x_hat)
+    return affine_gradients(module, sample_rows(call.grad, call.batch_size), sample_rows(x_hat, call.batch_size))
 
 
 def group_norm_rule(module, call):

@@ -256,6 +256,9 @@ class PerSampleGradients:
         return self._reference.get(name)
 
     def _vmap_gradients(self, loss_fn, inputs, targets):
+        """(B, P_fallback) per-sample gradients of the fallback parameters by chunked ``torch.func``
+        (each sample a batch of one), or by one backward per sample for a model ``vmap`` cannot run
+        (data-dependent control flow, e.g. the attention masks some transformers models build)."""
         from torch.func import grad, vmap
 
         names = list(self._fallback_params)
@@ -264,17 +267,33 @@ class PerSampleGradients:
         rows = []
         for start in range(0, B, self.vmap_chunk_size):
             x = slice_batch(inputs, start, start + self.vmap_chunk_size)
-            n = batch_size_of(x)
-            dims = _input_dims(x, n)
+            y = targets[start : start + batch_size_of(x)]
+            dims = _input_dims(x, batch_size_of(x))
 
             def sample_loss(values, x_b, y_b, dims=dims):
                 out = model_output(call_model(self.model, _with_batch_of_one(x_b, dims), values), self.output_fn)
                 return loss_fn(out, y_b.unsqueeze(0))
 
-            with torch.no_grad():  # the other parameters are constants here (grad transforms see through it)
-                g = vmap(grad(sample_loss), in_dims=(None, dims, 0))(trainable, x, targets[start : start + n])
-            rows.append(torch.cat([g[k].flatten(1) for k in names], 1))
+            try:
+                with torch.no_grad():  # the other parameters are constants here (grad transforms see through it)
+                    g = vmap(grad(sample_loss), in_dims=(None, dims, 0))(trainable, x, y)
+                rows.append(torch.cat([g[k].flatten(1) for k in names], 1))
+            except RuntimeError as exc:
+                if "vmap" not in str(exc):
+                    raise
+                rows.append(self._looped_gradients(loss_fn, x, y, names))
         return torch.cat(rows)
+
+    def _looped_gradients(self, loss_fn, inputs, targets, names):
+        """(B, P_fallback) by one forward and backward per sample."""
+        params = dict(self.model.named_parameters())
+        rows = []
+        for b in range(batch_size_of(inputs)):
+            out = model_output(call_model(self.model, slice_batch(inputs, b, b + 1)), self.output_fn)
+            g = torch.autograd.grad(loss_fn(out, targets[b : b + 1]), [params[n] for n in names], allow_unused=True)
+            rows.append(torch.cat([torch.zeros_like(params[n]).flatten() if gi is None else gi.flatten()
+                                   for n, gi in zip(names, g)]))
+        return torch.stack(rows)
 
     # ------------------------------------------------------------------- recorded parameter blocks
     def _blocks(self):
@@ -310,7 +329,8 @@ class PerSampleGradients:
                     raise RuntimeError(
                         f"PerSampleGradients: layer {h.name!r} received no output gradient: call loss.backward() "
                         "inside the `with` block (and make sure the layer's output reaches the loss)")
-                given = h.rule.fn(h.module, call)
+                with torch.no_grad():  # a rule's arithmetic on the module's parameters records no graph
+                    given = h.rule.fn(h.module, call)
                 for rel, model_name in h.params.items():
                     if rel not in given:
                         raise ValueError(f"PerSampleGradients: the rule for {type(h.module).__name__} ({h.name!r}) gave "

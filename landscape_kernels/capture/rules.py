@@ -75,10 +75,15 @@ _REGISTRY = {}  # module type, or "module.QualifiedName" of a class not imported
 def register_per_sample_rule(module_type, rule, check=None, covers_children=False, widen_shared=False):
     """Make ``rule`` give the per-sample gradients of the parameters of ``module_type`` (a class, or
     its qualified name "package.module.ClassName" for a class this library does not import). Subclasses
-    use their closest registered base. Registering a type again replaces its rule."""
+    use their closest registered base, unless they override ``forward`` (their inputs then need not be
+    what the rule expects: such a subclass gets the checked per-sample VJP rule). Registering a type
+    again replaces its rule; ``rule=None`` removes it."""
     if not (isinstance(module_type, str) or (isinstance(module_type, type) and issubclass(module_type, nn.Module))):
         raise TypeError(f"register_per_sample_rule: module_type must be an nn.Module subclass or a qualified class "
                         f"name, got {module_type!r}")
+    if rule is None:
+        _REGISTRY.pop(module_type, None)
+        return
     if not callable(rule):
         raise TypeError(f"register_per_sample_rule: rule must be callable (module, call) -> dict, got {rule!r}")
     _REGISTRY[module_type] = Rule(rule, check, bool(covers_children), bool(widen_shared))
@@ -94,7 +99,7 @@ def rule_for(module):
     for cls in type(module).__mro__:
         found = _REGISTRY.get(cls) or _REGISTRY.get(qualified_name(cls))
         if found is not None:
-            return found
+            return found if getattr(type(module), "forward", None) is getattr(cls, "forward", None) else None
     return None
 
 

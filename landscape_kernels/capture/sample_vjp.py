@@ -17,6 +17,7 @@ the same call, otherwise the error names the module and the alternatives (a regi
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .rules import output_tensors, register_per_sample_rule
 
@@ -66,7 +67,9 @@ def sample_vjp_gradients(module, call, names, arg_dims=None, kwarg_dims=None, ou
         return total
 
     per_sample = vmap(grad(objective), in_dims=(None, arg_dims, kw_dims, grad_dims), chunk_size=SAMPLE_CHUNK)
-    with torch.no_grad():  # the module's other parameters are constants here (grad transforms see through it)
+    # the module's other parameters are constants here (grad transforms see through no_grad); attention on
+    # its math backend, which vmap batches (the fused kernels have no batching rule: a slow loop)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         return per_sample(chosen, args, kw_values, grads)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output, slice_batch
 from ..kernels import ops
@@ -168,7 +169,8 @@ class LossEvaluator:
             def run(values):
                 return model_output(call_model(self.model, x, values), self.output_fn)
 
-            res.append(self._point_loss(vmap(run)(stacked), y))
+            with sdpa_kernel(SDPBackend.MATH):  # vmap batches attention's math backend, not the fused kernels
+                res.append(self._point_loss(vmap(run)(stacked), y))
         return torch.cat(res)
 
     def _layer_io(self, b, x):
