@@ -185,11 +185,44 @@ def render_variance_flatness(report):
     return "\n".join(lines)
 
 
+def render_real_models(report):
+    absolute = not report["device"].startswith("CPU")
+    lines = [f"{_measured(report)}; {report['model']}, {report['parameters']:,} parameters, "
+             f"{report['batch'][0]} sequences of {report['batch'][1]} tokens, float32. `x ours` = time / landscape_kernels; "
+             "peak = memory added by one call, each method in a fresh process.", "",
+             f"**Per-sample norms + Gram + variance** (median of {report['repeats']} interleaved rounds; error: relative "
+             "to `torch.func`)", "",
+             "| method |" + (" time |" if absolute else "") + " x ours | peak added | rel. err norms / Gram / variance |",
+             "|---|" + ("---:|" if absolute else "") + "---:|---:|---|"]
+    for name, r in report["per_sample"].items():
+        if "error" in r:
+            lines.append(f"| {name} |" + (" — |" if absolute else "") + f" — | — | {r['error'][:90]} |")
+            continue
+        err = " / ".join(f"{r['rel_err'][k]:.0e}" for k in ("sq_norms", "gram", "variance")) if "rel_err" in r else "—"
+        unit = f" {r['s'] * 1e3:.0f} ms |" if absolute else ""
+        lines.append(f"| {name} |{unit} {r['x_ours']:.2f} | {_mib(r.get('peak_added_bytes'))} | {err} |")
+    if "top5" in report:
+        lines += ["", "**Top-5 Hessian eigenvalues**, tol 1e-3 (difference: the largest relative difference of the five "
+                  "eigenvalues to ours)", "",
+                  "| method |" + (" time |" if absolute else "") + " x ours | Hessian-vector products | peak added | difference |",
+                  "|---|" + ("---:|" if absolute else "") + "---:|---:|---:|---:|"]
+        for name, r in report["top5"].items():
+            if "error" in r:
+                lines.append(f"| {name} |" + (" — |" if absolute else "") + f" — | — | — | {r['error'][:90]} |")
+                continue
+            unit = f" {r['s']:.1f} s |" if absolute else ""
+            lines.append(f"| {name} |{unit} {r['x_ours']:.2f} | {r['products']} | {_mib(r['peak_added_bytes'])} | "
+                         f"{r['max_rel_diff_to_ours']:.0e} |")
+    if report.get("notes"):
+        lines += ["", f"Note: {report['notes']}"]
+    return "\n".join(lines)
+
+
 # file stem (without the device suffix) -> renderer
 RENDERERS = {"lanczos": render_lanczos, "pca": render_pca, "profiles": render_profiles,
              "noise_curvature": render_noise_curvature, "scale": render_scale, "scale_memory": render_scale_memory,
              "sharpness": render_sharpness, "sharpness_every4": render_sharpness,
-             "variance_flatness": render_variance_flatness}
+             "variance_flatness": render_variance_flatness, "real_models": render_real_models}
 
 
 def _stem(path):
@@ -247,6 +280,10 @@ SECTIONS = [
      "An 11.5M-parameter GPT-style model: top-5 Hessian eigenvalues against hessian-eigenthings and curvlinops + "
      "`eigsh`, the per-sample Gram matrix against `torch.func`, the memory of an analysis step against a training "
      "step, and 1 against 2 gloo ranks."),
+    ("A transformers model", "real_models.py", ["real_models"],
+     "A GPT-2 from transformers (Conv1D projections, tied embeddings, position ids shared by the batch): per-sample "
+     "norms, Gram and variance against Opacus and `torch.func`; top-5 Hessian eigenvalues against curvlinops + "
+     "`eigsh` and hessian-eigenthings."),
     ("The main job", "variance_flatness.py", ["variance_flatness"],
      "`landscape-kernels reproduce variance-flatness` on MNIST at the paper's setting, stage by stage."),
 ]
