@@ -97,12 +97,6 @@ def conv_rule(module, call):
     return {"weight": weight, "bias": _bias(D)}
 
 
-def conv_check(module):
-    if module.transposed:
-        return "transposed convolution"
-    return None
-
-
 def embedding_rule(module, call):
     idx, grad = call.input, call.grad
     if grad.dim() < 2:
@@ -170,7 +164,8 @@ def batch_norm_check(module):
 
 register_per_sample_rule(nn.Linear, linear_rule)
 register_per_sample_rule("transformers.pytorch_utils.Conv1D", transformers_conv1d_rule)
-register_per_sample_rule(nn.modules.conv._ConvNd, conv_rule, check=conv_check)
+for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # each defines its own forward (a subclass rule needs the same)
+    register_per_sample_rule(conv, conv_rule)
 register_per_sample_rule(nn.Embedding, embedding_rule, check=embedding_check, widen_shared=True)
 register_per_sample_rule(nn.LayerNorm, layer_norm_rule)
 register_per_sample_rule(nn.RMSNorm, rms_norm_rule)

@@ -216,14 +216,14 @@ class PerSampleGradients:
                 return None
             B = self._model_batch
             replaced = None
-            if hooked.rule.widen_shared and B is not None and isinstance(output, torch.Tensor):
+            if hooked.rule.widen_shared and B is not None and isinstance(output, torch.Tensor) and args:
                 replaced = _widen_shared_embedding(args[0], output, B)
                 output = output if replaced is None else replaced
             tensors = output_tensors(output)
             if not any(t.requires_grad for t in tensors):
                 return replaced
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()},
-                        _detached(output), [None] * len(tensors), B)
+                        [(t.shape, t.dtype, t.device) for t in tensors], [None] * len(tensors), B)
             hooked.calls.append(call)
             for i, t in enumerate(tensors):
                 if t.requires_grad:

@@ -36,13 +36,14 @@ class Factors(NamedTuple):
 @dataclass
 class Call:
     """One recorded forward call of a hooked module: ``args`` and ``kwargs`` as passed (tensors
-    detached), ``output`` (detached), ``grads`` (the gradient of the loss with respect to each tensor of
-    the output, in order, None where the output did not reach the loss), and ``batch_size``, the batch
-    size of the model's input (None when the module was called outside the model's forward)."""
+    detached), ``grads`` (the gradient of the loss with respect to each tensor of the output, in order,
+    None where that tensor did not reach the loss), ``outputs`` (the (shape, dtype, device) of each
+    output tensor; the outputs themselves are not kept), and ``batch_size``, the batch size of the
+    model's input (None when the module was called outside the model's forward)."""
 
     args: tuple
     kwargs: dict
-    output: object
+    outputs: list
     grads: list
     batch_size: Optional[int]
 
@@ -56,8 +57,8 @@ class Call:
         """The gradient with respect to the (first tensor of the) output, zeros if it did not reach the loss."""
         g = self.grads[0]
         if g is None:
-            out = self.output if isinstance(self.output, torch.Tensor) else output_tensors(self.output)[0]
-            return torch.zeros_like(out)
+            shape, dtype, device = self.outputs[0]
+            return torch.zeros(shape, dtype=dtype, device=device)
         return g
 
 

@@ -267,3 +267,21 @@ def test_a_compiled_model_gives_the_same_statistics():
         case.loss_fn(compiled(case.inputs), case.targets).backward()
     G = loop_per_sample_gradients(case.model, case.loss_fn, case.inputs, case.targets)
     assert rel_err(ps.sq_norms(), G.square().sum(1)) <= 1e-8
+
+
+def test_the_built_in_rules_serve_the_layers_they_are_written_for():
+    """The factor and closed-form rules, not the (exact but slower) per-sample VJP, serve the usual layers."""
+    from landscape_kernels.capture import layers
+    from landscape_kernels.capture.rules import rule_for
+
+    expected = {nn.Linear: layers.linear_rule, nn.Conv1d: layers.conv_rule, nn.Conv2d: layers.conv_rule,
+                nn.Conv3d: layers.conv_rule, nn.Embedding: layers.embedding_rule, nn.LayerNorm: layers.layer_norm_rule,
+                nn.GroupNorm: layers.group_norm_rule, nn.BatchNorm2d: layers.batch_norm_rule}
+    for name in ("cnn", "conv1d", "conv3d", "gpt2", "bert"):
+        for module in build(name).model.modules():
+            for cls, rule in expected.items():
+                if type(module) is cls:
+                    assert rule_for(module).fn is rule, (name, cls)
+    gpt2 = build("gpt2").model
+    assert rule_for(gpt2.transformer.h[0].attn.c_attn).fn is layers.transformers_conv1d_rule
+    assert rule_for(nn.ConvTranspose2d(2, 2, 3)) is None  # its own forward: the checked per-sample VJP rule
