@@ -1,7 +1,8 @@
 """Tiny versions of the models researchers bring, built from configs (no downloads), each with a batch:
 ``build(name, dtype) -> Case(model, inputs, targets, loss_fn)``. transformers models: GPT-2 (Conv1D
 projections, tied input/output embedding, position ids shared by the batch), Llama (RMS norms, rotary
-positions, grouped-query attention), BERT (dict inputs with a padding mask, token types), ViT (class token
+positions, grouped-query attention; also with norms that compute in the model's dtype, see
+``_in_dtype_rms_norm``), BERT (dict inputs with a padding mask, token types), ViT (class token
 and position embeddings as bare parameters), OPT (learned positions, an Embedding subclass); torch.nn:
 a TransformerEncoder (MultiheadAttention), a CNN with BatchNorm in eval mode, GroupNorm and depthwise and
 grouped convolutions, a Conv1d network and a Conv3d network."""
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 B, T = 3, 6
-TRANSFORMERS = ("gpt2", "llama", "bert", "vit", "opt")
+TRANSFORMERS = ("gpt2", "llama", "llama_float64_norms", "bert", "vit", "opt")
 TORCH = ("encoder", "cnn", "conv1d", "conv3d")
 
 
@@ -44,6 +45,20 @@ def _perturbed(model):
     return model
 
 
+def _in_dtype_rms_norm(cls):
+    """transformers' Llama RMS norm computes in float32 whatever the model's dtype, forward and backward,
+    so a float64 Llama's gradients carry float32 rounding (1e-7 relative) wherever they pass a norm, and a
+    batch backward and a per-sample backward round differently. This subclass computes in the input's
+    dtype, so that the per-sample statistics of the architecture can be checked to float64 accuracy."""
+
+    class InDtypeRMSNorm(cls):
+        def forward(self, hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    return InDtypeRMSNorm
+
+
 def build(name, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -55,10 +70,14 @@ def build(name, dtype=torch.float64, seed=0):
         config = tf.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
                                embd_pdrop=0.0, attn_pdrop=0.0)
         model, case = tf.GPT2LMHeadModel(config), (tokens, tokens, lm_loss)
-    elif name == "llama":
+    elif name in ("llama", "llama_float64_norms"):
         config = tf.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
         model, case = tf.LlamaForCausalLM(config), (tokens, tokens, lm_loss)
+        if name == "llama_float64_norms":
+            for module in model.modules():
+                if type(module).__name__ == "LlamaRMSNorm":
+                    module.__class__ = _in_dtype_rms_norm(type(module))
     elif name == "bert":
         config = tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=24, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0,

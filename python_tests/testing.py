@@ -144,3 +144,4 @@ def loop_per_sample_gradients(model, loss_fn, inputs, targets, names=None, outpu
         rows.append(torch.cat([torch.zeros(params[n].numel(), dtype=params[n].dtype) if gi is None else gi.reshape(-1)
                                for n, gi in zip(names, g)]))
     return torch.stack(rows)
+

@@ -14,10 +14,11 @@ Factor rules, G_b = sum_t D[b, t]^T A[b, t], consumed by the fused kernels:
   widens such an output to the batch so that its gradient keeps the samples apart).
 
 Explicit rules for the normalisation layers, whose weights are vectors: ``nn.LayerNorm``,
-``nn.RMSNorm``, ``nn.GroupNorm`` and BatchNorm in eval mode (running statistics): the weight's
-gradient is sum over positions of D * x_hat, the bias's the sum of D. Every other module with
-parameters (the RMS norms of transformers models, ``nn.MultiheadAttention``, a module owning a bare
-``nn.Parameter``) gets the exact per-sample vector-Jacobian rule of ``capture.sample_vjp``.
+``nn.RMSNorm``, ``nn.GroupNorm``, BatchNorm in eval mode (running statistics) and the RMS norms of
+transformers models (classes named ``*RMSNorm``, T5's ``T5LayerNorm``): the weight's gradient is the sum
+over positions of D * x_hat, the bias's the sum of D. Every other module with parameters
+(``nn.MultiheadAttention``, a module owning a bare ``nn.Parameter``) gets the exact per-sample
+vector-Jacobian rule of ``capture.sample_vjp``.
 """
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,29 @@ def rms_norm_rule(module, call):
     return affine_gradients(module, sample_rows(call.grad, call.batch_size), sample_rows(x_hat, call.batch_size))
 
 
+def scaled_norm_rule(module, call):
+    """The RMS norms of transformers models (Llama, Mistral, Qwen, Gemma, T5: a weight times, or one plus
+    the weight times, the normalised input, which they may compute in float32): the weight's per-sample
+    gradient is sum_t D * x_hat with x_hat = d output / d weight in the direction of ones, taken on the
+    recorded batch (the model's own rounding). Modules of such a name with another shape of parameters
+    get the checked per-sample VJP rule."""
+    from torch.func import functional_call, jvp
+
+    from .sample_vjp import generic_rule
+
+    own = dict(module.named_parameters(recurse=False))
+    x = call.input
+    if list(own) != ["weight"] or own["weight"].dim() != 1 or x.shape[-1] != own["weight"].shape[0] or call.kwargs \
+            or len(call.args) != 1:
+        return generic_rule(module, call)
+    weight = own["weight"].detach()
+    _, x_hat = jvp(lambda w: functional_call(module, {"weight": w}, (x,)), (weight,), (torch.ones_like(weight),))
+    grad = sample_rows(call.grad, call.batch_size)
+    x_hat = sample_rows(x_hat.to(grad.dtype), call.batch_size)
+    B = grad.shape[0]
+    return {"weight": (grad * x_hat).reshape(B, -1, weight.shape[0]).sum(1)}
+
+
 def group_norm_rule(module, call):
     x_hat = F.group_norm(call.input, module.num_groups, None, None, module.eps)
     return affine_gradients(module, call.grad, x_hat, channel_dim=1)
@@ -170,4 +194,6 @@ register_per_sample_rule(nn.Embedding, embedding_rule, check=embedding_check, wi
 register_per_sample_rule(nn.LayerNorm, layer_norm_rule)
 register_per_sample_rule(nn.RMSNorm, rms_norm_rule)
 register_per_sample_rule(nn.GroupNorm, group_norm_rule)
+register_per_sample_rule("*RMSNorm", scaled_norm_rule)
+register_per_sample_rule("*T5LayerNorm", scaled_norm_rule)
 register_per_sample_rule(nn.modules.batchnorm._BatchNorm, batch_norm_rule, check=batch_norm_check)

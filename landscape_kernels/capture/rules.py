@@ -74,8 +74,9 @@ _REGISTRY = {}  # module type, or "module.QualifiedName" of a class not imported
 
 
 def register_per_sample_rule(module_type, rule, check=None, covers_children=False, widen_shared=False):
-    """Make ``rule`` give the per-sample gradients of the parameters of ``module_type`` (a class, or
-    its qualified name "package.module.ClassName" for a class this library does not import). Subclasses
+    """Make ``rule`` give the per-sample gradients of the parameters of ``module_type`` (a class, its
+    qualified name "package.module.ClassName" for a class this library does not import, or "*Suffix" for
+    every class whose name ends so, e.g. "*RMSNorm"; a class or qualified name is looked up first). Subclasses
     use their closest registered base, unless they override ``forward`` (their inputs then need not be
     what the rule expects: such a subclass gets the checked per-sample VJP rule). Registering a type
     again replaces its rule; ``rule=None`` removes it."""
@@ -101,6 +102,10 @@ def rule_for(module):
         found = _REGISTRY.get(cls) or _REGISTRY.get(qualified_name(cls))
         if found is not None:
             return found if getattr(type(module), "forward", None) is getattr(cls, "forward", None) else None
+    name = type(module).__name__
+    for key, found in _REGISTRY.items():
+        if isinstance(key, str) and key.startswith("*") and name.endswith(key[1:]):
+            return found
     return None
 
 
