@@ -7,7 +7,8 @@ mean next-token cross-entropy, float32, eval mode. In one process:
    ``PerSampleGradients`` (one ordinary forward and backward, ``stats()``) vs Opacus ``GradSampleModule``
    and ``torch.func`` vmap(grad) (both materialise the 16 x P per-sample gradients); a plain forward and
    backward is the floor. Median of interleaved rounds; agreement against torch.func.
-2. Top-5 Hessian eigenvalues at tol 1e-3: ours (``HessianOperator`` + ``lanczos_eigs``) vs curvlinops
+2. Top-5 Hessian eigenvalues at tol 1e-3: ours (``HessianOperator`` + ``lanczos_eigs``, with the full
+   Lanczos basis and with ``max_basis=30``, thick restarts that bound its memory) vs curvlinops
    ``HessianLinearOperator`` + scipy ``eigsh`` and hessian-eigenthings ``lanczos`` (both given a module
    that returns the logits, and the math attention backend: the fused one has no double backward).
    Each in its own process (minutes of work each, and its peak memory its own); time, Hessian-vector
@@ -42,7 +43,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message="There is a performance drop")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from results_io import base_parser, write_json  # noqa: E402
-from timing import PeakRSS  # noqa: E402
+from timing import Counted, PeakRSS  # noqa: E402
 
 import landscape_kernels as lk  # noqa: E402
 
@@ -215,18 +216,9 @@ def child(part, method, size, device):
 
 
 # ---------------------------------------------------------------------------------- Hessian top-5
-class Counted:
-    def __init__(self, fn):
-        self.fn, self.n = fn, 0
-
-    def __call__(self, v):
-        self.n += 1
-        return self.fn(v)
-
-
-def top5_ours(model, ids):
+def top5_ours(model, ids, max_basis=None):
     H = lk.HessianOperator(model, lm_loss, ({"input_ids": ids}, ids))
-    r = lk.lanczos_eigs(H, K, tol=TOL, seed=0, num_iter=400)
+    r = lk.lanczos_eigs(H, K, tol=TOL, seed=0, num_iter=400, max_basis=max_basis)
     return r.eigenvalues.tolist(), r.num_products
 
 
@@ -254,16 +246,19 @@ def top5_eigenthings(model, ids):
     return sorted((float(v) for v in r.eigenvalues), reverse=True), op.matvec.n
 
 
-TOP5 = {"landscape_kernels": top5_ours, "curvlinops + scipy eigsh": top5_curvlinops,
-        "hessian-eigenthings lanczos": top5_eigenthings}
+TOP5 = {"landscape_kernels": top5_ours,
+        "landscape_kernels, max_basis=30": lambda model, ids: top5_ours(model, ids, max_basis=30),
+        "curvlinops + scipy eigsh": top5_curvlinops, "hessian-eigenthings lanczos": top5_eigenthings}
 
 
-def top5_part(size, device):
-    """Each method in its own process: minutes of work each, and its peak memory its own."""
-    rows = {}
+def top5_part(size, device, rows=None, only=None):
+    """Each method in its own process: minutes of work each, and its peak memory its own. ``only``: run
+    these methods again and keep the other ``rows``."""
+    rows = dict(rows or {})
     for name in TOP5:
-        rows[name] = in_child("top5", name, size, device)
-        print(name, rows[name], flush=True)
+        if only is None or name in only:
+            rows[name] = in_child("top5", name, size, device)
+            print(name, rows[name], flush=True)
     ref = np.array(rows["landscape_kernels"]["eigenvalues"])
     for r in rows.values():
         if "s" in r:
@@ -279,10 +274,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="rounds of the per-sample part")
     parser.add_argument("--skip-top5", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("PART", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--rerun-top5", nargs="+", metavar="METHOD", choices=list(TOP5),
+                        help="run these top-5 methods again and update their rows in --json, keeping the rest")
+    parser.add_argument("--note", help="with --rerun-top5: a note saying why, kept in the results")
     args = parser.parse_args()
     size = args.size or ("quick" if args.quick else "10m")
     if args.child:
         return child(*args.child, size, args.device)
+    if args.rerun_top5:
+        report = json.load(open(args.json))
+        report["top5"] = top5_part(report["size"], args.device, report["top5"], args.rerun_top5)
+        if args.note:
+            report["notes"] = args.note
+        return write_json(args.json, report)
     model, ids = problem(size, args.device)
     params = sum(p.numel() for p in model.parameters())
     print(f"GPT-2 {size}: {params:,} parameters, {B} x {T} tokens", flush=True)

@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from results_io import base_parser, write_json  # noqa: E402
-from timing import PeakRSS  # noqa: E402
+from timing import Counted, PeakRSS  # noqa: E402
 
 import landscape_kernels as lk  # noqa: E402
 from landscape_kernels.training.models import gpt, lm_loss  # noqa: E402
@@ -66,15 +66,6 @@ def problem(size, device="cpu", seed=0):
     idx = torch.randint(0, shape["vocab"], (16, 128), generator=g).to(device)
     targets = torch.randint(0, shape["vocab"], (16, 128), generator=g).to(device)
     return model, idx, targets
-
-
-class Counted:
-    def __init__(self, fn):
-        self.fn, self.n = fn, 0
-
-    def __call__(self, v):
-        self.n += 1
-        return self.fn(v)
 
 
 def ours(model, idx, targets, max_basis=None, batch_size=None):

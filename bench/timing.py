@@ -43,3 +43,14 @@ class PeakRSS:
         if self._start is not None and peak is not None:
             self.added = max(peak - self._start, 0) * 1024
         return False
+
+
+class Counted:
+    """A function that counts its calls (``n``): the matrix-vector products an eigensolver asked for."""
+
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, v):
+        self.n += 1
+        return self.fn(v)

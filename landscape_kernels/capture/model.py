@@ -17,7 +17,9 @@ import torch
 from torch.func import functional_call
 
 
-def _tensors(inputs):
+def tensors_in(inputs):
+    """The tensors of model inputs or of a module's output, in order: a tensor, or those in a tuple, list
+    or dict."""
     if isinstance(inputs, torch.Tensor):
         return [inputs]
     if isinstance(inputs, dict):
@@ -29,13 +31,13 @@ def _tensors(inputs):
 
 def is_inputs(inputs):
     """Whether ``inputs`` has one of the accepted forms (a tensor, or a tuple/list/dict holding one)."""
-    return bool(_tensors(inputs))
+    return bool(tensors_in(inputs))
 
 
 def batch_size_of(inputs, name="inputs"):
     """The batch size of model inputs: the leading size of the tensor, or of the first tensor of a
     tuple, list or dict."""
-    tensors = _tensors(inputs)
+    tensors = tensors_in(inputs)
     if not tensors or tensors[0].dim() == 0:
         raise TypeError(f"{name}: expected a tensor, or a tuple/list/dict of tensors with a batch dimension, "
                         f"got {type(inputs).__name__}")

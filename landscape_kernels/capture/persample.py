@@ -30,8 +30,8 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.checks import check_finite
-from .model import batch_size_of, call_model, model_output, slice_batch
-from .rules import Call, Factors, Rule, output_tensors, rule_for
+from .model import batch_size_of, call_model, model_output, slice_batch, tensors_in
+from .rules import Call, Factors, Rule, rule_for
 from .sample_vjp import generic_rule, stochastic_reason
 
 
@@ -219,7 +219,7 @@ class PerSampleGradients:
             if hooked.rule.widen_shared and B is not None and isinstance(output, torch.Tensor) and args:
                 replaced = _widen_shared_embedding(args[0], output, B)
                 output = output if replaced is None else replaced
-            tensors = output_tensors(output)
+            tensors = tensors_in(output)
             if not any(t.requires_grad for t in tensors):
                 return replaced
             call = Call(tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()},

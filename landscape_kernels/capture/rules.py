@@ -107,14 +107,3 @@ def rule_for(module):
         if isinstance(key, str) and key.startswith("*") and name.endswith(key[1:]):
             return found
     return None
-
-
-def output_tensors(output):
-    """The tensors of a module's output, in order (a tensor, or those in a tuple, list or dict)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return [v for v in output.values() if isinstance(v, torch.Tensor)]
-    if isinstance(output, (tuple, list)):
-        return [v for v in output if isinstance(v, torch.Tensor)]
-    return []

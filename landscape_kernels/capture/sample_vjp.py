@@ -19,7 +19,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .rules import output_tensors, register_per_sample_rule
+from .model import tensors_in
+from .rules import register_per_sample_rule
 
 SAMPLE_CHUNK = 32  # samples per vmapped evaluation
 
@@ -61,7 +62,7 @@ def sample_vjp_gradients(module, call, names, arg_dims=None, kwarg_dims=None, ou
     def objective(p, a, kw, gs):
         out = functional_call(module, p, widen(a, arg_dims), dict(zip(keys, widen(kw, kw_dims))), strict=False)
         total = 0
-        for o, g, d in zip(output_tensors(out), gs, out_dims):
+        for o, g, d in zip(tensors_in(out), gs, out_dims):
             if g is not None:
                 total = total + (o * g.unsqueeze(d)).sum()
         return total
@@ -79,7 +80,7 @@ def batch_vjp_gradients(module, call, names):
     chosen = {n: params[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad():
         out = functional_call(module, chosen, tuple(call.args), dict(call.kwargs), strict=False)
-        pairs = [(o, g) for o, g in zip(output_tensors(out), call.grads) if g is not None]
+        pairs = [(o, g) for o, g in zip(tensors_in(out), call.grads) if g is not None]
         total = sum((o * g).sum() for o, g in pairs)
         got = torch.autograd.grad(total, list(chosen.values()), allow_unused=True)
     return {n: torch.zeros_like(chosen[n]) if g is None else g for n, g in zip(names, got)}

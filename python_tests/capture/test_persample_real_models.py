@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import landscape_kernels as lk
 from landscape_kernels import Factors, PerSampleGradients
-from real_models import TORCH, TRANSFORMERS, build
+from real_models import TORCH, TRANSFORMERS, build, lm_loss
 from testing import loop_per_sample_gradients, rel_err
 
 # the sample-VJP rule vmaps scaled_dot_product_attention, which has no batching rule (a slow fallback)
@@ -25,6 +25,14 @@ def forward(case):
     """What a user writes: model(x) or model(**inputs), and the logits of a transformers output."""
     out = case.model(**case.inputs) if isinstance(case.inputs, dict) else case.model(case.inputs)
     return out.logits if hasattr(out, "logits") else out
+
+
+def recorded(model, loss_fn, x, y):
+    """(statistics of one ordinary forward and backward, the oracle's per-sample gradients)."""
+    ps = PerSampleGradients(model)
+    with ps:
+        loss_fn(model(x), y).backward()
+    return ps, loop_per_sample_gradients(model, loss_fn, x, y, ps.param_names)
 
 
 def assert_statistics_match(ps, G, tol):
@@ -93,16 +101,7 @@ def test_one_dimensional_position_ids_are_widened_inside_the_model():
         def forward(self, idx):
             return self.head(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))  # (T,) positions
 
-    model = Positions().double()
-    idx, y = torch.randint(0, 9, (3, 5)), torch.randint(0, 3, (3, 5))
-
-    def loss_fn(out, t):
-        return F.cross_entropy(out.reshape(-1, 3), t.reshape(-1))
-
-    ps = PerSampleGradients(model)
-    with ps:
-        loss_fn(model(idx), y).backward()
-    G = loop_per_sample_gradients(model, loss_fn, idx, y, ps.param_names)
+    ps, G = recorded(Positions().double(), lm_loss, torch.randint(0, 9, (3, 5)), torch.randint(0, 3, (3, 5)))
     assert rel_err(ps.gram(), G @ G.T) <= 1e-10
 
 
@@ -226,20 +225,13 @@ def test_a_registered_user_rule_is_used_and_exact():
         torch.manual_seed(0)
         model = nn.Sequential(ScaledLinear(5, 4), nn.Tanh(), ScaledLinear(4, 3)).double()
         x, y = torch.randn(6, 7, 5, dtype=torch.float64), torch.randint(0, 3, (6, 7))
-
-        def loss_fn(out, t):
-            return F.cross_entropy(out.reshape(-1, 3), t.reshape(-1))
-
-        ps = PerSampleGradients(model)
-        with ps:
-            loss_fn(model(x), y).backward()
-        G = loop_per_sample_gradients(model, loss_fn, x, y, ps.param_names)
+        ps, G = recorded(model, lm_loss, x, y)
         assert_statistics_match(ps, G, 1e-10)
         assert len(calls) == 2
     finally:
         lk.register_per_sample_rule(ScaledLinear, None)
     ps = PerSampleGradients(model)  # without the rule: the checked per-sample VJP gives the same
-    ps.compute(loss_fn, x, y)
+    ps.compute(lm_loss, x, y)
     assert rel_err(ps.gram(), G @ G.T) <= 1e-10
 
 
