@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message="There is a performance drop")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from results_io import base_parser, write_json  # noqa: E402
-from timing import Counted, PeakRSS  # noqa: E402
+from anchors import curvlinops_eigsh_top, eigenthings_top  # noqa: E402
+from timing import PeakRSS  # noqa: E402
 
 import landscape_kernels as lk  # noqa: E402
 
@@ -223,27 +223,11 @@ def top5_ours(model, ids, max_basis=None):
 
 
 def top5_curvlinops(model, ids):
-    from curvlinops import HessianLinearOperator
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    wrapped = Logits(model)
-    with sdpa_kernel(SDPBackend.MATH):
-        op = HessianLinearOperator(wrapped, LMLoss(), list(wrapped.parameters()), [(ids, ids)]).to_scipy()
-        mv = Counted(lambda v: op @ v)
-        P = op.shape[0]
-        vals = eigsh(LinearOperator((P, P), matvec=mv, dtype=np.float32), k=K, which="LA", tol=TOL,
-                     v0=np.random.default_rng(0).standard_normal(P).astype(np.float32))[0]
-    return sorted(vals.tolist(), reverse=True), mv.n
+    return curvlinops_eigsh_top(Logits(model), LMLoss(), [(ids, ids)], K, TOL)
 
 
 def top5_eigenthings(model, ids):
-    import hessian_eigenthings as he
-
-    op = he.HessianOperator(Logits(model), [(ids, ids)], he.supervised_loss(LMLoss()))
-    op.matvec = Counted(op.matvec)
-    with sdpa_kernel(SDPBackend.MATH):
-        r = he.lanczos(op, k=K, max_iter=120, tol=TOL, which="LA", seed=0, reorthogonalize=True)
-    return sorted((float(v) for v in r.eigenvalues), reverse=True), op.matvec.n
+    return eigenthings_top(Logits(model), LMLoss(), [(ids, ids)], K, TOL, max_iter=120)
 
 
 TOP5 = {"landscape_kernels": top5_ours,

@@ -29,16 +29,15 @@ import time
 from functools import partial
 from datetime import datetime, timedelta, timezone
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from results_io import base_parser, write_json  # noqa: E402
-from timing import Counted, PeakRSS  # noqa: E402
+from anchors import curvlinops_eigsh_top, eigenthings_top  # noqa: E402
+from timing import PeakRSS  # noqa: E402
 
 import landscape_kernels as lk  # noqa: E402
 from landscape_kernels.training.models import gpt, lm_loss  # noqa: E402
@@ -78,28 +77,12 @@ def ours(model, idx, targets, max_basis=None, batch_size=None):
 
 
 def eigenthings(model, idx, targets):
-    import hessian_eigenthings as he
-
-    op = he.HessianOperator(model, [(idx, targets)], he.supervised_loss(LMLoss()))
-    op.matvec = Counted(op.matvec)
-    with sdpa_kernel(SDPBackend.MATH):
-        # it stores and reorthogonalises against every step and ran to max_iter in the quick run: capped
-        # at EIGENTHINGS_STEPS (its eigenvalues are then compared with the converged ones)
-        r = he.lanczos(op, k=K, max_iter=EIGENTHINGS_STEPS, tol=TOL, which="LA", seed=0, reorthogonalize=True)
-    return [float(v) for v in r.eigenvalues], op.matvec.n
+    vals, products = eigenthings_top(model, LMLoss(), [(idx, targets)], K, TOL, EIGENTHINGS_STEPS)
+    return vals, products
 
 
 def curvlinops_eigsh(model, idx, targets):
-    from curvlinops import HessianLinearOperator
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
-    with sdpa_kernel(SDPBackend.MATH):
-        op = HessianLinearOperator(model, LMLoss(), list(model.parameters()), [(idx, targets)]).to_scipy()
-        mv = Counted(lambda v: op @ v)
-        P = op.shape[0]
-        vals = eigsh(LinearOperator((P, P), matvec=mv, dtype=np.float32), k=K, which="LA", tol=TOL,
-                     v0=np.random.default_rng(0).standard_normal(P).astype(np.float32))[0]
-    return sorted(vals.tolist(), reverse=True), mv.n
+    return curvlinops_eigsh_top(model, LMLoss(), [(idx, targets)], K, TOL)
 
 
 def gram_ours(model, idx, targets):

@@ -185,6 +185,18 @@ def render_variance_flatness(report):
     return "\n".join(lines)
 
 
+def _method_rows(rows, absolute, time_cell, cells, errors_span):
+    """Table rows, one per method: its name, its time where absolute times are shown, ``cells(row)``; a
+    method that failed shows its error over ``errors_span`` columns."""
+    lines = []
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} |" + (" — |" if absolute else "") + " — |" * (errors_span - 1) + f" {r['error'][:90]} |")
+        else:
+            lines.append(f"| {name} |" + (f" {time_cell(r)} |" if absolute else "") + "".join(f" {c} |" for c in cells(r)))
+    return lines
+
+
 def render_real_models(report):
     absolute = not report["device"].startswith("CPU")
     lines = [f"{_measured(report)}; {report['model']}, {report['parameters']:,} parameters, "
@@ -194,25 +206,20 @@ def render_real_models(report):
              "to `torch.func`)", "",
              "| method |" + (" time |" if absolute else "") + " x ours | peak added | rel. err norms / Gram / variance |",
              "|---|" + ("---:|" if absolute else "") + "---:|---:|---|"]
-    for name, r in report["per_sample"].items():
-        if "error" in r:
-            lines.append(f"| {name} |" + (" — |" if absolute else "") + f" — | — | {r['error'][:90]} |")
-            continue
-        err = " / ".join(f"{r['rel_err'][k]:.0e}" for k in ("sq_norms", "gram", "variance")) if "rel_err" in r else "—"
-        unit = f" {r['s'] * 1e3:.0f} ms |" if absolute else ""
-        lines.append(f"| {name} |{unit} {r['x_ours']:.2f} | {_mib(r.get('peak_added_bytes'))} | {err} |")
+
+    def errors(r):
+        return " / ".join(f"{r['rel_err'][k]:.0e}" for k in ("sq_norms", "gram", "variance")) if "rel_err" in r else "—"
+
+    lines += _method_rows(report["per_sample"], absolute, lambda r: f"{r['s'] * 1e3:.0f} ms",
+                          lambda r: [f"{r['x_ours']:.2f}", _mib(r.get("peak_added_bytes")), errors(r)], 3)
     if "top5" in report:
         lines += ["", "**Top-5 Hessian eigenvalues**, tol 1e-3 (difference: the largest relative difference of the five "
                   "eigenvalues to ours)", "",
                   "| method |" + (" time |" if absolute else "") + " x ours | Hessian-vector products | peak added | difference |",
                   "|---|" + ("---:|" if absolute else "") + "---:|---:|---:|---:|"]
-        for name, r in report["top5"].items():
-            if "error" in r:
-                lines.append(f"| {name} |" + (" — |" if absolute else "") + f" — | — | — | {r['error'][:90]} |")
-                continue
-            unit = f" {r['s']:.1f} s |" if absolute else ""
-            lines.append(f"| {name} |{unit} {r['x_ours']:.2f} | {r['products']} | {_mib(r['peak_added_bytes'])} | "
-                         f"{r['max_rel_diff_to_ours']:.0e} |")
+        lines += _method_rows(report["top5"], absolute, lambda r: f"{r['s']:.1f} s",
+                              lambda r: [f"{r['x_ours']:.2f}", r["products"], _mib(r["peak_added_bytes"]),
+                                         f"{r['max_rel_diff_to_ours']:.0e}"], 4)
     if report.get("notes"):
         lines += ["", f"Note: {report['notes']}"]
     return "\n".join(lines)
