@@ -279,3 +279,27 @@ def test_the_built_in_rules_serve_the_layers_they_are_written_for():
     gpt2 = build("gpt2").model
     assert rule_for(gpt2.transformer.h[0].attn.c_attn).fn is layers.transformers_conv1d_rule
     assert rule_for(nn.ConvTranspose2d(2, 2, 3)) is None  # its own forward: the checked per-sample VJP rule
+
+
+def test_sequence_first_multihead_attention_with_a_padding_mask():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(8, 2, bias=True, add_bias_kv=True), nn.Linear(8, 3)
+
+        def forward(self, x, pad):
+            h = x.transpose(0, 1)  # (T, B, E): batch_first=False
+            out, _ = self.attn(h, h, h, key_padding_mask=pad)  # the attention weights are returned too, unused
+            return self.head(out.transpose(0, 1).mean(1))
+
+    torch.manual_seed(0)
+    model = SeqFirst().double().eval()
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    pad = torch.zeros(4, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    ps = PerSampleGradients(model)
+    with ps:
+        F.cross_entropy(model(x, pad), y).backward()
+    G = loop_per_sample_gradients(model, F.cross_entropy, (x, pad), y, ps.param_names)
+    assert "attn.bias_k" in ps.param_names and "attn.out_proj.weight" in ps.param_names
+    assert_statistics_match(ps, G, 1e-10)
