@@ -4,6 +4,7 @@
 - ``rules``: the registry of per-sample rules (``register_per_sample_rule``, ``Factors``, ``Call``);
 - ``layers``: the built-in rules (Linear, transformers' Conv1D, ConvNd, Embedding, the norms);
 - ``sample_vjp``: the exact per-sample vector-Jacobian rule (MultiheadAttention, any other module);
+- ``fallback``: whole-model per-sample gradients for fallback="vmap" (torch.func, or a loop);
 - ``model``: ``chosen_parameters``, ``as_batches``, ``call_model``, ``model_output``, ``eval_mode``;
 - ``collectives``, ``distributed``: per-sample statistics over the ranks of a process group.
 """

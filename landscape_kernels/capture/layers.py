@@ -112,6 +112,18 @@ def embedding_rule(module, call):
     return {"weight": Factors(grad.reshape(B, -1, grad.shape[-1]), onehot)}
 
 
+def widen_shared_embedding(indices, output, B):
+    """An embedding of indices shared by the batch (position ids of shape (1, T), or (T,) with T != B) as
+    a (B, ...) view, so that its gradient keeps the samples apart; None when the indices are batched."""
+    if not isinstance(indices, torch.Tensor) or B is None:
+        return None
+    if indices.dim() >= 2 and indices.shape[0] == 1 and B > 1:
+        return output.expand(B, *output.shape[1:])
+    if indices.dim() == 1 and indices.shape[0] != B:
+        return output.unsqueeze(0).expand(B, *output.shape)
+    return None
+
+
 def embedding_check(module):
     if module.max_norm is not None or module.scale_grad_by_freq:
         return "Embedding with max_norm or scale_grad_by_freq"

@@ -30,7 +30,9 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.checks import check_finite
-from .model import batch_size_of, call_model, model_output, slice_batch, tensors_in
+from .fallback import whole_model_per_sample_gradients
+from .layers import widen_shared_embedding
+from .model import batch_size_of, call_model, model_output, tensors_in
 from .rules import Call, Factors, Rule, rule_for
 from .sample_vjp import generic_rule, stochastic_reason
 
@@ -217,7 +219,7 @@ class PerSampleGradients:
             B = self._model_batch
             replaced = None
             if hooked.rule.widen_shared and B is not None and isinstance(output, torch.Tensor) and args:
-                replaced = _widen_shared_embedding(args[0], output, B)
+                replaced = widen_shared_embedding(args[0], output, B)
                 output = output if replaced is None else replaced
             tensors = tensors_in(output)
             if not any(t.requires_grad for t in tensors):
@@ -256,44 +258,8 @@ class PerSampleGradients:
         return self._reference.get(name)
 
     def _vmap_gradients(self, loss_fn, inputs, targets):
-        """(B, P_fallback) per-sample gradients of the fallback parameters by chunked ``torch.func``
-        (each sample a batch of one), or by one backward per sample for a model ``vmap`` cannot run
-        (data-dependent control flow, e.g. the attention masks some transformers models build)."""
-        from torch.func import grad, vmap
-
-        names = list(self._fallback_params)
-        B = batch_size_of(inputs)
-        trainable = {n: self._fallback_params[n].detach() for n in names}
-        rows = []
-        for start in range(0, B, self.vmap_chunk_size):
-            x = slice_batch(inputs, start, start + self.vmap_chunk_size)
-            y = targets[start : start + batch_size_of(x)]
-            dims = _input_dims(x, batch_size_of(x))
-
-            def sample_loss(values, x_b, y_b, dims=dims):
-                out = model_output(call_model(self.model, _with_batch_of_one(x_b, dims), values), self.output_fn)
-                return loss_fn(out, y_b.unsqueeze(0))
-
-            try:
-                with torch.no_grad():  # the other parameters are constants here (grad transforms see through it)
-                    g = vmap(grad(sample_loss), in_dims=(None, dims, 0))(trainable, x, y)
-                rows.append(torch.cat([g[k].flatten(1) for k in names], 1))
-            except RuntimeError as exc:
-                if "vmap" not in str(exc):
-                    raise
-                rows.append(self._looped_gradients(loss_fn, x, y, names))
-        return torch.cat(rows)
-
-    def _looped_gradients(self, loss_fn, inputs, targets, names):
-        """(B, P_fallback) by one forward and backward per sample."""
-        params = dict(self.model.named_parameters())
-        rows = []
-        for b in range(batch_size_of(inputs)):
-            out = model_output(call_model(self.model, slice_batch(inputs, b, b + 1)), self.output_fn)
-            g = torch.autograd.grad(loss_fn(out, targets[b : b + 1]), [params[n] for n in names], allow_unused=True)
-            rows.append(torch.cat([torch.zeros_like(params[n]).flatten() if gi is None else gi.flatten()
-                                   for n, gi in zip(names, g)]))
-        return torch.stack(rows)
+        return whole_model_per_sample_gradients(self.model, loss_fn, inputs, targets, self._fallback_params,
+                                                self.output_fn, self.vmap_chunk_size)
 
     # ------------------------------------------------------------------- recorded parameter blocks
     def _blocks(self):
@@ -586,39 +552,3 @@ def _storer(call, index):
         call.grads[index] = grad.detach()
 
     return store
-
-
-def _widen_shared_embedding(indices, output, B):
-    """An embedding of indices shared by the batch (position ids of shape (1, T), or (T,) with T != B) as
-    a (B, ...) view, so that its gradient keeps the samples apart; None when the indices are batched."""
-    if not isinstance(indices, torch.Tensor) or B is None:
-        return None
-    if indices.dim() >= 2 and indices.shape[0] == 1 and B > 1:
-        return output.expand(B, *output.shape[1:])
-    if indices.dim() == 1 and indices.shape[0] != B:
-        return output.unsqueeze(0).expand(B, *output.shape)
-    return None
-
-
-def _input_dims(inputs, B):
-    """vmap in_dims for model inputs: 0 for tensors with the batch size leading, None for the others."""
-    def dim(v):
-        return 0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else None
-
-    if isinstance(inputs, torch.Tensor):
-        return 0
-    if isinstance(inputs, dict):
-        return {k: dim(v) for k, v in inputs.items()}
-    return type(inputs)(dim(v) for v in inputs)
-
-
-def _with_batch_of_one(inputs, dims):
-    """Inside vmap: each sample's inputs as a batch of one (the tensors ``dims`` marks as batched)."""
-    def widen(v, d):
-        return v.unsqueeze(0) if d == 0 else v
-
-    if isinstance(inputs, torch.Tensor):
-        return inputs.unsqueeze(0)
-    if isinstance(inputs, dict):
-        return {k: widen(v, dims[k]) for k, v in inputs.items()}
-    return type(inputs)(widen(v, d) for v, d in zip(inputs, dims))
