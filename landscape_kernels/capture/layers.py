@@ -23,8 +23,10 @@ vector-Jacobian rule of ``capture.sample_vjp``.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, jvp
 
 from .rules import Factors, register_per_sample_rule
+from .sample_vjp import generic_rule
 
 
 def sample_rows(t, batch_size):
@@ -162,10 +164,6 @@ def scaled_norm_rule(module, call):
     gradient is sum_t D * x_hat with x_hat = d output / d weight in the direction of ones, taken on the
     recorded batch (the model's own rounding). Modules of such a name with another shape of parameters
     get the checked per-sample VJP rule."""
-    from torch.func import functional_call, jvp
-
-    from .sample_vjp import generic_rule
-
     own = dict(module.named_parameters(recurse=False))
     x = call.input
     if list(own) != ["weight"] or own["weight"].dim() != 1 or x.shape[-1] != own["weight"].shape[0] or call.kwargs \

@@ -11,6 +11,7 @@ and how a model is called.
   also when the body raises (products and measurements are taken in inference mode).
 """
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -27,11 +28,6 @@ def tensors_in(inputs):
     if isinstance(inputs, (tuple, list)):
         return [v for v in inputs if isinstance(v, torch.Tensor)]
     return []
-
-
-def is_inputs(inputs):
-    """Whether ``inputs`` has one of the accepted forms (a tensor, or a tuple/list/dict holding one)."""
-    return bool(tensors_in(inputs))
 
 
 def batch_size_of(inputs, name="inputs"):
@@ -59,9 +55,11 @@ def slice_batch(inputs, start, stop):
     return type(inputs)(cut(v) for v in inputs)
 
 
-def _accepts_use_cache(model):
+@functools.lru_cache(maxsize=None)
+def _accepts_use_cache(model_type):
+    """Whether the class's forward takes ``use_cache`` (looked up once per class: call_model runs per batch)."""
     try:
-        return "use_cache" in inspect.signature(model.forward).parameters
+        return "use_cache" in inspect.signature(model_type.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -77,7 +75,7 @@ def call_model(model, inputs, params=None):
         args, kwargs = tuple(inputs), {}
     else:
         args, kwargs = (inputs,), {}
-    if "use_cache" not in kwargs and _accepts_use_cache(model):
+    if "use_cache" not in kwargs and _accepts_use_cache(type(model)):
         kwargs["use_cache"] = False
     if params is None:
         return model(*args, **kwargs)
@@ -120,7 +118,7 @@ def as_batches(data, batch_size=None):
     None: one batch) or an iterable of such pairs; inputs are a tensor, tuple, list or dict (see
     ``call_model``); empty batches are dropped."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) \
-            and (isinstance(data[0], (torch.Tensor, dict)) or (isinstance(data[0], (tuple, list)) and is_inputs(data[0]))):
+            and (isinstance(data[0], (torch.Tensor, dict)) or (isinstance(data[0], (tuple, list)) and tensors_in(data[0]))):
         x, y = data
         n = batch_size_of(x, "data inputs")
         if n != y.shape[0]:

@@ -34,7 +34,7 @@ from .fallback import whole_model_per_sample_gradients
 from .layers import widen_shared_embedding
 from .model import batch_size_of, call_model, model_output, tensors_in
 from .rules import Call, Factors, Rule, rule_for
-from .sample_vjp import generic_rule, stochastic_reason
+from .sample_vjp import generic_rule
 
 
 @dataclass
@@ -148,7 +148,7 @@ class PerSampleGradients:
                 continue
             reason = rule.check(module) if rule is not None and rule.check is not None else None
             if rule is None and self.fallback == "error":
-                rule, reason = Rule(generic_rule), stochastic_reason(module)
+                rule = Rule(generic_rule)  # it refuses, when it runs, a module it cannot re-run faithfully
             if rule is not None and reason is None:
                 hooked.append(_Hooked(name, module, rule, own))
             elif self.fallback == "vmap":
@@ -319,9 +319,8 @@ class PerSampleGradients:
         factors = [Factors(*(t.unsqueeze(1) if t.dim() == 2 else t for t in p)) for p in parts if isinstance(p, Factors)]
         explicit = [p for p in parts if not isinstance(p, Factors)]
         widths = {(f.A.shape[-1], f.D.shape[-1]) for f in factors}
-        B = self._agree_batch_size(layers[0], (factors[0].A if factors else explicit[0]).shape[0])
         for p in factors + explicit:
-            self._agree_batch_size(layers[0], (p.A if isinstance(p, Factors) else p).shape[0])
+            B = self._agree_batch_size(layers[0], (p.A if isinstance(p, Factors) else p).shape[0])
         scale = B if self.loss_reduction == "mean" else 1
         if not explicit and len(widths) == 1:
             A = torch.cat([f.A for f in factors], 1) if len(factors) > 1 else factors[0].A

@@ -122,9 +122,6 @@ def multihead_attention_rule(module, call):
     per-sample VJP covers all of its parameters (``out_proj``'s included)."""
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     seq_dim = 0 if module.batch_first else 1
-    reason = stochastic_reason(module)
-    if reason:
-        raise ValueError(f"PerSampleGradients: MultiheadAttention re-run per sample would not reproduce the forward: {reason}")
     if call.input.dim() != 3:
         raise ValueError(f"PerSampleGradients: MultiheadAttention needs batched inputs, got shape {tuple(call.input.shape)}")
     mask = call.kwargs.get("attn_mask", call.args[5] if len(call.args) > 5 else None)

@@ -5,7 +5,7 @@ import copy
 import torch
 from torch.func import grad, jvp, vmap
 
-from ..capture.model import call_model, cast_floating, model_output
+from ..capture.model import cast_floating
 from . import rop
 from .model import ModelOperator
 
@@ -156,8 +156,7 @@ class HessianOperator(ModelOperator):
         total = [torch.zeros_like(v) for v in values]
         for x, y in self.batches:
             vals = [v.detach().requires_grad_(True) for v in values]
-            out = model_output(call_model(model, cast_floating(x, dtype), dict(zip(self.param_names, vals))),
-                               self.output_fn)
+            out = self.output(vals, cast_floating(x, dtype), model)
             loss = self.loss_fn(out, cast_floating(y, dtype)) * self.batch_weight(x)
             for t, g in zip(total, torch.autograd.grad(loss, vals)):
                 t.add_(g)

@@ -69,11 +69,11 @@ class ModelOperator(Operator):
                 "scaled_dot_product_attention, which its fused backends lack; pass math_attention=True (exact, the "
                 "math backend) or None (switch when needed). Original error: " + text) from exc
 
-    def output(self, param_values, x):
+    def output(self, param_values, x, model=None):
         """The tensor the loss is taken of on inputs ``x``, the chosen parameters set to ``param_values``
-        (None: as they are)."""
+        (None: as they are); ``model``: another copy of the model (default: the operator's)."""
         values = None if param_values is None else dict(zip(self.param_names, param_values))
-        return model_output(call_model(self.model, x, values), self.output_fn)
+        return model_output(call_model(self.model if model is None else model, x, values), self.output_fn)
 
     def batch_loss(self, param_values, x, y):
         """``loss_fn`` on the batch (x, y) with the chosen parameters set to ``param_values``."""
