@@ -3,6 +3,7 @@ published analysis into a report folder; every job's flags come from its config,
 ``reproduce.job``)."""
 import argparse
 import json
+import signal
 import sys
 
 from .reproduce import escape_rate, forgetting, noise_curvature, nsgd, sharpest_directions, variance_flatness
@@ -35,9 +36,13 @@ def main(argv=None):
         return 0
     try:
         return JOBS[args.job].main(args)
-    except (FileNotFoundError, ValueError) as exc:  # a missing dataset or a bad setting: one clear line
+    except (OSError, ValueError) as exc:  # a missing or damaged file, a bad setting: one clear line
         print(f"landscape-kernels: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what was recorded is kept
+        print(f"landscape-kernels: interrupted ({exc or 'SIGINT'}); everything recorded is kept in {args.out}: "
+              "run the same command with --resume to continue", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

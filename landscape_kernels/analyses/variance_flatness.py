@@ -166,6 +166,15 @@ class MLFEnsemble:
                 "num_minibatches": self.theta_star.shape[0]}
 
 
+def _parabola_fit_matrix(u):
+    """(3, P): the least-squares (a, b, c) of a u^2 + b u + c through values at the points ``u`` in
+    [-1, 1] are this matrix times the values. Applied as explicit products and sums (not MKL's lstsq
+    or a BLAS product), so the fit is bit-for-bit the same wherever its inputs lie in memory and a
+    resumed run reproduces the uninterrupted one."""
+    design = torch.stack([u**2, u, torch.ones_like(u)], 1)
+    return torch.linalg.solve(design.T @ design, design.T)
+
+
 def mlf_ensemble(model, loss_fn, x, y, directions, batch_size, num_minibatches=100, seed=0, param="2.weight",
                  method="derivatives", halfwidth=1.0, points=7):
     """The MLF ensemble of Feng & Tu 2021. ``method`` "derivatives": theta* = -g^mu / M^mu from the first and second directional
@@ -187,15 +196,14 @@ def mlf_ensemble(model, loss_fn, x, y, directions, batch_size, num_minibatches=1
             raise ValueError(f"mlf_ensemble: a parabola needs points >= 3, got {points}")
         h = torch.as_tensor(halfwidth, dtype=torch.float64).expand(D)
         unit = torch.linspace(-1, 1, points, dtype=torch.float64)
+        fit = _parabola_fit_matrix(unit)
         theta, M = torch.empty(num_minibatches, D, dtype=torch.float64), torch.empty(num_minibatches, D, dtype=torch.float64)
         for d in range(D):  # one offset grid per direction (its own half-width)
-            grid = unit * h[d]
-            design = torch.stack([grid**2, grid, torch.ones_like(grid)], 1)
-            for m, idx in enumerate(batches):
-                L = loss_profiles(model, loss_fn, (x[idx], y[idx]), directions[d : d + 1].reshape(1, -1), grid,
-                                  params=[param])[0]
-                a, b, _ = torch.linalg.lstsq(design, L[:, None]).solution[:, 0]
-                theta[m, d], M[m, d] = -b / (2 * a), 2 * a
+            L = torch.stack([loss_profiles(model, loss_fn, (x[idx], y[idx]), directions[d : d + 1].reshape(1, -1),
+                                           unit * h[d], params=[param])[0] for idx in batches])
+            # L = a u^2 + b u + c at u = delta / h: curvature 2 a / h^2, minimum at -b h / (2 a)
+            a, b = (sum(fit[row, j] * L[:, j] for j in range(points)) for row in (0, 1))
+            theta[:, d], M[:, d] = -b * h[d] / (2 * a), 2 * a / h[d] ** 2
     convex = M > 0
     nonconvex = (~convex).sum(0)
     sigma = torch.stack([theta[convex[:, d], d].var() if int(convex[:, d].sum()) > 1 else torch.tensor(float("nan"),

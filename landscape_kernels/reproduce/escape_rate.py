@@ -45,7 +45,7 @@ class EscapeRateConfig:
     dataset: str = dataset_option("mnist", "digits: the embedded 8x8 digits (offline); mnist: the paper's data, for "
                                            "the even/odd MLP parts")
     data_dir: str = data_dir_option()
-    seed: int = option(0, "seed of the data draws, the chains and the network")
+    seed: int = option(0, "seed of the data draws, the chains and the network", minimum=0)
     # linear regression (Mori et al. 2022, section 6)
     stationary_lrs: tuple = option((0.1, 0.05), "learning rates of the stationary-distribution runs")
     stationary_batch_sizes: tuple = option((1, 2, 4, 8), "batch sizes of the stationary-distribution runs")
@@ -69,7 +69,7 @@ class EscapeRateConfig:
     noise_lr: float = 0.1
     noise_epochs: int = option(100, "epochs of the noise-strength run")
     decoupling_lr: float = 0.01
-    decoupling_epochs: tuple = option((0, 50, 500), "epochs at which the decoupling spectra are taken")
+    decoupling_epochs: tuple = option((0, 50, 500), "epochs at which the decoupling spectra are taken", minimum=0)
     spectrum_samples: int = option(4000, "samples in the dense decoupling spectra")
     quick: bool = option(False, "a short run on the embedded digits")
 
@@ -185,7 +185,7 @@ def _train_and_measure(folder, cfg, data, lr, at_epochs, measure, ctx):
     done = {int(k): v for k, v in read_json(path).items()} if ctx.resume and os.path.isfile(path) else {}
     model = glorot_mlp(data[0].shape[1], cfg.hidden, cfg.seed)
     trainer = SGDTrainer(model, *data, batch_size=cfg.batch_size, lr=lr, seed=cfg.seed, loss_fn=half_squared_error,
-                         checkpoint=os.path.join(folder, "checkpoint.pt"))
+                         checkpoint=os.path.join(folder, "checkpoint.pt"), checkpoint_seconds=ctx.checkpoint_seconds)
     ctx.resume_training(trainer)
     for epoch in at_epochs:
         if epoch in done:

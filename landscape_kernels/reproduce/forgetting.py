@@ -43,10 +43,10 @@ class ForgettingConfig:
     window: int = 2000
     max_pcs: int = 100  # task-1 PCs whose flatness is measured (the N_c sharpest are constrained)
     num_constraints: int = option(20, "N_c, the sharpest task-1 directions held")
-    lam: float = option(10.0, "strength lambda of the constraints")
+    lam: float = option(10.0, "strength lambda of the constraints", minimum=0)
     lambdas: tuple = (0.1, 1.0, 10.0, 100.0, 1000.0)
     constraint_counts: tuple = (1, 5, 10, 20, 50)
-    seed: int = option(0, "seed of the initialisation and the minibatch order")
+    seed: int = option(0, "seed of the initialisation and the minibatch order", minimum=0)
     quick: bool = option(False, "a short smoke run of the whole job")
 
     def resolved(self):
@@ -76,7 +76,7 @@ def _learn_task1(cfg, train1, ctx):
     model = mlp((train1[0].shape[1], 50, 50, 10), seed=cfg.seed)
     window = WindowRecorder(model, [LAYER], cfg.window)
     trainer = SGDTrainer(model, *train1, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, callbacks=[window],
-                         checkpoint=ctx.path("task1_checkpoint.pt"))
+                         checkpoint=ctx.path("task1_checkpoint.pt"), checkpoint_seconds=ctx.checkpoint_seconds)
     ctx.resume_training(trainer).run(max_epochs=cfg.task1_epochs, stopping_rule=None, progress=ctx.progress)
     return model, window
 

@@ -21,6 +21,7 @@ temporary name and renamed.
 """
 import argparse
 import json
+import math
 import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -31,15 +32,57 @@ import torch
 from ..version import __version__
 
 DATASETS = ("digits", "mnist")
+JOB_FILE = "job.json"  # in every run folder: which job wrote it, with which settings
+RESUME_MAY_CHANGE = {"device", "data_dir"}  # settings a resumed run may change (where it runs, where the data is)
 DATA_DIR_HELP = "ROOT holding MNIST/raw (default $LANDSCAPE_KERNELS_DATA or ~/.cache/landscape_kernels)"
 
 
 # ------------------------------------------------------------------------------------- config
-def option(default, help, type=None, choices=None):
+def option(default, help, type=None, choices=None, minimum=None):
     """A config field that is also a command-line flag: ``--name-with-dashes``. Tuples are given as
     comma lists of ``type`` (default: the type of the default's first element); ``False`` defaults are
-    switches."""
-    return field(default=default, metadata={"cli": {"help": help, "type": type, "choices": choices}})
+    switches. A number (or each number of a list) must be finite and positive, or at least ``minimum``
+    when one is given (``minimum=0`` for seeds and counts that may be zero); ``check_options`` says so."""
+    return field(default=default, metadata={"cli": {"help": help, "type": type, "choices": choices,
+                                                    "minimum": minimum}})
+
+
+def flag_name(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_options(cfg):
+    """Every numeric option of ``cfg`` finite and within its bound (``option(minimum=...)``, default
+    positive); the first that is not is a ``ValueError`` naming the field and its flag."""
+    for f in fields(cfg):
+        spec = f.metadata.get("cli")
+        value = getattr(cfg, f.name)
+        if spec is None or value is None or isinstance(value, (bool, str)):
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            low = spec["minimum"]
+            if not math.isfinite(v) or (v < low if low is not None else v <= 0):
+                bound = "positive" if low is None else f">= {low}"
+                what = "every value of " if isinstance(value, tuple) else ""
+                raise ValueError(f"{what}{f.name} ({flag_name(f.name)}) must be finite and {bound}, got {v!r}")
+    device = getattr(cfg, "device", None)
+    if isinstance(device, str):
+        check_device(device)
+
+
+def check_device(device):
+    """``device`` a torch device this machine has (a clear error for ``cuda`` without a GPU)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device (--device) must be a torch device such as cpu or cuda, got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device (--device) is {device!r}, but torch sees no CUDA GPU on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device (--device) is {device!r}, but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def dataset_option(default, help="digits: the embedded scikit-learn 8x8 digits (offline); mnist: the paper's data"):
@@ -80,7 +123,7 @@ def add_config_arguments(parser, config_class):
         spec = f.metadata.get("cli")
         if spec is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if f.default is False:
             parser.add_argument(flag, dest=f.name, action="store_true", help=spec["help"])
             continue
@@ -174,6 +217,7 @@ class JobContext:
     resume: bool = False
     progress: bool = False
     log: object = print
+    checkpoint_seconds: float = 60.0  # passed to every SGDTrainer the job makes
     timer: StageTimer = field(default_factory=StageTimer)
     started: float = field(default_factory=time.perf_counter)
 
@@ -230,11 +274,21 @@ class Job:
     def headline(self, summary):
         raise NotImplementedError
 
-    def run(self, cfg, out, resume=False, progress=False, log=print):
-        """The whole job into the folder ``out``; returns the summary (also written as summary.json)."""
+    def run(self, cfg, out, resume=False, progress=False, log=print, checkpoint_seconds=60.0):
+        """The whole job into the folder ``out``; returns the summary (also written as summary.json).
+        ``checkpoint_seconds``: training state is saved at the first epoch end after that many seconds
+        (and on an interruption); a killed run loses at most that much."""
+        check_options(cfg)  # as given (--quick may raise some values), then as run
         cfg = cfg.resolved()
+        check_options(cfg)
+        if not float(checkpoint_seconds) >= 0:
+            raise ValueError(f"checkpoint_seconds (--checkpoint-every) must be >= 0, got {checkpoint_seconds!r}")
+        out = os.fspath(out)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out!r} is a file; expected a folder for the report (it is made if missing)")
         os.makedirs(out, exist_ok=True)
-        ctx = JobContext(os.fspath(out), resume, progress, log)
+        self.claim_folder(cfg, out, resume)
+        ctx = JobContext(out, resume, progress, log, checkpoint_seconds=float(checkpoint_seconds))
         result = self.compute(cfg, ctx)
         summary, arrays = result if isinstance(result, tuple) else (result, {})
         summary = {"library_version": __version__, "config": asdict(cfg), **summary}
@@ -245,6 +299,23 @@ class Job:
             self.write_report(out, summary, arrays)
         write_json(os.path.join(out, "summary.json"), summary)
         return summary
+
+    def claim_folder(self, cfg, out, resume):
+        """Write ``OUT/job.json`` (this job and its settings). With ``resume``, a folder another job, or
+        this job with other settings, wrote first is refused: resuming it would mix two runs."""
+        path = os.path.join(out, JOB_FILE)
+        settings = json.loads(json.dumps(asdict(cfg), default=_jsonable))
+        if resume and os.path.isfile(path):
+            earlier = read_json(path)
+            if earlier.get("job") != self.name:
+                raise ValueError(f"--resume: {out!r} holds a run of the job {earlier.get('job')!r}, not {self.name!r}; "
+                                 "choose another --out")
+            changed = [f"{flag_name(k)} {earlier['config'].get(k)!r} -> {v!r}" for k, v in settings.items()
+                       if k not in RESUME_MAY_CHANGE and earlier["config"].get(k, v) != v]
+            if changed:
+                raise ValueError(f"--resume: {out!r} was run with other settings ({'; '.join(changed)}); resume "
+                                 "with the same settings, or run into another --out")
+        write_json(path, {"job": self.name, "library_version": __version__, "config": settings})
 
     # -------------------------------------------------------------------------- command line
     def add_parser(self, subparsers):
@@ -257,6 +328,9 @@ class Job:
         p.add_argument("--out", default=out, help=f"report folder (default: {out})")
         p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, reusing what it finished")
         p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+        p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                       help="save the training state at the first epoch end after this many seconds; a killed run "
+                            "loses at most that much (default: 60)")
         self.add_arguments(p)
         return p
 
@@ -266,6 +340,6 @@ class Job:
     def main(self, args):
         """Run from parsed command-line arguments and print where the report is; returns the exit code."""
         summary = self.run(config_from_args(self.config, args), args.out, resume=args.resume,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, checkpoint_seconds=args.checkpoint_every)
         print(f"report: {args.out}/report.md  ({self.headline(summary)})")
         return 0

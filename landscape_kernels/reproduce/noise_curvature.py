@@ -48,7 +48,7 @@ class NoiseCurvatureConfig:
     epochs: int = option(500, "epochs of training")
     clip: float = option(5.0, "gradient-norm clipping")
     losses: tuple = option(("ce", "mse"), "ce, mse (MSE on the softmax outputs)")
-    seeds: tuple = option((0,), "seeds, one run per loss and seed (the paper: 4 seeds)")
+    seeds: tuple = option((0,), "seeds, one run per loss and seed (the paper: 4 seeds)", minimum=0)
     top: int = option(500, "top eigen-directions of H in the fit")
     quick: bool = option(False, "a short run on the embedded digits")
 
@@ -89,7 +89,8 @@ def train_one(cfg, folder, train, loss_name, seed, ctx):
         return model, state["history"]
     steps = -(-x.shape[0] // cfg.batch_size)
     trainer = SGDTrainer(model, x, y, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, loss_fn=LOSSES[loss_name],
-                         checkpoint=os.path.join(folder, "checkpoint.pt"), clip_grad_norm=cfg.clip,
+                         checkpoint=os.path.join(folder, "checkpoint.pt"),
+                         checkpoint_seconds=ctx.checkpoint_seconds, clip_grad_norm=cfg.clip,
                          lr_schedule=cosine_schedule(cfg.lr, cfg.epochs, steps, cfg.final_lr_fraction))
     ctx.resume_training(trainer).run(max_epochs=cfg.epochs, stopping_rule=None, progress=ctx.progress)
     torch.save({"model": model.state_dict(), "history": trainer.history}, saved)

@@ -24,8 +24,8 @@ class SharpestDirectionsConfig(TrackedConfig):
     batch_sizes: tuple = option((8, 128, 1024), "the B grid, at lr = --batch-grid-lr")
     batch_grid_lr: float = option(0.05, "lr of the B grid")
     measure_examples: int = option(3000, "measure every this many training examples during the first --dense-epochs")
-    dense_epochs: int = option(1, "epochs of dense measurements, then one at the start of every epoch")
-    step_analyses: int = option(4, "decomposed step and cross-sections at the first this many measurements")
+    dense_epochs: int = option(1, "epochs of dense measurements, then one at the start of every epoch", minimum=0)
+    step_analyses: int = option(4, "decomposed step and cross-sections at the first this many measurements", minimum=0)
 
     def resolved(self):
         c = replace(self)

@@ -33,7 +33,7 @@ class TrackedConfig:
     subset: int = option(2560, "the fixed subset the Hessian is measured on (the paper: 2560)")
     k: int = option(5, "top-K Hessian eigenpairs (the paper: 5 or 10)")
     tol: float = 1e-3
-    seed: int = option(0, "seed of the initialisation, the minibatch order and the subset")
+    seed: int = option(0, "seed of the initialisation, the minibatch order and the subset", minimum=0)
     quick: bool = option(False, "a short run on the embedded digits")
 
 
@@ -112,7 +112,8 @@ def train_tracked(ctx, folder, train, test, subset, *, model_name, batch_size, l
             callbacks.append(StepAnalyses(tracker, subset, step_analyses, seed=seed))
         optimizer = None if gamma is None else NSGD(model.parameters(), lr, gamma=gamma, refresh=tracker)
         trainer = SGDTrainer(model, x, y, batch_size=batch_size, lr=lr, seed=seed, callbacks=callbacks,
-                             checkpoint=os.path.join(folder, "checkpoint.pt"), optimizer=optimizer)
+                             checkpoint=os.path.join(folder, "checkpoint.pt"), optimizer=optimizer,
+                             checkpoint_seconds=ctx.checkpoint_seconds)
         ctx.resume_training(trainer).run(max_epochs=epochs, stopping_rule=None, progress=ctx.progress)
         final = tracker.measure(trainer)  # at the final weights
         test_loss, test_accuracy = trainer.evaluate(*test)

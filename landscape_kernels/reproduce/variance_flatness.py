@@ -48,7 +48,7 @@ class VarianceFlatnessConfig:
     lr: float = option(0.1, "SGD learning rate")
     window: int = option(None, "snapshots of W2 in the PCA window (default 12000 on MNIST, 6000 on digits)", type=int)
     max_epochs: int = option(1000, "epochs at most (the stopping rule usually ends training earlier)")
-    seed: int = option(0, "seed of the initialisation and the minibatch order")
+    seed: int = option(0, "seed of the initialisation and the minibatch order", minimum=0)
     pcs_every: int = option(10, "analyse PCs 1, 1+k, 1+2k, ...")
     gamma_max_pc: int = option(1000, "upper end of the gamma fit over PCs 20.. (the paper fixes only the lower end)")
     profile_pcs: tuple = (1, 11, 101, 1001)  # loss profiles, parabola MLF and T(delta) profiles
@@ -82,7 +82,8 @@ def _train(cfg, x, y, ctx):
     window = WindowRecorder(model, [LAYER], cfg.window)
     epochs = EpochStates(model)
     trainer = SGDTrainer(model, x, y, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
-                         callbacks=[window, epochs], checkpoint=ctx.path("checkpoint.pt"))
+                         callbacks=[window, epochs], checkpoint=ctx.path("checkpoint.pt"),
+                         checkpoint_seconds=ctx.checkpoint_seconds)
     ctx.resume_training(trainer)
     rule = StoppingRule(cfg.stop_window, cfg.stop_accuracy, cfg.stop_loss)
     guard = None if cfg.instability_drop is None else InstabilityGuard(cfg.instability_drop, cfg.instability_patience)
@@ -240,7 +241,7 @@ class VarianceFlatnessJob(Job):
         if not args.grid:
             return super().main(args)
         g = run_grid(config_from_args(self.config, args), args.out, args.grid_batch_sizes, args.grid_lrs,
-                     resume=args.resume, progress=not args.no_progress)
+                     resume=args.resume, progress=not args.no_progress, checkpoint_seconds=args.checkpoint_every)
         print(f"report: {args.out}/grid.md  (psi " + ", ".join(f"{r['psi']:.2f}" if "psi" in r else "failed"
                                                              for r in g["settings"]) + ")")
         return 0
@@ -250,7 +251,8 @@ JOB = VarianceFlatnessJob()
 run = JOB.run
 
 
-def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=False, log=print):
+def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False, progress=False, log=print,
+             checkpoint_seconds=60.0):
     """The pipeline for every (B, alpha) of the grid, each in ``out/B{B}_lr{alpha}/`` (resumable one by
     one; with ``resume`` a setting with its summary.json is reused as it is), then ``grid.json``, the
     sigma^2-vs-F overlay ``fig_grid.png`` and ``grid.md`` with psi per setting (the paper: the relation
@@ -270,7 +272,7 @@ def run_grid(cfg, out, batch_sizes=GRID_BATCH_SIZES, lrs=GRID_LRS, resume=False,
                     s = read_json(finished)
                 else:
                     s = run(replace(cfg, batch_size=int(B), lr=float(lr)), os.path.join(out, folder), resume=resume,
-                            progress=progress, log=log)
+                            progress=progress, log=log, checkpoint_seconds=checkpoint_seconds)
             except (ValueError, FloatingPointError) as exc:  # one failed setting must not lose the others
                 log(f"grid setting B = {B}, lr = {lr} failed: {exc}")
                 rows.append({"batch_size": int(B), "lr": float(lr), "folder": folder,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..capture.model import eval_mode
+from .interrupts import StepBoundary
 from .progress import Progress
 
 CHECKPOINT_FORMAT = "landscape_kernels.training/1"
@@ -285,45 +286,49 @@ class SGDTrainer:
         bar = Progress(max_epochs, self.epoch, "SGD", "epoch") if progress else None
         self.model.train()
         self.stopped_by = None
-        try:
-            while self.stopped_by is None:
-                if self.epoch >= max_epochs:
-                    self.stopped_by = "max_epochs"
-                    break
-                order = _epoch_order(self.x.shape[0], self.seed, self.epoch, self.device)
-                if self._acc is None:
-                    self._acc = torch.zeros(3, dtype=torch.float64, device=self.device)
-                t0 = time.perf_counter()
-                while self.batch_index < self.steps_per_epoch:
-                    if max_steps is not None and self.step >= max_steps:
-                        self.stopped_by = "max_steps"
+        with StepBoundary() as boundary:  # Ctrl-C / SIGTERM take effect between steps, never inside one
+            try:
+                while self.stopped_by is None:
+                    if self.epoch >= max_epochs:
+                        self.stopped_by = "max_epochs"
                         break
-                    b = self.batch_index * self.batch_size
-                    self._sgd_step(order[b : b + self.batch_size])
-                    self.batch_index += 1
-                self._epoch_seconds += time.perf_counter() - t0
-                if self.stopped_by:
-                    break
-                record = self._finish_epoch()
-                if bar is not None:
-                    bar.update(1, loss=f"{record['full_loss']:.3g}", acc=f"{record['train_accuracy'] or 0:.4f}")
-                undo = guard.streak(self.history) if guard is not None else 0
-                if undo:
-                    self._rollback(kept, undo)
-                elif stopping_rule is not None and stopping_rule.satisfied(self.history):
-                    self.stopped_by = "stopping_rule"
-                elif self.checkpoint and time.perf_counter() - self._last_save >= self.checkpoint_seconds:
-                    self.save()
-                if guard is not None and self.stopped_by is None:
-                    kept = kept[-guard.patience :] + [(len(self.history), copy.deepcopy(self.state_dict()))]
-        finally:  # also on an interruption: what was done is kept
-            if bar is not None:
-                bar.close()
-            if self.checkpoint:
-                self.save()
-            for cb in self.callbacks:
-                if hasattr(cb, "flush"):
-                    cb.flush()
+                    order = _epoch_order(self.x.shape[0], self.seed, self.epoch, self.device)
+                    if self._acc is None:
+                        self._acc = torch.zeros(3, dtype=torch.float64, device=self.device)
+                    while self.batch_index < self.steps_per_epoch:
+                        if max_steps is not None and self.step >= max_steps:
+                            self.stopped_by = "max_steps"
+                            break
+                        b = self.batch_index * self.batch_size
+                        with boundary.step():
+                            t0 = time.perf_counter()
+                            self._sgd_step(order[b : b + self.batch_size])
+                            self.batch_index += 1
+                            self._epoch_seconds += time.perf_counter() - t0
+                    if self.stopped_by:
+                        break
+                    with boundary.step():
+                        record = self._finish_epoch()
+                        undo = guard.streak(self.history) if guard is not None else 0
+                        if undo:
+                            self._rollback(kept, undo)
+                        elif stopping_rule is not None and stopping_rule.satisfied(self.history):
+                            self.stopped_by = "stopping_rule"
+                        elif self.checkpoint and time.perf_counter() - self._last_save >= self.checkpoint_seconds:
+                            self.save()
+                        if guard is not None and self.stopped_by is None:
+                            kept = kept[-guard.patience :] + [(len(self.history), copy.deepcopy(self.state_dict()))]
+                    if bar is not None:
+                        bar.update(1, loss=f"{record['full_loss']:.3g}", acc=f"{record['train_accuracy'] or 0:.4f}")
+            finally:  # also on an interruption: what was done is kept (unless a second signal tore a step)
+                with boundary.step():
+                    if bar is not None:
+                        bar.close()
+                    if self.checkpoint and not boundary.torn:
+                        self.save()
+                    for cb in self.callbacks:
+                        if hasattr(cb, "flush"):
+                            cb.flush()
         return self.history
 
 

@@ -74,7 +74,7 @@ def test_the_frame_writes_summary_and_report_and_resumes(tmp_path, capsys):
     assert capsys.readouterr().out.count("done before, reusing it") == 2
     toy.run(ToyConfig(size=4), str(tmp_path), resume=False, log=print)
     assert "done before" not in capsys.readouterr().out
-    with pytest.raises(ValueError, match="size must be >= 1"):
+    with pytest.raises(ValueError, match=r"size \(--size\) must be finite and positive, got 0"):
         toy.run(ToyConfig(size=0), str(tmp_path / "bad"))
 
 

@@ -42,6 +42,7 @@ def test_escape_rate_resumes_an_interrupted_mlp_part(tmp_path):
     er.run(replace(cfg, quick=False, dataset="digits", train_samples=1000, hidden=24, noise_epochs=5),
            str(tmp_path / "cut"), log=lambda *a: None)
     os.remove(tmp_path / "cut" / "parts.json")  # as if the job had been killed before the part ended
+    os.remove(tmp_path / "cut" / "job.json")  # a folder of an earlier version: only the trainer checks its settings
     again = er.run(cfg, str(tmp_path / "cut"), resume=True, log=lambda *a: None)["noise"]
     assert again["noise_strength"] == full["noise_strength"] and again["loss"] == full["loss"]
 
@@ -50,4 +51,4 @@ def test_escape_rate_bad_parts_are_one_clear_error(tmp_path, capsys):
     code = main(["reproduce", "escape-rate", "--quick", "--parts", "linear,forward", "--out", str(tmp_path / "e")])
     assert code == 2 and "parts must be" in capsys.readouterr().err
     code = main(["reproduce", "escape-rate", "--parts", "linear", "--passage-datasets", "0", "--out", str(tmp_path / "e")])
-    assert code == 2 and "passage_datasets must be" in capsys.readouterr().err
+    assert code == 2 and "passage_datasets (--passage-datasets) must be" in capsys.readouterr().err
