@@ -173,6 +173,11 @@ def _thick_restart(Q, T, theta, S, coupling, m, k, which, b, max_basis):
 RESIDUALS = ("true", "estimate")
 
 
+def rounding_floor(P, dtype):
+    """The relative residual ||A v - lambda v|| / ||A|| that rounding alone leaves in dimension P."""
+    return 10 * math.sqrt(P) * torch.finfo(dtype).eps
+
+
 def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, block_size=1,
                  check_symmetry=False, residuals="true", max_basis=None):
     """Extreme eigenpairs of a symmetric operator by block Lanczos with full reorthogonalisation.
@@ -183,7 +188,8 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         which: "LA" largest algebraic, "SA" smallest, "LM" largest magnitude, "BE" both ends.
         num_iter: maximum number of block steps (basis size num_iter * block_size); default grows with k.
         tol: convergence when the residual estimate of every wanted pair is <= tol * ||A|| (the largest
-            Ritz magnitude).
+            Ritz magnitude). With residuals="true", ``converged`` then says whether the true residuals
+            meet it (or the rounding floor 10 sqrt(P) eps of the operator's dtype, if larger).
         v0: warm start: a (P,) vector or (P, r) earlier eigenvectors; their span seeds the first block
             (with a small random part, so directions outside it stay reachable).
         seed: seed of every random draw.
@@ -191,7 +197,8 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         check_symmetry: probe the operator for symmetry first (two products).
         residuals: "true" computes ||A v - lambda v|| with one more product per eigenpair (one batched
             ``matmat``); "estimate" reports the Lanczos residual norms ||B_j s_i|| from the last step at
-            no cost (equal to the true ones up to rounding, since the basis is fully reorthogonalised).
+            no cost (equal to the true ones up to rounding for a symmetric operator, since the basis is
+            fully reorthogonalised; ``converged`` then rests on them).
         max_basis: None (default) keeps every Lanczos vector (memory: steps x block_size x P); an int
             bounds the basis to that many vectors by thick restarts (keep the most wanted Ritz vectors,
             continue from the residual), for models whose P makes the full basis too large: memory
@@ -199,6 +206,11 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
             (default 10 max_basis / block_size) counts steps over all restarts.
     Returns: ``EigenResult``; ``num_products`` counts every column the operator was applied to.
     """
+    if isinstance(op, torch.Tensor) and op.dim() == 2 and op.shape[0] == op.shape[1] and op.is_floating_point():
+        gap = float((op - op.T).abs().max()) if op.numel() else 0.0
+        if not gap <= 1e3 * torch.finfo(op.dtype).eps * float(op.abs().max()):  # also NaN
+            raise ValueError(f"lanczos_eigs: op must be a symmetric matrix, but max |A - A^T| = {gap:.3g} (max |A| = "
+                             f"{float(op.abs().max()):.3g}); use (A + A^T) / 2, or an eigensolver for general matrices")
     op = as_operator(op)
     P = op.shape[0]
     if op.shape != (P, P):
@@ -212,6 +224,10 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
     b = int(block_size)
     if not 1 <= b <= P:
         raise ValueError(f"lanczos_eigs: block_size must be in [1, {P}], got {block_size!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"lanczos_eigs: tol must be a finite number >= 0, got {tol!r}")
+    if num_iter is not None and (isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1):
+        raise ValueError(f"lanczos_eigs: num_iter must be None or an int >= 1, got {num_iter!r}")
     if check_symmetry:
         check_symmetric(op, seed=seed)
     if max_basis is not None:
@@ -263,7 +279,7 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
         m = hi  # basis size so far
         theta, S = torch.linalg.eigh(T[:m, :m])
         norm_estimate = max(norm_estimate, float(theta.abs().max()))
-        if m >= P:  # the whole space: exact
+        if m >= P:  # the whole space: exact for a symmetric operator (the true residuals check it)
             converged = True
             coupling = torch.zeros(b, b, dtype=torch.float64)
             break
@@ -293,12 +309,25 @@ def lanczos_eigs(op, k, which="LA", num_iter=None, tol=1e-10, v0=None, seed=0, b
     values = theta[wanted]
     vectors = Q.combine(S[:, wanted]).T  # (P, k)
     del Q  # free the basis before the residual products: on a large model it is most of the memory
+    scale = max(norm_estimate, torch.finfo(torch.float64).tiny)
+    asymmetry = None
     if residuals == "true":
         AV = apply(vectors, steps)
         res = (AV - vectors * values.to(dtype).to(device)).norm(dim=0).double().cpu()
+        # converged means the true residuals meet tol (or the rounding floor of the operator's dtype): when
+        # the basis fills the space, or for an operator that is not symmetric, the estimates may not hold
+        converged = bool((res <= max(tol, rounding_floor(P, dtype)) * scale).all())
+        if k > 1:  # V^T A V is symmetric for a symmetric A: its antisymmetric part measures the failure, free
+            G = (vectors.T @ AV).double().cpu()
+            asymmetry = float((G - G.T).abs().max()) / scale
     else:  # A Q_m = Q_m T_m + Q_{m+1} B_j E_j^T, so A v_i - theta_i v_i = Q_{m+1} B_j s_i[last block]
         res = (coupling @ S[m - b : m][:, wanted]).norm(dim=0)
-    if not converged and tol > 0:  # tol = 0 asks for exactly num_iter steps
+    if asymmetry is not None and asymmetry > max(1e3 * rounding_floor(P, dtype), 1e-6):
+        warnings.warn(f"lanczos_eigs: the operator is not symmetric (|v_i^T A v_j - v_j^T A v_i| up to "
+                      f"{asymmetry:.3g} ||A||, ||A|| ~ {norm_estimate:.3g}); Lanczos needs a symmetric operator, so "
+                      "these eigenpairs are not its eigenpairs (check_symmetry=True probes an operator first)",
+                      LanczosNotConverged, stacklevel=2)
+    elif not converged and tol > 0:  # tol = 0 asks for exactly num_iter steps
         warnings.warn(f"lanczos_eigs: not converged to tol {tol:g} in {steps} steps (largest residual "
                       f"{float(res.max()):.3g}, ||A|| ~ {norm_estimate:.3g}); the eigenpairs may be inaccurate or a "
                       "wanted eigenvalue missing: raise num_iter (the result has converged=False)",

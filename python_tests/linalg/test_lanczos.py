@@ -238,7 +238,15 @@ def test_eigs_bad_input(gen):
     with pytest.raises(ValueError, match="residuals must be one of"):
         lanczos_eigs(A, 2, residuals="exact")
     with pytest.raises(ValueError, match="not symmetric"):
-        lanczos_eigs(torch.triu(A), 2, check_symmetry=True)
+        lanczos_eigs(DenseOperator(torch.triu(A)), 2, check_symmetry=True)
+    with pytest.raises(ValueError, match="op must be a symmetric matrix"):
+        lanczos_eigs(torch.triu(A), 2)
+    for bad in (-1e-3, float("nan"), float("inf"), "1e-8"):
+        with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+            lanczos_eigs(A, 2, tol=bad)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="num_iter must be None or an int >= 1"):
+            lanczos_eigs(A, 2, num_iter=bad)
     check_symmetric(A)
 
     class NaNAfterTwo(DenseOperator):
@@ -266,3 +274,18 @@ def test_eigs_warns_when_it_stops_before_tol(gen):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lanczos_eigs(A, 4, num_iter=6, tol=0.0)  # tol = 0: a fixed number of steps, no warning
+
+
+def test_a_non_symmetric_operator_is_reported_and_never_converged():
+    """The basis fills the 30-dimensional space, where the residual estimates vanish: converged must
+    still rest on the true residuals, and the asymmetry is named."""
+    A = torch.randn(30, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="not symmetric"):
+        r = lanczos_eigs(DenseOperator(A), 3)
+    assert not r.converged and float(r.residuals.min()) > 1.0
+    with pytest.warns(RuntimeWarning, match="not converged"):  # k = 1: no asymmetry measure, the residual says it
+        assert not lanczos_eigs(DenseOperator(A), 1).converged
+    S = (A + A.T) / 2  # the same space filled by a symmetric operator converges, exactly
+    r = lanczos_eigs(DenseOperator(S), 3)
+    assert r.converged and float(r.residuals.max()) < 1e-12
+    assert torch.allclose(r.eigenvalues, torch.linalg.eigvalsh(S).flip(0)[:3], rtol=1e-12)
