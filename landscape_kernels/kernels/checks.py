@@ -6,6 +6,12 @@ broadcast or cast.
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+MAX_EXACT_COUNT = 2**53  # the largest count a float64 holds exactly
+
+
+def is_int(v):
+    """A Python int (or a symbolic one under torch.compile), not a bool."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 def check_tensor(x, name, op):
@@ -108,7 +114,7 @@ def check_reorth(Q, W, j, op="lanczos_reorth"):
         raise ValueError(f"{op}: Q (C, m, P) and W (C, b, P) must agree in C and P, got Q {tuple(Q.shape)} and W {tuple(W.shape)}")
     if W.numel() == 0:
         raise ValueError(f"{op}: W must be non-empty, got shape {tuple(W.shape)}")
-    if not isinstance(j, int) or not 0 <= j <= Q.shape[1]:
+    if not is_int(j) or not 0 <= j <= Q.shape[1]:
         raise ValueError(f"{op}: j (basis vectors in use) must be an int in [0, m] = [0, {Q.shape[1]}], got {j!r}")
     if Q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: Q must be float32 or float64, got {Q.dtype}")
@@ -146,8 +152,11 @@ def check_cov_update(M2, mean, count, X, op="trajectory_cov_update"):
     _check_float64_vector_like(mean, "mean", (N,), X, op)
     if not (M2.is_contiguous() and mean.is_contiguous()):
         raise ValueError(f"{op}: M2 and mean must be contiguous (they are updated in place)")
-    if not isinstance(count, int) or count < 0:
+    if not is_int(count) or count < 0:
         raise ValueError(f"{op}: count (snapshots merged so far) must be an int >= 0, got {count!r}")
+    if count > MAX_EXACT_COUNT - X.shape[0]:
+        raise ValueError(f"{op}: count + T = {count} + {X.shape[0]} exceeds 2^53, where float64 weights of the "
+                         "merge stop being exact (and int64 sums overflow near 2^63)")
 
 
 def check_project(X, mean, basis, op="trajectory_project"):
@@ -160,8 +169,9 @@ def check_project(X, mean, basis, op="trajectory_project"):
     _check_float64_vector_like(basis, "basis", tuple(basis.shape), X, op)
 
 
-def check_profile(z0, zd, direction, offset, weight, bias, target, op="profile_ce_losses"):
-    """Shapes, dtypes, devices and index ranges of the loss-profile op's arguments."""
+def check_profile(z0, zd, direction, offset, weight, bias, target, op="profile_ce_losses", values=True):
+    """Shapes, dtypes, devices and (with ``values``: not in a fake kernel) index ranges of the loss-profile
+    op's arguments."""
     for t, name in ((z0, "z0"), (zd, "zd"), (direction, "direction"), (offset, "offset"), (weight, "weight"),
                     (target, "target")):
         check_tensor(t, name, op)
@@ -193,6 +203,8 @@ def check_profile(z0, zd, direction, offset, weight, bias, target, op="profile_c
             (((bias, "bias"),) if bias is not None else ()):
         if t.device != z0.device:
             raise ValueError(f"{op}: {name} must be on z0's device {z0.device}, got {t.device}")
+    if not values:
+        return
     if M and (int(direction.min()) < 0 or int(direction.max()) >= zd.shape[0]):
         raise ValueError(f"{op}: direction values must lie in [0, U) = [0, {zd.shape[0]})")
     if R and (int(target.min()) < 0 or int(target.max()) >= C):

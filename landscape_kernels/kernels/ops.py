@@ -89,59 +89,76 @@ def _register():
 _LIBS = _register()  # kept alive: dropping a Library unregisters its kernels
 
 
+# The fake (meta) kernels check what the real ones check that does not read values (shapes, dtypes,
+# devices): a call mixing a meta tensor with a real one dispatches here, and must be refused, not answered
+# with an uninitialised tensor.
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_sq_norms")
 def _(A, D):
+    checks.check_layer_pair(A, D, "per_sample_sq_norms")
     return A.new_empty(A.shape[0])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_gram")
 def _(A, D):
+    checks.check_layer_pair(A, D, "per_sample_gram")
     return A.new_empty(A.shape[0], A.shape[0])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_moments")
 def _(A, D):
+    checks.check_layer_pair(A, D, "per_sample_moments")
     return A.new_empty(D.shape[-1], A.shape[-1]), A.new_empty(D.shape[-1], A.shape[-1])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_project")
 def _(A, D, V):
+    _, _, n_in, n_out = checks.check_layer_pair(A, D, "per_sample_project")
+    checks.check_directions(V, A, n_out, n_in, "per_sample_project")
     return A.new_empty(A.shape[0], V.shape[0])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_cov_matvec")
 def _(A, D, V):
+    _, _, n_in, n_out = checks.check_layer_pair(A, D, "per_sample_cov_matvec")
+    checks.check_directions(V, A, n_out, n_in, "per_sample_cov_matvec")
     return A.new_empty(V.shape[0], D.shape[-1], A.shape[-1])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_weighted_sum")
 def _(A, D, W):
+    B = checks.check_layer_pair(A, D, "per_sample_weighted_sum")[0]
+    checks.check_weights(W, A, B, "per_sample_weighted_sum")
     return A.new_empty(W.shape[1], D.shape[-1], A.shape[-1])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::per_sample_stats")
 def _(A, D):
+    checks.check_layer_pair(A, D, "per_sample_stats")
     B = A.shape[0]
     return A.new_empty(B), A.new_empty(B, B), A.new_empty(D.shape[-1], A.shape[-1]), A.new_empty(D.shape[-1], A.shape[-1])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::lanczos_reorth")
 def _(Q, W, j):
+    checks.check_reorth(Q, W, j)
     return W.new_empty(W.shape), W.new_empty(W.shape[:2])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::trajectory_cov_update")
 def _(M2, mean, count, X):
+    checks.check_cov_update(M2, mean, count, X)
     return None
 
 
 @torch.library.register_fake(f"{NAMESPACE}::profile_ce_losses")
 def _(z0, zd, direction, offset, weight, bias, target):
+    checks.check_profile(z0, zd, direction, offset, weight, bias, target, values=False)
     return z0.new_empty(direction.shape[0], dtype=torch.float64)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::trajectory_project")
 def _(X, mean, basis):
+    checks.check_project(X, mean, basis)
     return X.new_empty(X.shape[0], basis.shape[0], dtype=torch.float64), X.new_empty(X.shape[0], dtype=torch.float64)
 
 
