@@ -11,6 +11,7 @@ after it. The model itself is never modified; it is put in eval mode and restore
 ``threshold`` (1: the loss is e * L0), bracketed in steps of ``step`` up to ``cap`` (then reported as
 saturated, at ``cap``) and bisected to ``tol``; all directions and both sides advance together.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -284,7 +285,9 @@ def loss_profiles(model, loss_fn, data, directions, deltas, params=None, batch_s
     ``points_per_pass`` (None: fitted to ``memory_budget`` bytes) points share each pass over a batch."""
     deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1)
     if deltas.numel() == 0:
-        raise ValueError("deltas: no offsets (G = 0)")
+        raise ValueError("loss_profiles: deltas holds no offsets (G = 0)")
+    if not all_finite(deltas):
+        raise ValueError(f"loss_profiles: deltas must be finite, got {int((~torch.isfinite(deltas)).sum())} NaN/Inf offset(s)")
     ev = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path, memory_budget,
                        output_fn=output_fn)
     K, G = ev.directions.shape[0], deltas.numel()
@@ -310,6 +313,10 @@ class FlatnessResult:
                 "loss0": self.loss0, "threshold": self.threshold}
 
 
+MAX_BRACKET_STEPS = 100_000  # loss evaluations per ray while stepping out to the cap
+_BISECTIONS = 2100  # more halvings than float64 has between its smallest and largest numbers
+
+
 def flatness(model, loss_fn, data, directions, params=None, threshold=1.0, step=100.0, cap=1000.0, tol=0.01,
              batch_size=None, points_per_pass=None, fast_path=None, memory_budget=64 * 2**20,
              zd_cache_bytes=512 * 2**20):
@@ -317,8 +324,15 @@ def flatness(model, loss_fn, data, directions, params=None, threshold=1.0, step=
     one-layer fast path the directions are searched in groups whose moved layer outputs fit
     ``zd_cache_bytes`` and are kept across the search's passes."""
     for name, v in (("threshold", threshold), ("step", step), ("cap", cap), ("tol", tol)):
-        if not float(v) > 0:
-            raise ValueError(f"flatness: {name} must be > 0, got {v!r}")
+        if not 0 < float(v) < math.inf:
+            raise ValueError(f"flatness: {name} must be a finite number > 0, got {v!r}")
+    if cap / step > MAX_BRACKET_STEPS:
+        raise ValueError(f"flatness: step {step:g} would take up to cap / step = {cap / step:.3g} loss evaluations per "
+                         f"ray to reach the cap {cap:g} (at most {MAX_BRACKET_STEPS}); raise step or lower cap")
+    resolution = 4 * torch.finfo(torch.float64).eps * float(cap)
+    if tol < resolution:
+        raise ValueError(f"flatness: tol {tol:g} is below the float64 resolution {resolution:.3g} of offsets up to the "
+                         f"cap {cap:g}; the bisection could never reach it (use tol >= {resolution:.3g})")
     probe = LossEvaluator(model, loss_fn, data, directions, params, batch_size, points_per_pass, fast_path, memory_budget)
     K = probe.directions.shape[0]
     loss0 = float(probe.losses([0], [0.0])[0])
@@ -364,7 +378,7 @@ def _search_crossings(ev, limit, step, cap, tol):
         searching[idx[above]] = False
         searching[capped] = False
     active = ~saturated
-    while True:  # bisection of every bracketed ray at once
+    for _ in range(_BISECTIONS):  # bisection of every bracketed ray at once (tol >= the resolution: it ends)
         idx = (active & (hi - lo >= tol)).nonzero().flatten()
         if idx.numel() == 0:
             break
