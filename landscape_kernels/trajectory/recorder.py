@@ -102,13 +102,16 @@ class TrajectoryRecorder:
             self._rows = 0
 
     def close(self):
+        """Flush, and release a directory store's writer lock."""
         self.flush()
+        if hasattr(self.store, "close"):
+            self.store.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.flush()
+        self.close()
 
     def chunks(self):
         """Iterate over (steps (T_c,), snapshots (T_c, N)): stored chunks, then the unflushed rows."""
@@ -126,7 +129,11 @@ class TrajectoryRecorder:
         """All recorded rows as one (T, N) tensor, or only the ``last`` ones (e.g. the analysis window)."""
         parts = [x for _, x in self.chunks()]
         X = torch.cat(parts) if parts else torch.empty(0, self.num_params, dtype=self.dtype)
-        return X if last is None else X[-last:]
+        if last is None:
+            return X
+        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+            raise ValueError(f"snapshots: last must be None or an int >= 0, got {last!r}")
+        return X[X.shape[0] - min(last, X.shape[0]) :]
 
     def unflatten(self, row):
         """A (N,) row back to a dict name -> tensor of the recorded shapes."""
