@@ -156,18 +156,23 @@ class StreamingPCA:
         self._merge_mean(X)
         ell = self._buffer.shape[0] // 2
         shift = self._shift.to(self._buffer.dtype)
-        for start in range(0, X.shape[0], 16):  # small groups: no float64 copy of the chunk
-            rows = X[start : start + 16]
-            if self._rows + rows.shape[0] > self._buffer.shape[0]:
+        start = 0
+        while start < X.shape[0]:  # small groups that fit the buffer's free rows: no float64 copy of the chunk
+            count = min(16, X.shape[0] - start, self._buffer.shape[0] - self._rows)
+            if count == 0:  # full: a Frequent Directions step leaves fewer than ell rows
                 self._shrink(ell)
-            target = self._buffer[self._rows : self._rows + rows.shape[0]]
-            target.copy_(rows).sub_(shift)
+                continue
+            target = self._buffer[self._rows : self._rows + count]
+            target.copy_(X[start : start + count]).sub_(shift)
             self._sq_norm_sum += float(_row_sq_norms64(target).sum())
-            self._rows += rows.shape[0]
+            self._rows += count
+            start += count
 
     def _shrink(self, keep):
         """Frequent Directions step: rotate the buffer onto its right singular vectors and subtract the
         keep-th largest squared singular value from all (keep = 0: rotate only, lose nothing)."""
+        if self._rows == 0:
+            return
         B = self._buffer[: self._rows]
         width = max(1, (1 << 22) // max(self._rows, 1))
         gram = torch.zeros(self._rows, self._rows, dtype=torch.float64, device=B.device)
@@ -205,6 +210,8 @@ class StreamingPCA:
         k = self.n_components if self.n_components is not None else min(n, N)
         if k > min(n, N):
             raise ValueError(f"StreamingPCA: n_components = {k} exceeds min(T, N) = min({n}, {N})")
+        if self.mode_ != "exact":  # their components are built from the variance: none exist beyond its rank
+            k = self._within_rank(k)
         scale = 1.0 / max(n - 1, 1)
         if self.mode_ == "exact":
             lam, vecs = torch.linalg.eigh(self._M2)
@@ -222,6 +229,38 @@ class StreamingPCA:
         vecs.mul_(torch.where(flip, -1.0, 1.0).to(vecs.dtype)[:, None])
         self._result = (vecs.contiguous(), lam * scale, total * scale)
         return self._result
+
+    def _variance_rank(self):
+        """How many directions the centred snapshots span (gram: exactly; sketch: as far as the sketch
+        holds them), and whether the sketch is full (its size, not the data, may limit the rank)."""
+        if self.mode_ == "gram":
+            T = self._gram.shape[0]
+            J = torch.eye(T, dtype=torch.float64, device=self._gram.device) - 1.0 / T
+            lam = torch.linalg.eigvalsh(J @ self._gram @ J)
+            return int((lam > 1e-12 * max(float(lam.max()), 0.0)).sum()) if float(lam.max()) > 0 else 0, False
+        self._shrink(0)
+        d = self._mean - self._shift
+        spread = self._sq_norm_sum - self.n_samples_seen_ * float(d @ d)
+        rank = self._rows if spread > 1e-12 * max(self._sq_norm_sum, 1e-300) else 0
+        return rank, self._rows >= self._buffer.shape[0] // 2 - 1
+
+    def _within_rank(self, k):
+        rank, sketch_full = self._variance_rank()
+        if self.n_components is None:
+            return max(min(k, rank), 1) if rank else self._no_variance()
+        if k <= rank:
+            return k
+        if rank == 0:
+            self._no_variance()
+        if sketch_full:
+            raise ValueError(f"StreamingPCA: n_components = {k} exceeds the sketch's rank {rank}; raise sketch_size")
+        raise ValueError(f"StreamingPCA: n_components = {k}, but the {self.n_samples_seen_} centred snapshots span "
+                         f"only {rank} direction(s) (T snapshots span at most T - 1 around their mean); ask for at most "
+                         f"{rank}")
+
+    def _no_variance(self):
+        raise ValueError(f"StreamingPCA: the {self.n_samples_seen_} snapshots do not vary (a constant trajectory): "
+                         "there are no principal components to find")
 
     def _solve_gram(self):
         G = self._gram
@@ -293,6 +332,7 @@ class StreamingPCA:
     def transform(self, X, return_residual=False):
         """Projections theta_i(t) = (x(t) - mean_) . p_i, shape (T, k) float64; with ``return_residual``
         also the norm of each centred snapshot's part outside the components (T,)."""
+        self._require_data("transform")
         X = self._as_tensor(X, "X")
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"StreamingPCA.transform: X has N = {X.shape[1]} parameters, the fit had {self.n_features_in_}")
