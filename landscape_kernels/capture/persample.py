@@ -99,6 +99,7 @@ class PerSampleGradients:
         self._reference = {}  # name -> the batch gradient autograd computed, for the sum check
         self._batch_size = None
         self._forwards = 0
+        self._backwards_repeated = False
         self._cache = {}
 
     # ----------------------------------------------------------------------------------- set-up
@@ -190,6 +191,7 @@ class PerSampleGradients:
         self._batch_size = None
         self._model_batch = None
         self._forwards = 0
+        self._backwards_repeated = False
         return self
 
     def __exit__(self, *exc):
@@ -203,6 +205,9 @@ class PerSampleGradients:
                 if params[n].grad is not None and n not in self._reference:
                     self._reference[n] = params[n].grad.detach().clone()
         return False
+
+    def _repeated_backward(self):
+        self._backwards_repeated = True
 
     def _model_pre_hook(self, module, args, kwargs):
         if torch.is_grad_enabled():
@@ -229,7 +234,7 @@ class PerSampleGradients:
             hooked.calls.append(call)
             for i, t in enumerate(tensors):
                 if t.requires_grad:
-                    t.register_hook(_storer(call, i))
+                    t.register_hook(_storer(call, i, self._repeated_backward))
             return replaced
 
         return hook
@@ -273,6 +278,10 @@ class PerSampleGradients:
             raise RuntimeError(f"PerSampleGradients: the model ran {self._forwards} forward passes in one `with` block; "
                                "the recorded uses would be joined as if one forward had made them all. Use one forward "
                                "and one backward per `with` block (or compute())")
+        if self._backwards_repeated:
+            raise RuntimeError("PerSampleGradients: two backward passes ran through one forward in one `with` block "
+                               "(backward(retain_graph=True), then again); only the last one's output gradients "
+                               "would be kept. Use one forward and one backward per `with` block (or compute())")
         contributions = self._contributions()
         fallback = self._fallback_blocks()
         blocks = []
@@ -546,8 +555,10 @@ def _detached(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _storer(call, index):
+def _storer(call, index, on_repeat):
     def store(grad):
+        if call.grads[index] is not None:  # a second backward through the same forward
+            on_repeat()
         call.grads[index] = grad.detach()
 
     return store

@@ -11,6 +11,8 @@ measured anew (the paper: once per epoch). Until a subspace is known the step is
 """
 import torch
 
+from ..kernels.checks import all_finite
+
 MODES = ("correct_v", "correct_g")
 
 
@@ -44,6 +46,15 @@ class NSGD(torch.optim.Optimizer):
             if E.shape[1] < self.k:
                 raise ValueError(f"NSGD.set_subspace: E has {E.shape[1]} columns, fewer than k = {self.k}")
             E = E[:, : self.k]
+        if not E.is_floating_point():
+            raise TypeError(f"NSGD.set_subspace: E must be a floating-point tensor, got {E.dtype}")
+        if not all_finite(E):
+            raise ValueError("NSGD.set_subspace: E contains NaN/Inf (one step would turn every weight NaN)")
+        gap = float((E.T.double() @ E.double() - torch.eye(E.shape[1], dtype=torch.float64, device=E.device)).abs().max())
+        tolerance = 1e-4 if E.dtype == torch.float32 else 1e-8
+        if gap > tolerance:
+            raise ValueError(f"NSGD.set_subspace: the columns of E must be orthonormal, but max |E^T E - I| = {gap:.3g} "
+                             f"(at most {tolerance:g}); orthonormalise them, e.g. torch.linalg.qr(E).Q")
         p0 = self.param_groups[0]["params"][0]
         self.E = E.detach().to(p0.device, p0.dtype)
 
