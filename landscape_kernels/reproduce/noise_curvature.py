@@ -27,6 +27,7 @@ from ..analyses.noise_curvature import (
     superlinear_relation)
 from ..training.data import balanced_subset, load_dataset
 from ..training.models import mlp
+from ..training.state_files import load_state, save_state
 from ..training.trainer import SGDTrainer, cosine_schedule
 from .job import Job, data_dir_option, dataset_option, option
 from .reports.noise_curvature import write_noise_curvature_report
@@ -83,7 +84,7 @@ def train_one(cfg, folder, train, loss_name, seed, ctx):
     model = mlp((x.shape[1], cfg.hidden, cfg.hidden, 10), bias=False, seed=seed)
     saved = os.path.join(folder, "model.pt")
     if ctx.resume and os.path.isfile(saved):
-        state = torch.load(saved, weights_only=True)
+        state = load_state(saved, "noise-curvature")
         model.load_state_dict(state["model"])
         ctx.log(f"{folder}: trained before, reusing {saved}")
         return model, state["history"]
@@ -93,7 +94,7 @@ def train_one(cfg, folder, train, loss_name, seed, ctx):
                          checkpoint_seconds=ctx.checkpoint_seconds, clip_grad_norm=cfg.clip,
                          lr_schedule=cosine_schedule(cfg.lr, cfg.epochs, steps, cfg.final_lr_fraction))
     ctx.resume_training(trainer).run(max_epochs=cfg.epochs, stopping_rule=None, progress=ctx.progress)
-    torch.save({"model": model.state_dict(), "history": trainer.history}, saved)
+    save_state({"model": model.state_dict(), "history": trainer.history}, saved)
     os.remove(trainer.checkpoint)
     return model, trainer.history
 

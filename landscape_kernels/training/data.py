@@ -13,6 +13,7 @@ import os
 import struct
 import tempfile
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -51,11 +52,15 @@ def read_idx(path):
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot be read as {'gzip' if path.endswith('.gz') else 'a file'} ({exc})") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # EOFError: a gzip stream cut off (a truncated download)
+        raise ValueError(f"{path}: cannot be read as {'gzip' if path.endswith('.gz') else 'a file'} ({type(exc).__name__}: "
+                         f"{exc or 'the file ends early'}); it is corrupt or truncated: fetch it again") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: the IDX header is truncated (it announces {ndim} dimension(s), the file holds "
+                         f"{len(raw)} bytes); the file is corrupt or truncated: fetch it again")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)):

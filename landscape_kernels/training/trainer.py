@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..capture.model import eval_mode
 from .interrupts import StepBoundary
 from .progress import Progress
+from .state_files import load_state, save_state
 
 CHECKPOINT_FORMAT = "landscape_kernels.training/1"
 
@@ -156,11 +157,7 @@ class SGDTrainer:
 
     def save(self, path=None):
         """Write the state to ``path`` (default: the checkpoint path) via a temporary file and a rename."""
-        path = os.fspath(path or self.checkpoint)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_state(self.state_dict(), path or self.checkpoint)
         self._last_save = time.perf_counter()
 
     def resume(self, path=None):
@@ -168,7 +165,7 @@ class SGDTrainer:
         path = os.fspath(path or self.checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SGDTrainer.resume: no checkpoint at {path!r}")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = load_state(path, "SGDTrainer.resume", map_location=self.device)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"SGDTrainer.resume: {path!r} is not a landscape_kernels training checkpoint")
         mine = self.state_dict()["settings"]
