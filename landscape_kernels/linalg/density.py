@@ -87,6 +87,13 @@ def spectral_density(op, num_probes=8, num_steps=80, grid=None, sigma=None, seed
     probes, all probes advanced together. ``sigma`` (default 1 % of the spectral range) is the width
     of the Gaussian kernel; ``grid`` defaults to ``grid_points`` points spanning the nodes +- 5 sigma."""
     op = as_operator(op)
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf):
+        raise ValueError(f"spectral_density: sigma must be None or a finite number > 0, got {sigma!r}")
+    if grid is not None and (not isinstance(grid, torch.Tensor) or grid.dim() != 1 or grid.numel() == 0
+                             or not bool(torch.isfinite(grid).all())):
+        raise ValueError("spectral_density: grid must be None or a non-empty 1-D tensor of finite values")
+    if isinstance(grid_points, bool) or not isinstance(grid_points, int) or grid_points < 2:
+        raise ValueError(f"spectral_density: grid_points must be an int >= 2, got {grid_points!r}")
     if not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"spectral_density: num_probes must be a positive int, got {num_probes!r}")
     if not isinstance(num_steps, int) or num_steps < 1:
@@ -98,8 +105,6 @@ def spectral_density(op, num_probes=8, num_steps=80, grid=None, sigma=None, seed
     lo, hi = float(nodes[used].min()), float(nodes[used].max())
     if sigma is None:
         sigma = 0.01 * max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
-    if sigma <= 0:
-        raise ValueError(f"spectral_density: sigma must be positive, got {sigma}")
     grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid_points, dtype=torch.float64) if grid is None else grid.double().cpu()
     kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes[:, :, None]) / sigma) ** 2) / (sigma * (2 * math.pi) ** 0.5)
     density = (weights[:, :, None] * kernel).sum(1).mean(0)

@@ -83,7 +83,7 @@ def test_bad_input():
     A = torch.eye(5, dtype=torch.float64)
     with pytest.raises(ValueError, match="num_probes must be a positive int"):
         spectral_density(A, num_probes=0)
-    with pytest.raises(ValueError, match="sigma must be positive"):
+    with pytest.raises(ValueError, match="sigma must be None or a finite number > 0"):
         spectral_density(A, num_probes=2, num_steps=3, sigma=-1.0)
     with pytest.raises(ValueError, match="hutchpp_trace: num_products must be an int >= 6"):
         hutchpp_trace(A, num_products=3)

@@ -130,7 +130,7 @@ def test_flatness_exact_on_analytic_profiles():
 
 def test_flatness_bad_input():
     model = Analytic(2)
-    with pytest.raises(ValueError, match="step must be > 0"):
+    with pytest.raises(ValueError, match="step must be a finite number > 0"):
         flatness(model, analytic_loss(torch.ones(2), torch.ones(2)), (torch.zeros(3, 1), torch.zeros(3)),
                  torch.eye(2, dtype=torch.float64), step=0)
     with pytest.raises(ValueError, match="ln L needs a positive loss"):
