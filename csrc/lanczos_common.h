@@ -17,18 +17,18 @@ namespace detail {
 
 inline void check_reorth(const at::Tensor& Q, const at::Tensor& W, int64_t j) {
   const char* op = "lanczos_reorth";
-  TORCH_CHECK(Q.dim() == 3, op, ": Q (bases) must have shape (C, m, P), got shape ", Q.sizes());
-  TORCH_CHECK(W.dim() == 3, op, ": W (new vectors) must have shape (C, b, P), got shape ", W.sizes());
-  TORCH_CHECK(Q.size(0) == W.size(0) && Q.size(2) == W.size(2), op,
+  TORCH_CHECK_VALUE(Q.dim() == 3, op, ": Q (bases) must have shape (C, m, P), got shape ", Q.sizes());
+  TORCH_CHECK_VALUE(W.dim() == 3, op, ": W (new vectors) must have shape (C, b, P), got shape ", W.sizes());
+  TORCH_CHECK_VALUE(Q.size(0) == W.size(0) && Q.size(2) == W.size(2), op,
               ": Q (C, m, P) and W (C, b, P) must agree in C and P, got Q ", Q.sizes(), " and W ", W.sizes());
-  TORCH_CHECK(W.size(0) > 0 && W.size(1) > 0 && W.size(2) > 0, op, ": W must be non-empty, got shape ", W.sizes());
-  TORCH_CHECK(j >= 0 && j <= Q.size(1), op, ": j (basis vectors in use) must be in [0, m] = [0, ", Q.size(1),
+  TORCH_CHECK_VALUE(W.size(0) > 0 && W.size(1) > 0 && W.size(2) > 0, op, ": W must be non-empty, got shape ", W.sizes());
+  TORCH_CHECK_VALUE(j >= 0 && j <= Q.size(1), op, ": j (basis vectors in use) must be in [0, m] = [0, ", Q.size(1),
               "], got ", j);
-  TORCH_CHECK(Q.scalar_type() == at::kFloat || Q.scalar_type() == at::kDouble, op,
+  TORCH_CHECK_TYPE(Q.scalar_type() == at::kFloat || Q.scalar_type() == at::kDouble, op,
               ": Q must be float32 or float64, got ", Q.scalar_type());
-  TORCH_CHECK(W.scalar_type() == Q.scalar_type(), op, ": W must have Q's dtype ", Q.scalar_type(), ", got ",
+  TORCH_CHECK_TYPE(W.scalar_type() == Q.scalar_type(), op, ": W must have Q's dtype ", Q.scalar_type(), ", got ",
               W.scalar_type());
-  TORCH_CHECK(W.device() == Q.device(), op, ": W must be on Q's device ", Q.device(), ", got ", W.device());
+  TORCH_CHECK_VALUE(W.device() == Q.device(), op, ": W must be on Q's device ", Q.device(), ", got ", W.device());
 }
 
 template <class Kernels>

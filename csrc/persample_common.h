@@ -36,44 +36,44 @@ struct Layout {
 };
 
 inline Layout check_pair(const at::Tensor& A, const at::Tensor& D, const char* op) {
-  TORCH_CHECK(A.defined() && D.defined(), op, ": A and D must be tensors");
-  TORCH_CHECK(A.dim() == 2 || A.dim() == 3, op,
+  TORCH_CHECK_VALUE(A.defined() && D.defined(), op, ": A and D must be tensors");
+  TORCH_CHECK_VALUE(A.dim() == 2 || A.dim() == 3, op,
               ": A (layer inputs) must have shape (B, in) or (B, T, in), got shape ", A.sizes());
-  TORCH_CHECK(D.dim() == A.dim(), op, ": D (output gradients) must have the same rank as A (",
+  TORCH_CHECK_VALUE(D.dim() == A.dim(), op, ": D (output gradients) must have the same rank as A (",
               A.dim(), "-D, shape (B", A.dim() == 3 ? ", T" : "", ", out)), got shape ", D.sizes());
-  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, op,
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, op,
               ": A must be float32 or float64, got ", A.scalar_type());
-  TORCH_CHECK(D.scalar_type() == A.scalar_type(), op, ": D must have A's dtype ", A.scalar_type(),
+  TORCH_CHECK_TYPE(D.scalar_type() == A.scalar_type(), op, ": D must have A's dtype ", A.scalar_type(),
               ", got ", D.scalar_type());
-  TORCH_CHECK(D.device() == A.device(), op, ": D must be on A's device ", A.device(), ", got ",
+  TORCH_CHECK_VALUE(D.device() == A.device(), op, ": D must be on A's device ", A.device(), ", got ",
               D.device());
-  TORCH_CHECK(A.size(0) == D.size(0), op, ": A and D must have the same batch size, got A ",
+  TORCH_CHECK_VALUE(A.size(0) == D.size(0), op, ": A and D must have the same batch size, got A ",
               A.sizes(), " and D ", D.sizes());
-  TORCH_CHECK(A.size(0) > 0, op, ": empty batch (B = 0): per-sample statistics need at least one sample");
+  TORCH_CHECK_VALUE(A.size(0) > 0, op, ": empty batch (B = 0): per-sample statistics need at least one sample");
   Layout L;
   L.B = A.size(0);
   L.T = A.dim() == 3 ? A.size(1) : 1;
   if (A.dim() == 3) {
-    TORCH_CHECK(D.size(1) == A.size(1), op, ": A and D must have the same number of positions T, got A ",
+    TORCH_CHECK_VALUE(D.size(1) == A.size(1), op, ": A and D must have the same number of positions T, got A ",
                 A.sizes(), " and D ", D.sizes());
-    TORCH_CHECK(L.T > 0, op, ": T = 0 positions: nothing to sum over");
+    TORCH_CHECK_VALUE(L.T > 0, op, ": T = 0 positions: nothing to sum over");
   }
   L.in = A.size(-1);
   L.out = D.size(-1);
-  TORCH_CHECK(L.in > 0 && L.out > 0, op, ": A and D need a non-empty last dimension, got A ", A.sizes(),
+  TORCH_CHECK_VALUE(L.in > 0 && L.out > 0, op, ": A and D need a non-empty last dimension, got A ", A.sizes(),
               " and D ", D.sizes());
   return L;
 }
 
 inline void check_directions(const at::Tensor& V, const at::Tensor& A, const Layout& L, const char* op) {
-  TORCH_CHECK(V.defined(), op, ": V must be a tensor");
-  TORCH_CHECK(V.dim() == 3 && V.size(1) == L.out && V.size(2) == L.in, op,
+  TORCH_CHECK_VALUE(V.defined(), op, ": V must be a tensor");
+  TORCH_CHECK_VALUE(V.dim() == 3 && V.size(1) == L.out && V.size(2) == L.in, op,
               ": V (directions) must have shape (K, out, in) = (K, ", L.out, ", ", L.in, "), got shape ",
               V.sizes());
-  TORCH_CHECK(V.size(0) > 0, op, ": V holds no directions (K = 0)");
-  TORCH_CHECK(V.scalar_type() == A.scalar_type(), op, ": V must have A's dtype ", A.scalar_type(),
+  TORCH_CHECK_VALUE(V.size(0) > 0, op, ": V holds no directions (K = 0)");
+  TORCH_CHECK_TYPE(V.scalar_type() == A.scalar_type(), op, ": V must have A's dtype ", A.scalar_type(),
               ", got ", V.scalar_type());
-  TORCH_CHECK(V.device() == A.device(), op, ": V must be on A's device ", A.device(), ", got ", V.device());
+  TORCH_CHECK_VALUE(V.device() == A.device(), op, ": V must be on A's device ", A.device(), ", got ", V.device());
 }
 
 // Rows of the flattened (B*T, features) views.
@@ -283,12 +283,12 @@ inline at::Tensor weighted_sum_checked(const at::Tensor& A, const at::Tensor& D,
 inline at::Tensor weighted_sum(const at::Tensor& A, const at::Tensor& D, const at::Tensor& W) {
   const char* op = "per_sample_weighted_sum";
   const Layout L = check_pair(A, D, op);
-  TORCH_CHECK(W.defined() && W.dim() == 2 && W.size(0) == L.B, op, ": W (weights) must have shape (B, K) = (", L.B,
+  TORCH_CHECK_VALUE(W.defined() && W.dim() == 2 && W.size(0) == L.B, op, ": W (weights) must have shape (B, K) = (", L.B,
               ", K), got shape ", W.defined() ? W.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(W.size(1) > 0, op, ": W holds no weight vectors (K = 0)");
-  TORCH_CHECK(W.scalar_type() == A.scalar_type(), op, ": W must have A's dtype ", A.scalar_type(), ", got ",
+  TORCH_CHECK_VALUE(W.size(1) > 0, op, ": W holds no weight vectors (K = 0)");
+  TORCH_CHECK_TYPE(W.scalar_type() == A.scalar_type(), op, ": W must have A's dtype ", A.scalar_type(), ", got ",
               W.scalar_type());
-  TORCH_CHECK(W.device() == A.device(), op, ": W must be on A's device ", A.device(), ", got ", W.device());
+  TORCH_CHECK_VALUE(W.device() == A.device(), op, ": W must be on A's device ", A.device(), ", got ", W.device());
   return weighted_sum_checked(A, D, W, L);
 }
 

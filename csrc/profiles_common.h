@@ -21,39 +21,39 @@ inline void check_profile_inputs(const at::Tensor& z0, const at::Tensor& zd, con
                                  const at::Tensor& offset, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& target) {
   const char* op = "profile_ce_losses";
-  TORCH_CHECK(z0.dim() == 2, op, ": z0 must have shape (R, H), got shape ", z0.sizes());
-  TORCH_CHECK(z0.scalar_type() == at::kFloat || z0.scalar_type() == at::kDouble, op,
+  TORCH_CHECK_VALUE(z0.dim() == 2, op, ": z0 must have shape (R, H), got shape ", z0.sizes());
+  TORCH_CHECK_TYPE(z0.scalar_type() == at::kFloat || z0.scalar_type() == at::kDouble, op,
               ": z0 must be float32 or float64, got ", z0.scalar_type());
   const int64_t R = z0.size(0), H = z0.size(1);
-  TORCH_CHECK(zd.dim() == 3 && zd.size(1) == R && zd.size(2) == H, op, ": zd must have shape (U, R, H) = (U, ", R,
+  TORCH_CHECK_VALUE(zd.dim() == 3 && zd.size(1) == R && zd.size(2) == H, op, ": zd must have shape (U, R, H) = (U, ", R,
               ", ", H, "), got shape ", zd.sizes());
-  TORCH_CHECK(direction.dim() == 1 && direction.scalar_type() == at::kLong, op,
+  TORCH_CHECK_VALUE(direction.dim() == 1 && direction.scalar_type() == at::kLong, op,
               ": direction must be a 1-D int64 tensor, got ", direction.scalar_type(), " of shape ", direction.sizes());
   const int64_t M = direction.size(0);
-  TORCH_CHECK(offset.dim() == 1 && offset.size(0) == M, op, ": offset must have shape (M,) = (", M, ",), got shape ",
+  TORCH_CHECK_VALUE(offset.dim() == 1 && offset.size(0) == M, op, ": offset must have shape (M,) = (", M, ",), got shape ",
               offset.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.size(0) > 0, op,
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == H && weight.size(0) > 0, op,
               ": weight must have shape (C, H) with H = ", H, ", got shape ", weight.sizes());
   const int64_t C = weight.size(0);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape (C,) = (", C, ",), got shape ",
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, op, ": bias must have shape (C,) = (", C, ",), got shape ",
                 bias->sizes());
   }
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == R && target.scalar_type() == at::kLong, op,
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == R && target.scalar_type() == at::kLong, op,
               ": target must be int64 of shape (R,) = (", R, ",), got ", target.scalar_type(), " of shape ",
               target.sizes());
   for (const at::Tensor* t : {&zd, &offset, &weight}) {
-    TORCH_CHECK(t->scalar_type() == z0.scalar_type(), op, ": zd, offset, weight and bias must have z0's dtype ",
+    TORCH_CHECK_TYPE(t->scalar_type() == z0.scalar_type(), op, ": zd, offset, weight and bias must have z0's dtype ",
                 z0.scalar_type(), ", got ", t->scalar_type());
   }
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == z0.scalar_type(), op, ": bias must have z0's dtype ", z0.scalar_type(),
+    TORCH_CHECK_TYPE(bias->scalar_type() == z0.scalar_type(), op, ": bias must have z0's dtype ", z0.scalar_type(),
                 ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == z0.device(), op, ": bias must be on z0's device ", z0.device(), ", got ",
+    TORCH_CHECK_VALUE(bias->device() == z0.device(), op, ": bias must be on z0's device ", z0.device(), ", got ",
                 bias->device());
   }
   for (const at::Tensor* t : {&zd, &direction, &offset, &weight, &target}) {
-    TORCH_CHECK(t->device() == z0.device(), op, ": every tensor must be on z0's device ", z0.device(), ", got ",
+    TORCH_CHECK_VALUE(t->device() == z0.device(), op, ": every tensor must be on z0's device ", z0.device(), ", got ",
                 t->device());
   }
 }

@@ -32,30 +32,32 @@ constexpr int64_t kTrajectoryTileBudget = int64_t(1) << 21;  // float64 elements
 constexpr int64_t kSyrkBlock = 512;                           // columns per block of the triangular product
 
 inline void check_snapshots(const at::Tensor& X, const char* op) {
-  TORCH_CHECK(X.dim() == 2, op, ": X (snapshots) must have shape (T, N), got shape ", X.sizes());
-  TORCH_CHECK(X.size(0) > 0 && X.size(1) > 0, op, ": X must have at least one snapshot and one parameter, got shape ",
+  TORCH_CHECK_VALUE(X.dim() == 2, op, ": X (snapshots) must have shape (T, N), got shape ", X.sizes());
+  TORCH_CHECK_VALUE(X.size(0) > 0 && X.size(1) > 0, op, ": X must have at least one snapshot and one parameter, got shape ",
               X.sizes());
-  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble, op,
+  TORCH_CHECK_TYPE(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble, op,
               ": X must be float32 or float64, got ", X.scalar_type());
 }
 
 inline void check_float64_on(const at::Tensor& t, const at::Tensor& X, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == X.device(), op, ": ", name, " must be on X's device ", X.device(), ", got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == X.device(), op, ": ", name, " must be on X's device ", X.device(), ", got ", t.device());
 }
 
 inline void trajectory_cov_update(at::Tensor& M2, at::Tensor& mean, int64_t count, const at::Tensor& X) {
   const char* op = "trajectory_cov_update";
   check_snapshots(X, op);
   const int64_t T = X.size(0), N = X.size(1);
-  TORCH_CHECK(M2.dim() == 2 && M2.size(0) == N && M2.size(1) == N, op, ": M2 must have shape (N, N) = (", N, ", ",
+  TORCH_CHECK_VALUE(M2.dim() == 2 && M2.size(0) == N && M2.size(1) == N, op, ": M2 must have shape (N, N) = (", N, ", ",
               N, "), got shape ", M2.sizes());
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == N, op, ": mean must have shape (N,) = (", N, ",), got shape ",
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == N, op, ": mean must have shape (N,) = (", N, ",), got shape ",
               mean.sizes());
   check_float64_on(M2, X, "M2", op);
   check_float64_on(mean, X, "mean", op);
-  TORCH_CHECK(M2.is_contiguous() && mean.is_contiguous(), op, ": M2 and mean must be contiguous (they are updated in place)");
-  TORCH_CHECK(count >= 0, op, ": count (snapshots merged so far) must be >= 0, got ", count);
+  TORCH_CHECK_VALUE(M2.is_contiguous() && mean.is_contiguous(), op, ": M2 and mean must be contiguous (they are updated in place)");
+  TORCH_CHECK_VALUE(count >= 0, op, ": count (snapshots merged so far) must be >= 0, got ", count);
+  TORCH_CHECK_VALUE(count <= (int64_t(1) << 53) - X.size(0), op, ": count + T = ", count, " + ", X.size(0),
+                    " exceeds 2^53, where float64 weights of the merge stop being exact (and int64 sums overflow near 2^63)");
 
   const at::Tensor chunk_mean = X.to(at::kDouble).mean(0);
   const double n = double(count + T);
@@ -88,9 +90,9 @@ inline std::tuple<at::Tensor, at::Tensor> trajectory_project(const at::Tensor& X
   const char* op = "trajectory_project";
   check_snapshots(X, op);
   const int64_t T = X.size(0), N = X.size(1);
-  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == N, op, ": mean must have shape (N,) = (", N, ",), got shape ",
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == N, op, ": mean must have shape (N,) = (", N, ",), got shape ",
               mean.sizes());
-  TORCH_CHECK(basis.dim() == 2 && basis.size(1) == N, op, ": basis must have shape (k, N) with N = ", N,
+  TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(1) == N, op, ": basis must have shape (k, N) with N = ", N,
               ", got shape ", basis.sizes());
   check_float64_on(mean, X, "mean", op);
   check_float64_on(basis, X, "basis", op);

@@ -128,10 +128,10 @@ at::Tensor profile_ce_losses(const at::Tensor& z0_, const at::Tensor& zd_, const
   const int64_t* dir = direction.data_ptr<int64_t>();
   const int64_t* y = target.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m) {
-    TORCH_CHECK(dir[m] >= 0 && dir[m] < U, op, ": direction[", m, "] = ", dir[m], " is not in [0, U = ", U, ")");
+    TORCH_CHECK_VALUE(dir[m] >= 0 && dir[m] < U, op, ": direction[", m, "] = ", dir[m], " is not in [0, U = ", U, ")");
   }
   for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK(y[r] >= 0 && y[r] < C, op, ": target[", r, "] = ", y[r], " is not a class in [0, C = ", C, ")");
+    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < C, op, ": target[", r, "] = ", y[r], " is not a class in [0, C = ", C, ")");
   }
   at::Tensor out = at::zeros({M}, z0.options().dtype(at::kDouble));
   if (M == 0 || R == 0) return out;

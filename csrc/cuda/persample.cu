@@ -91,7 +91,7 @@ struct CudaKernels {
     const int64_t R = X.size(0), n = X.size(1), m = M.size(0);
     at::Tensor S = at::zeros({m, n}, X.options().dtype(at::kDouble));
     const int64_t gx = ceil_div(n, kThreads), gy = ceil_div(m, kRows);
-    TORCH_CHECK(gy <= 65535, "per-sample kernels: too many output rows (", m, ") for one launch");
+    TORCH_CHECK_VALUE(gy <= 65535, "per-sample kernels: too many output rows (", m, ") for one launch");
     // Split the rows over enough blocks to fill the device when the output is small.
     const int64_t want_blocks = 4 * 132;
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(R, kRowsPerSplit),

@@ -73,7 +73,7 @@ at::Tensor profile_ce_losses(const at::Tensor& z0_, const at::Tensor& zd_, const
   const int64_t R = z0.size(0), H = z0.size(1), U = zd.size(0), M = direction.size(0), C = weight.size(0);
   at::Tensor out = at::zeros({M}, z0.options().dtype(at::kDouble));
   if (M == 0 || R == 0) return out;
-  TORCH_CHECK(M <= 65535, "profile_ce_losses: at most 65535 points per call on CUDA, got ", M);
+  TORCH_CHECK_VALUE(M <= 65535, "profile_ce_losses: at most 65535 points per call on CUDA, got ", M);
   const dim3 grid(unsigned((R + kThreads - 1) / kThreads), unsigned(M));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "profile_ce_losses", [&] {

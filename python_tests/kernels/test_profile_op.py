@@ -91,5 +91,5 @@ def test_bad_input_is_named(gen):
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="z0"):
         ops.profile_ce_losses(bad, zd, direction, offset, weight, b, target)
-    with pytest.raises((RuntimeError, ValueError), match="target"):  # the raw op checks ranges too
+    with pytest.raises(ValueError, match="target"):  # the raw op checks ranges too
         torch.ops.landscape_kernels.profile_ce_losses(z0, zd, direction, offset, weight, b, torch.full_like(target, 9))
