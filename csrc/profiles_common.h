@@ -25,8 +25,8 @@ inline void check_profile_inputs(const at::Tensor& z0, const at::Tensor& zd, con
   TORCH_CHECK_TYPE(z0.scalar_type() == at::kFloat || z0.scalar_type() == at::kDouble, op,
               ": z0 must be float32 or float64, got ", z0.scalar_type());
   const int64_t R = z0.size(0), H = z0.size(1);
-  TORCH_CHECK_VALUE(zd.dim() == 3 && zd.size(1) == R && zd.size(2) == H, op, ": zd must have shape (U, R, H) = (U, ", R,
-              ", ", H, "), got shape ", zd.sizes());
+  TORCH_CHECK_VALUE(zd.dim() == 3 && zd.size(1) == R && zd.size(2) == H && zd.size(0) > 0, op,
+              ": zd must have shape (U, R, H) = (U, ", R, ", ", H, ") with U >= 1, got shape ", zd.sizes());
   TORCH_CHECK_VALUE(direction.dim() == 1 && direction.scalar_type() == at::kLong, op,
               ": direction must be a 1-D int64 tensor, got ", direction.scalar_type(), " of shape ", direction.sizes());
   const int64_t M = direction.size(0);
