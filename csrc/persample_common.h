@@ -5,7 +5,10 @@
 // parts through two fused kernels that each device provides as a `Kernels` policy:
 //
 //   Kernels::centred_sq_sum(X (R, n), d (R, m) or undefined, M (m, n), scale) -> (m, n), X's dtype
-//       S[o, j] = scale * sum_r (d[r, o] * X[r, j] - M[o, j])^2   (d undefined means d == 1, m == 1),
+//       S[o, j] = scale * sum_r (v[r, o, j] - vbar[o, j])^2 with v = d[r, o] * X[r, j] - M[o, j]
+//       (d undefined means d == 1, m == 1): the squared deviations about M, corrected by the summed
+//       deviations (the corrected two-pass algorithm, Chan, Golub & LeVeque 1983), so that the rounding
+//       of a mean M in X's dtype does not bias the result (identical rows give 0, not (eps M)^2);
 //       accumulated in float64 and rounded once at the end
 //   Kernels::batched_dot(U (R, K, J), X (R, J), T) -> (R / T, K)
 //       out[b, k] = sum_{t < T} sum_j U[b*T + t, k, j] * X[b*T + t, j]
@@ -30,6 +33,11 @@ namespace detail {
 
 // Upper bound, in elements, on any temporary the plans below create (16 MiB of float32).
 constexpr int64_t kTileBudget = int64_t(1) << 22;
+
+// sum_r (v_r - vbar)^2 from the totals sum_r v_r^2 and sum_r v_r of R deviations (never below zero).
+inline double corrected_sq_sum(double sq_total, double dev_total, int64_t R) {
+  return std::max(0.0, sq_total - dev_total * dev_total / double(R));
+}
 
 struct Layout {
   int64_t B, T, in, out;

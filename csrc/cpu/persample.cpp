@@ -27,30 +27,33 @@ constexpr int64_t kCols = 32;
 constexpr int64_t kFlush = 64;
 
 
-// acc[j] += (d * x[j] - m[j])^2 for j < n. d * x - m is one fused multiply-add (one rounding), so a
-// float32 deviation keeps full precision even when the mean is many times the spread. Compiled for
+// acc[j] += v^2 and dev[j] += v with v = d * x[j] - m[j], for j < n. d * x - m is one fused multiply-add
+// (one rounding), so a float32 deviation keeps full precision even when the mean is many times the
+// spread; the summed deviations correct for the rounding of m itself (see centred_sq_sum). Compiled for
 // AVX+FMA (selected by CPU feature, not model) and for the baseline ISA, picked at load time.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void centred_sq_row(scalar_t* __restrict acc, const scalar_t* __restrict x,
-                                                          scalar_t d, const scalar_t* __restrict m, int64_t n) {
+__attribute__((always_inline)) inline void centred_sq_row(scalar_t* __restrict acc, scalar_t* __restrict dev,
+                                                          const scalar_t* __restrict x, scalar_t d,
+                                                          const scalar_t* __restrict m, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const scalar_t v = std::fma(d, x[j], -m[j]);
     acc[j] += v * v;
+    dev[j] += v;
   }
 }
 
-LK_CPU_CLONES void centred_sq_row_f(float* acc, const float* x, float d, const float* m, int64_t n) {
-  centred_sq_row(acc, x, d, m, n);
+LK_CPU_CLONES void centred_sq_row_f(float* acc, float* dev, const float* x, float d, const float* m, int64_t n) {
+  centred_sq_row(acc, dev, x, d, m, n);
 }
-LK_CPU_CLONES void centred_sq_row_d(double* acc, const double* x, double d, const double* m, int64_t n) {
-  centred_sq_row(acc, x, d, m, n);
+LK_CPU_CLONES void centred_sq_row_d(double* acc, double* dev, const double* x, double d, const double* m, int64_t n) {
+  centred_sq_row(acc, dev, x, d, m, n);
 }
-inline void centred_sq_row_any(float* acc, const float* x, float d, const float* m, int64_t n) {
-  centred_sq_row_f(acc, x, d, m, n);
+inline void centred_sq_row_any(float* acc, float* dev, const float* x, float d, const float* m, int64_t n) {
+  centred_sq_row_f(acc, dev, x, d, m, n);
 }
-inline void centred_sq_row_any(double* acc, const double* x, double d, const double* m, int64_t n) {
-  centred_sq_row_d(acc, x, d, m, n);
+inline void centred_sq_row_any(double* acc, double* dev, const double* x, double d, const double* m, int64_t n) {
+  centred_sq_row_d(acc, dev, x, d, m, n);
 }
 
 // One tile's view of the centred_sq_sum problem: S[o, j] = sum_r (d[r, o] X[r, j] - M[o, j])^2.
@@ -61,7 +64,8 @@ struct CentredSqTile {
   const scalar_t* mean;  // M (m, n)
   int64_t R, n, m;
   int64_t o0, no, j0;  // tile rows o0 .. o0 + no, columns from j0
-  double* total;       // (kRows, kCols) float64 totals of the tile
+  double* total;       // (kRows, kCols) float64 totals of the squared deviations of the tile
+  double* dev_total;   // (kRows, kCols) float64 totals of the deviations
   scalar_t dval(int64_t r, int64_t o) const { return dt ? dt[(o0 + o) * R + r] : scalar_t(1); }
 };
 
@@ -69,16 +73,21 @@ struct CentredSqTile {
 template <typename scalar_t>
 void centred_sq_columns_portable(const CentredSqTile<scalar_t>& t, int64_t ja, int64_t jb) {
   if (jb <= ja) return;
-  std::vector<scalar_t> part_buffer(kRows * kCols);
+  std::vector<scalar_t> part_buffer(2 * kRows * kCols);
   scalar_t* part = part_buffer.data();
+  scalar_t* dev_part = part + kRows * kCols;
   const int64_t nj = jb - ja;
   for (int64_t r0 = 0; r0 < t.R; r0 += kFlush) {
-    std::fill(part, part + kRows * kCols, scalar_t(0));
+    std::fill(part_buffer.begin(), part_buffer.end(), scalar_t(0));
     for (int64_t r = r0; r < std::min(t.R, r0 + kFlush); ++r)
       for (int64_t o = 0; o < t.no; ++o)
-        centred_sq_row_any(part + o * kCols, t.x + r * t.n + ja, t.dval(r, o), t.mean + (t.o0 + o) * t.n + ja, nj);
+        centred_sq_row_any(part + o * kCols, dev_part + o * kCols, t.x + r * t.n + ja, t.dval(r, o),
+                           t.mean + (t.o0 + o) * t.n + ja, nj);
     for (int64_t o = 0; o < t.no; ++o)
-      for (int64_t j = 0; j < nj; ++j) t.total[o * kCols + (ja - t.j0) + j] += double(part[o * kCols + j]);
+      for (int64_t j = 0; j < nj; ++j) {
+        t.total[o * kCols + (ja - t.j0) + j] += double(part[o * kCols + j]);
+        t.dev_total[o * kCols + (ja - t.j0) + j] += double(dev_part[o * kCols + j]);
+      }
   }
 }
 
@@ -96,6 +105,7 @@ struct Avx2Float {
   LK_AVX2 static V zero() { return _mm256_setzero_ps(); }
   LK_AVX2 static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
   LK_AVX2 static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  LK_AVX2 static V add(V a, V b) { return _mm256_add_ps(a, b); }
   LK_AVX2 static void add_to(double* t, V v) {
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
     const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
@@ -112,6 +122,7 @@ struct Avx2Double {
   LK_AVX2 static V zero() { return _mm256_setzero_pd(); }
   LK_AVX2 static V fmsub(V a, V b, V c) { return _mm256_fmsub_pd(a, b, c); }
   LK_AVX2 static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  LK_AVX2 static V add(V a, V b) { return _mm256_add_pd(a, b); }
   LK_AVX2 static void add_to(double* t, V v) { _mm256_storeu_pd(t, _mm256_add_pd(_mm256_loadu_pd(t), v)); }
 };
 template <typename T> struct Avx2;
@@ -126,13 +137,13 @@ template <class Ops, int ROWS, int VECS, bool HAS_D>
 LK_AVX2 void centred_sq_block_avx2(const CentredSqTile<typename Ops::T>& t, int64_t orow, int64_t j,
                                    const typename Ops::T* x_col, int64_t ldx) {
   using V = typename Ops::V;
-  V mean[ROWS][VECS], acc[ROWS][VECS];
+  V mean[ROWS][VECS], acc[ROWS][VECS], dev_acc[ROWS][VECS];
   const typename Ops::T* d_rows = HAS_D ? t.dt + (t.o0 + orow) * t.R : nullptr;
   LK_UNROLL for (int o = 0; o < ROWS; ++o)
     LK_UNROLL for (int v = 0; v < VECS; ++v) mean[o][v] = Ops::load(t.mean + (t.o0 + orow + o) * t.n + j + v * Ops::W);
   for (int64_t r0 = 0; r0 < t.R; r0 += kFlush) {
     LK_UNROLL for (int o = 0; o < ROWS; ++o)
-      LK_UNROLL for (int v = 0; v < VECS; ++v) acc[o][v] = Ops::zero();
+      LK_UNROLL for (int v = 0; v < VECS; ++v) acc[o][v] = dev_acc[o][v] = Ops::zero();
     const int64_t r1 = std::min(t.R, r0 + kFlush);
     for (int64_t r = r0; r < r1; ++r) {
       V x[VECS];
@@ -142,12 +153,15 @@ LK_AVX2 void centred_sq_block_avx2(const CentredSqTile<typename Ops::T>& t, int6
         LK_UNROLL for (int v = 0; v < VECS; ++v) {
           const V dev = Ops::fmsub(dv, x[v], mean[o][v]);  // one rounding, as in the portable path
           acc[o][v] = Ops::fmadd(dev, dev, acc[o][v]);
+          dev_acc[o][v] = Ops::add(dev_acc[o][v], dev);
         }
       }
     }
     LK_UNROLL for (int o = 0; o < ROWS; ++o)
-      LK_UNROLL for (int v = 0; v < VECS; ++v)
+      LK_UNROLL for (int v = 0; v < VECS; ++v) {
         Ops::add_to(t.total + (orow + o) * kCols + (j - t.j0) + v * Ops::W, acc[o][v]);
+        Ops::add_to(t.dev_total + (orow + o) * kCols + (j - t.j0) + v * Ops::W, dev_acc[o][v]);
+      }
   }
 }
 
@@ -157,7 +171,7 @@ const bool kCpuHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supp
 template <typename scalar_t>
 int64_t centred_sq_columns_avx2(const CentredSqTile<scalar_t>& t, int64_t nj) {
   using Ops = Avx2<scalar_t>;
-  constexpr int VECS = 2;
+  constexpr int VECS = 1;
   constexpr int64_t step = Ops::W * VECS;
   const int64_t done = nj - nj % step;
   for (int64_t j = t.j0; j < t.j0 + done; j += step) {
@@ -185,21 +199,25 @@ struct CpuKernels {
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "centred_sq_sum_cpu", [&] {
       scalar_t* s = S.data_ptr<scalar_t>();
       at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
-        std::vector<double> total(kRows * kCols);
+        std::vector<double> total(kRows * kCols), dev_total(kRows * kCols);
         for (int64_t tile = begin; tile < end; ++tile) {
           CentredSqTile<scalar_t> t{X.data_ptr<scalar_t>(), dt.defined() ? dt.data_ptr<scalar_t>() : nullptr,
                                     M.data_ptr<scalar_t>(), R, n, m, (tile / col_tiles) * kRows, 0,
-                                    (tile % col_tiles) * kCols, total.data()};
+                                    (tile % col_tiles) * kCols, total.data(), dev_total.data()};
           t.no = std::min(kRows, m - t.o0);
           const int64_t nj = std::min(kCols, n - t.j0);
           std::fill(total.begin(), total.end(), 0.0);
+          std::fill(dev_total.begin(), dev_total.end(), 0.0);
           int64_t j = t.j0;
 #ifdef LK_HAVE_AVX2_KERNEL
           if (kCpuHasAvx2Fma) j = centred_sq_columns_avx2(t, nj);
 #endif
           centred_sq_columns_portable(t, j, t.j0 + nj);
           for (int64_t o = 0; o < t.no; ++o)
-            for (int64_t jj = 0; jj < nj; ++jj) s[(t.o0 + o) * n + t.j0 + jj] = scalar_t(total[o * kCols + jj] * scale);
+            for (int64_t jj = 0; jj < nj; ++jj) {
+              const int64_t k = o * kCols + jj;
+              s[(t.o0 + o) * n + t.j0 + jj] = scalar_t(detail::corrected_sq_sum(total[k], dev_total[k], R) * scale);
+            }
         }
       });
     });

@@ -21,11 +21,13 @@ constexpr int kRows = 4;     // output rows per thread (reuses each loaded X ele
 constexpr int kFlush = 64;   // rows summed in the input precision before a float64 flush
 constexpr int kRowsPerSplit = 256;
 
-// S[o, j] += sum_{r in split} (d[r, o] * X[r, j] - M[o, j])^2; d == nullptr means d == 1.
+// S[o, j] += sum_{r in split} v^2 and S_dev[o, j] += sum_{r in split} v, v = d[r, o] * X[r, j] - M[o, j];
+// d == nullptr means d == 1.
 // grid: x over column blocks, y over row groups of kRows, z over splits of the R rows.
 template <typename scalar_t>
 __global__ void centred_sq_sum_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ d,
-                                      const scalar_t* __restrict__ M, double* __restrict__ S, int64_t R,
+                                      const scalar_t* __restrict__ M, double* __restrict__ S,
+                                      double* __restrict__ S_dev, int64_t R,
                                       int64_t n, int64_t m, int64_t rows_per_split) {
   const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t o0 = int64_t(blockIdx.y) * kRows;
@@ -33,13 +35,13 @@ __global__ void centred_sq_sum_kernel(const scalar_t* __restrict__ X, const scal
   const int64_t r_end = min(R, r_begin + rows_per_split);
   if (j >= n) return;
   const int no = m - o0 < kRows ? int(m - o0) : kRows;
-  scalar_t mean[kRows], part[kRows];
-  double total[kRows];
+  scalar_t mean[kRows], part[kRows], dev_part[kRows];
+  double total[kRows], dev_total[kRows];
 #pragma unroll
   for (int o = 0; o < kRows; ++o) {
     mean[o] = o < no ? M[(o0 + o) * n + j] : scalar_t(0);
-    part[o] = 0;
-    total[o] = 0;
+    part[o] = dev_part[o] = 0;
+    total[o] = dev_total[o] = 0;
   }
   for (int64_t r = r_begin; r < r_end; ++r) {
     const scalar_t x = X[r * n + j];
@@ -48,19 +50,24 @@ __global__ void centred_sq_sum_kernel(const scalar_t* __restrict__ X, const scal
       if (o < no) {
         const scalar_t v = fma(d ? d[r * m + o0 + o] : scalar_t(1), x, -mean[o]);  // one rounding
         part[o] += v * v;
+        dev_part[o] += v;
       }
     }
     if ((r - r_begin + 1) % kFlush == 0) {
 #pragma unroll
       for (int o = 0; o < kRows; ++o) {
         total[o] += double(part[o]);
-        part[o] = 0;
+        dev_total[o] += double(dev_part[o]);
+        part[o] = dev_part[o] = 0;
       }
     }
   }
 #pragma unroll
   for (int o = 0; o < kRows; ++o)
-    if (o < no) atomicAdd(S + (o0 + o) * n + j, total[o] + double(part[o]));
+    if (o < no) {
+      atomicAdd(S + (o0 + o) * n + j, total[o] + double(part[o]));
+      atomicAdd(S_dev + (o0 + o) * n + j, dev_total[o] + double(dev_part[o]));
+    }
 }
 
 // out[b, k] = sum_{t < T} sum_j U[(b T + t), k, j] X[(b T + t), j]; one warp per (b, k).
@@ -90,6 +97,7 @@ struct CudaKernels {
     const at::Tensor d = d_.defined() ? d_.contiguous() : d_;
     const int64_t R = X.size(0), n = X.size(1), m = M.size(0);
     at::Tensor S = at::zeros({m, n}, X.options().dtype(at::kDouble));
+    at::Tensor S_dev = at::zeros({m, n}, X.options().dtype(at::kDouble));
     const int64_t gx = ceil_div(n, kThreads), gy = ceil_div(m, kRows);
     TORCH_CHECK_VALUE(gy <= 65535, "per-sample kernels: too many output rows (", m, ") for one launch");
     // Split the rows over enough blocks to fill the device when the output is small.
@@ -102,10 +110,11 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "centred_sq_sum_cuda", [&] {
       centred_sq_sum_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           X.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr, M.data_ptr<scalar_t>(),
-          S.data_ptr<double>(), R, n, m, rows_per_split);
+          S.data_ptr<double>(), S_dev.data_ptr<double>(), R, n, m, rows_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return S.mul_(scale).to(X.scalar_type());
+    // the corrected two-pass sum (detail::corrected_sq_sum) over the whole of R, after every split is in
+    return S.sub_(S_dev.square_().div_(double(R))).clamp_min_(0.0).mul_(scale).to(X.scalar_type());
   }
 
   static at::Tensor batched_dot(const at::Tensor& U_, const at::Tensor& X_, int64_t T) {

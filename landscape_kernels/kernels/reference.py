@@ -35,14 +35,17 @@ def per_sample_gram(A, D):
 
 def per_sample_moments(A, D):
     """Mean and population variance (divided by B) over the batch of every gradient element; two
-    passes in float64 so that float32 input keeps its accuracy when the mean dwarfs the spread."""
+    passes in float64 so that float32 input keeps its accuracy when the mean dwarfs the spread, the
+    second corrected by the mean deviation (Chan, Golub & LeVeque's corrected two-pass algorithm: the
+    rounding of the mean does not bias the variance, and identical samples give 0)."""
     check_layer_pair(A, D, "per_sample_moments")
     mean = A.new_empty(D.shape[-1], A.shape[-1])
     var = torch.empty_like(mean)
     for rows, G in _gradient_slices(A.double(), D.double()):
         m = G.mean(0)
         mean[rows] = m
-        var[rows] = (G - m).square().mean(0)
+        deviation = G - m
+        var[rows] = (deviation.square().mean(0) - deviation.mean(0).square()).clamp_min(0)
     return mean, var
 
 

@@ -85,6 +85,23 @@ def test_variance_stable_when_mean_dwarfs_spread(dtype, T, device, backend, gen)
     assert_close(var, var_ref, dtype, factor=factor, what="variance")
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("T", [None, 3], ids=["T1", "T3"])
+@pytest.mark.parametrize("B", [1, 6])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variance_of_identical_samples_is_zero(dtype, B, T, device, backend, gen):
+    # every sample the same: the variance is 0, not the square of the mean's rounding (which a variance
+    # centred on a mean rounded to float32 would give: ~(6e-8 * 1e11)^2 here)
+    lead = (1,) if T is None else (1, T)
+    A = (1e6 * torch.randn(*lead, 13, dtype=dtype, generator=gen)).expand(B, *lead[1:], 13).to(device)
+    D = (1e5 * torch.randn(*lead, 5, dtype=dtype, generator=gen)).expand(B, *lead[1:], 5).to(device)
+    with ops.use_backend(backend):
+        mean, var = ops.per_sample_moments(A, D)
+        stats_var = ops.per_sample_stats(A, D)[3]
+    floor = 1e-5 * (torch.finfo(dtype).eps * mean.double()) ** 2
+    assert (var.double().abs() <= floor).all() and (stats_var.double().abs() <= floor).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(5, None, 7, 3), (3, 4, 6, 5)], ids=str)
 @pytest.mark.parametrize("name", OPS)
