@@ -243,3 +243,16 @@ def test_batchnorm_in_training_mode_is_refused():
     model.eval()
     with PerSampleGradients(model):
         pass
+
+
+def test_a_model_called_with_keyword_arguments_is_captured(gen):
+    # m(input=x): the layer hooks see no positional input; the statistics must still be those of m(x)
+    seed_from(gen)
+    model = small_mlp([5, 4, 3])
+    x = torch.randn(6, 5, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    with PerSampleGradients(model, loss_reduction="sum") as ps:
+        F.cross_entropy(model(input=x), y, reduction="sum").backward()
+    G = vmap_per_sample_gradients(model, x, y, ps.param_names)  # gradients of the per-sample losses (sum)
+    assert_close(ps.sq_norms(), G.square().sum(1), torch.float64, what="sq_norms")
+    assert_close(ps.gram(), G @ G.T, torch.float64, what="gram")

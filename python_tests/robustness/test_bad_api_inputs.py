@@ -96,6 +96,15 @@ def pca_fit(X, **kwargs):
     return lambda: StreamingPCA(**kwargs).fit(X).explained_variance_
 
 
+def truncated_checkpoint(tmp):
+    """A checkpoint cut short, as a full disk or a killed copy leaves it."""
+    path = os.path.join(tmp, "cut.pt")
+    torch.save({"model": {"w": torch.randn(50, 50)}}, path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return path
+
+
 def idx_file(tmp, name, data, compress=False):
     path = os.path.join(tmp, name)
     with (gzip.open if compress else open)(path, "wb") as f:
@@ -212,6 +221,8 @@ def cases(tmp):
          ValueError, "the training set is empty"),
         ("trainer resume missing", lambda: trainer(checkpoint=os.path.join(tmp, "none.pt"))().resume(),
          FileNotFoundError, "no checkpoint at"),
+        ("trainer resume truncated", lambda: trainer(checkpoint=truncated_checkpoint(tmp))().resume(), ValueError,
+         "is not a readable state file"),
         ("window 0", window_recorder(params=["0.weight"], window=0), ValueError, "window must be a positive int"),
         ("window unknown param", window_recorder(params=["9.weight"], window=5), ValueError, "are not parameters"),
         # data files

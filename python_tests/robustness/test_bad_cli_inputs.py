@@ -95,11 +95,13 @@ def test_resume_of_another_jobs_folder_is_refused(tmp_path, capsys):
     assert code == 2 and "holds a run of the job 'forgetting'" in err
 
 
-def test_resume_with_other_settings_names_the_changed_flags(tmp_path, capsys):
+@pytest.mark.parametrize("flag, earlier, now", [("seed", 7, 3), ("max_epochs", 50, 5)])
+def test_resume_with_other_settings_names_the_changed_flags(flag, earlier, now, tmp_path, capsys):
+    # e.g. a smaller --max-epochs on resume would report a run that is not the one trained
     config = {f.name: f.default for f in fields(JOBS["variance-flatness"].config)}
-    (tmp_path / JOB_FILE).write_text(json.dumps({"job": "variance-flatness", "config": {**config, "seed": 7}}))
-    code, err = run_job(["variance-flatness", "--out", str(tmp_path), "--resume", "--seed", "3"], capsys)
-    assert code == 2 and "--seed 7 -> 3" in err and "run with other settings" in err
+    (tmp_path / JOB_FILE).write_text(json.dumps({"job": "variance-flatness", "config": {**config, flag: earlier}}))
+    code, err = run_job(["variance-flatness", "--out", str(tmp_path), "--resume", flag_name(flag), str(now)], capsys)
+    assert code == 2 and f"{flag_name(flag)} {earlier} -> {now}" in err and "run with other settings" in err
 
 
 def test_a_damaged_job_manifest_is_named(tmp_path, capsys):
