@@ -42,6 +42,26 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
 }
 __attribute__((always_inline)) inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// Below this, a float32 row's sum of non-max terms may be made of exp(-87) floors: such a row (a loss
+// under about 1e-37) is summed again exactly (a rare, scalar path).
+constexpr double kClampedTail = 1.7e-38;
+
+// sum_c exp(logit_c - mx) - 1 in float64 for one row (logits strided by kRows), leaving out one max term.
+template <typename scalar_t>
+double exact_tail(const scalar_t* logits, scalar_t mx, int64_t C) {
+  double tail = 0;
+  bool skipped = false;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t v = logits[c * kRows];
+    if (v == mx && !skipped) {
+      skipped = true;
+      continue;
+    }
+    tail += std::exp(double(v) - double(mx));
+  }
+  return tail;
+}
+
 // Summed cross-entropy over the rows [0, n) (n <= kRows) of a block for one point, added to *loss. z0 and
 // zd hold the block transposed, (H, kRows), zero-padded beyond n rows, so forming the activations is
 // kRows-wide vector work too.
@@ -71,7 +91,7 @@ __attribute__((always_inline)) inline void block_losses(const scalar_t* __restri
 #pragma omp simd
     for (int64_t r = 0; r < kRows; ++r) out[r] = acc[r];
   }
-  scalar_t mx[kRows], sum[kRows];
+  scalar_t mx[kRows], rest[kRows], ties[kRows];
 #pragma omp simd
   for (int64_t r = 0; r < kRows; ++r) mx[r] = logits[r];
   for (int64_t c = 1; c < C; ++c) {
@@ -79,19 +99,27 @@ __attribute__((always_inline)) inline void block_losses(const scalar_t* __restri
     for (int64_t r = 0; r < kRows; ++r) mx[r] = std::max(mx[r], logits[c * kRows + r]);
   }
 #pragma omp simd
-  for (int64_t r = 0; r < kRows; ++r) sum[r] = 0;
+  for (int64_t r = 0; r < kRows; ++r) rest[r] = ties[r] = 0;
+  // sum_c exp(logit_c - mx) = ties + rest: the terms equal to the max (exactly 1 each) apart, so that a
+  // confidently right row keeps its small loss log1p(rest) instead of rounding 1 + rest to 1
   for (int64_t c = 0; c < C; ++c) {
 #pragma omp simd
-    for (int64_t r = 0; r < kRows; ++r) sum[r] += exp_nonpositive(logits[c * kRows + r] - mx[r]);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const scalar_t v = logits[c * kRows + r];
+      const bool top = v == mx[r];
+      rest[r] += top ? scalar_t(0) : exp_nonpositive(v - mx[r]);
+      ties[r] += top ? scalar_t(1) : scalar_t(0);
+    }
   }
-  // sum over rows of mx + log(sum) - logit[target]; the logs as one log of the product (each factor
-  // lies in [1, C], so 16 of them stay far inside double's range)
-  double linear = 0, product = 1;
+  // sum over rows of mx - logit[target] + log1p(ties - 1 + rest)
+  double linear = 0, logs = 0;
   for (int64_t r = 0; r < n; ++r) {
     linear += double(mx[r]) - double(logits[y[r] * kRows + r]);
-    product *= double(sum[r]);
+    double tail = double(rest[r]) + double(ties[r] - 1);
+    if (tail < kClampedTail * double(C)) tail = exact_tail(logits + r, mx[r], C);
+    logs += std::log1p(tail);
   }
-  *loss += linear + std::log(product);
+  *loss += linear + logs;
 }
 
 LK_CPU_CLONES void block_losses_f(const float* z0, const float* zd, float delta, const float* W, const float* b,

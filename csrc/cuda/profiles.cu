@@ -32,7 +32,9 @@ __global__ void profile_ce_kernel(const scalar_t* __restrict__ z0, const scalar_
     const scalar_t delta = offset[m];
     const scalar_t* a = z0 + r * H;
     const scalar_t* d = zd + (u * R + r) * H;
-    scalar_t mx = -INFINITY, s = 0, picked = 0;
+    // sum_c exp(logit_c - mx) kept as ties + rest (the terms equal to the max apart), so that a confidently
+    // right row keeps its small loss log1p(rest) instead of rounding 1 + rest to 1
+    scalar_t mx = -INFINITY, rest = 0, ties = 0, picked = 0;
     for (int64_t c = 0; c < C; ++c) {
       scalar_t logit = b ? b[c] : scalar_t(0);
       const scalar_t* w = W + c * H;
@@ -40,15 +42,18 @@ __global__ void profile_ce_kernel(const scalar_t* __restrict__ z0, const scalar_
         const scalar_t v = a[j] + delta * d[j];
         logit += w[j] * (v > 0 ? v : scalar_t(0));
       }
-      if (logit > mx) {  // online log-sum-exp
-        s = s * exp(mx - logit) + scalar_t(1);
+      if (logit > mx) {  // online log-sum-exp: the old terms become part of the rest
+        rest = (ties + rest) * exp(mx - logit);
+        ties = scalar_t(1);
         mx = logit;
+      } else if (logit == mx) {
+        ties += scalar_t(1);
       } else {
-        s += exp(logit - mx);
+        rest += exp(logit - mx);
       }
       if (c == label) picked = logit;
     }
-    loss = double(mx) + log(double(s)) - double(picked);
+    loss = (double(mx) - double(picked)) + log1p(double(rest) + double(ties - scalar_t(1)));
   }
   __shared__ double partial[kThreads];
   partial[threadIdx.x] = loss;

@@ -4,7 +4,6 @@ per-sample gradients G_b = sum_t D[b,t]^T A[b,t] are materialised for all sample
 of output rows at a time, so memory stays bounded by ``_SLICE_ELEMENTS`` and each statistic is one pass.
 """
 import torch
-import torch.nn.functional as F
 
 from .checks import (check_cov_update, check_directions, check_layer_pair, check_profile, check_project, check_reorth,
                       check_weights)
@@ -113,8 +112,13 @@ def profile_ce_losses(z0, zd, direction, offset, weight, bias, target):
     logits = h @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()
-    M, R = h.shape[0], h.shape[1]
-    return F.cross_entropy(logits.reshape(M * R, -1), target.repeat(M), reduction="none").reshape(M, R).sum(1)
+    # per row (max - logit[target]) + log1p(the other terms of the softmax sum): one max term (exactly 1)
+    # left out of the sum, so that a confidently right row keeps its small loss (logsumexp would round
+    # max + log(1 + 1e-17) to max and give 0)
+    top, where = logits.max(-1, keepdim=True)
+    others = torch.exp(logits - top).scatter(-1, where, 0.0).sum(-1)
+    picked = logits.gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    return ((top.squeeze(-1) - picked) + torch.log1p(others)).sum(1)
 
 
 def trajectory_project(X, mean, basis):

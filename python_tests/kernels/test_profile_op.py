@@ -1,5 +1,7 @@
 """The loss-profile op profile_ce_losses against its float64 reference and against an explicit
 network; opcheck; bad input."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,40 @@ def test_large_logits_do_not_overflow(device, gen):
                                       target.cpu())
     assert torch.isfinite(out).all()
     assert_close(out, ref, torch.float32, what="logits of order 1e4")
+
+
+def fsum_losses(z0, zd, direction, offset, weight, target):
+    """The summed losses from float64 logits, each row as log1p(sum_{c != target} exp(z_c - z_target)) with
+    math.fsum: an oracle independent of the reference, exact for rows whose target is the largest logit."""
+    out = []
+    for m in range(direction.shape[0]):
+        logits = (torch.relu(z0 + offset[m] * zd[direction[m]]) @ weight.T).tolist()
+        out.append(math.fsum(math.log1p(math.fsum(math.exp(z - row[t]) for c, z in enumerate(row) if c != t))
+                             for row, t in zip(logits, target.tolist())))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("margin", [8.0, 25.0, 45.0, 95.0])
+def test_confidently_right_rows_keep_their_small_loss(margin, dtype, device, backend, gen):
+    # every row right by about `margin` logits: a loss of ~exp(-margin) per row, far below one rounding
+    # of the log-sum-exp (which alone rounds log(1 + 1e-11) to 0 in float32, log(1 + 1e-17) in float64)
+    R, C = 24, 4
+    target = torch.arange(R) % C
+    z0 = 0.01 * torch.rand(R, C, dtype=torch.float64, generator=gen)
+    z0[torch.arange(R), target] += 1.0  # positive: relu leaves it alone
+    weight = margin * torch.eye(C, dtype=torch.float64) + 0.1 * torch.randn(C, C, dtype=torch.float64, generator=gen)
+    zd = torch.randn(1, R, C, dtype=torch.float64, generator=gen)
+    direction, offset = torch.tensor([0, 0]), torch.tensor([0.0, 1e-3], dtype=torch.float64)
+    z0, zd, offset, weight = (t.to(dtype) for t in (z0, zd, offset, weight))
+    want = fsum_losses(z0.double(), zd.double(), direction, offset.double(), weight.double(), target)
+    assert float(want.max()) < R * math.exp(-0.8 * margin)  # the losses really are that small
+    with ops.use_backend(backend):
+        out = ops.profile_ce_losses(*[t.to(device) for t in (z0, zd, direction, offset, weight)], None, target.to(device))
+    # float32 logits carry ~6e-8 * margin of absolute error, i.e. that relative error in exp(-margin)
+    tol = 1e-12 if dtype == torch.float64 else 20 * margin * 6e-8
+    assert rel_err(out, want) <= tol, (out, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
