@@ -48,6 +48,19 @@ def assert_close(out, ref, dtype, factor=1.0, what=""):
     assert err <= TOL[dtype] * factor, f"{what}: relative error {err:.3e} > {TOL[dtype] * factor:.1e}"
 
 
+def per_sample_op_args(name, A, D, V, W):
+    """The arguments of the per-sample op ``name`` out of a layer's (A, D), directions V and weights W."""
+    if name in ("per_sample_project", "per_sample_cov_matvec"):
+        return A, D, V
+    return (A, D, W) if name == "per_sample_weighted_sum" else (A, D)
+
+
+def zero_variance_floor(mean, dtype):
+    """What the variance of identical samples may be instead of 0: TOL[dtype] of one rounding of the mean,
+    squared (a variance centred on the rounded mean without correction is off by about that rounding squared)."""
+    return TOL[dtype] * (torch.finfo(dtype).eps * mean.double()) ** 2
+
+
 def randn(*shape, dtype, device, generator, contiguous=True):
     """Fresh random tensor; non-contiguous ones are views with a transposed / strided layout."""
     if contiguous:

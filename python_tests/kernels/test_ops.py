@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from landscape_kernels import ops, reference
-from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, randn
+from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, per_sample_op_args, randn, zero_variance_floor
 
 OPS = ["per_sample_sq_norms", "per_sample_gram", "per_sample_moments", "per_sample_project",
        "per_sample_cov_matvec", "per_sample_weighted_sum", "per_sample_stats"]
@@ -26,11 +26,6 @@ def make_inputs(shape, K, dtype, device, gen, contiguous):
     return A, D, V, W
 
 
-def args_for(name, A, D, V, W):
-    return (A, D, V) if name in ("per_sample_project", "per_sample_cov_matvec") else (
-        (A, D, W) if name == "per_sample_weighted_sum" else (A, D))
-
-
 def oracle(name, args):
     out = getattr(reference, name)(*[a.detach().double().cpu() for a in args])
     return out if isinstance(out, tuple) else (out,)
@@ -44,7 +39,7 @@ def test_ops_match_float64_reference(shape, contiguous, dtype, device, backend, 
     A, D, V, W = make_inputs(shape, 3, dtype, device, gen, contiguous)
     with ops.use_backend(backend):
         for name in OPS:
-            args = args_for(name, A, D, V, W)
+            args = per_sample_op_args(name, A, D, V, W)
             out = getattr(ops, name)(*args)
             out = out if isinstance(out, tuple) else (out,)
             for o, r in zip(out, oracle(name, args)):
@@ -57,7 +52,7 @@ def test_tiled_paths_large_layer(device, gen):
     # B * out * in above the kernels' tile budget: the T > 1 variance runs over several tiles.
     A, D, V, W = make_inputs((64, 3, 300, 300), 2, torch.float64, device, gen, True)
     for name in ["per_sample_moments", "per_sample_sq_norms", "per_sample_gram", "per_sample_cov_matvec", "per_sample_stats"]:
-        args = args_for(name, A, D, V, W)
+        args = per_sample_op_args(name, A, D, V, W)
         out = getattr(ops, name)(*args)
         for o, r in zip(out if isinstance(out, tuple) else (out,), oracle(name, args)):
             assert_close(o, r, torch.float64, what=name)
@@ -98,7 +93,7 @@ def test_variance_of_identical_samples_is_zero(dtype, B, T, device, backend, gen
     with ops.use_backend(backend):
         mean, var = ops.per_sample_moments(A, D)
         stats_var = ops.per_sample_stats(A, D)[3]
-    floor = 1e-5 * (torch.finfo(dtype).eps * mean.double()) ** 2
+    floor = zero_variance_floor(mean, dtype)
     assert (var.double().abs() <= floor).all() and (stats_var.double().abs() <= floor).all()
 
 
@@ -107,7 +102,7 @@ def test_variance_of_identical_samples_is_zero(dtype, B, T, device, backend, gen
 @pytest.mark.parametrize("name", OPS)
 def test_opcheck(name, shape, device, gen):
     A, D, V, W = make_inputs(shape, 2, torch.float64, device, gen, True)
-    torch.library.opcheck(getattr(torch.ops.landscape_kernels, name).default, args_for(name, A, D, V, W))
+    torch.library.opcheck(getattr(torch.ops.landscape_kernels, name).default, per_sample_op_args(name, A, D, V, W))
 
 
 def test_raw_ops_check_their_arguments():

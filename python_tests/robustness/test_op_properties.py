@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from landscape_kernels import ops, reference
-from testing import DEVICE_BACKENDS, TOL, rel_err
+from testing import DEVICE_BACKENDS, TOL, per_sample_op_args, rel_err, zero_variance_floor
 
 RAW = torch.ops.landscape_kernels
 PER_SAMPLE_OPS = ["per_sample_sq_norms", "per_sample_gram", "per_sample_moments", "per_sample_project",
@@ -138,11 +138,10 @@ def assert_as_accurate_as_the_input_allows(name, args, out, dtype, denominator=N
 
 def assert_zero_variance_where_samples_agree(out, exact, dtype, var_k, mean_k):
     """Where every sample's gradient element is the same (one sample, or repeated inputs) the variance is
-    0: within TOL of one rounding of the mean, squared (a variance centred on the rounded mean without
-    correction is off by about that rounding squared). Those entries are then left out of the relative
-    check, whose scale they do not share."""
+    0 (within ``zero_variance_floor``). Those entries are then left out of the relative check, whose scale
+    they do not share."""
     zero = exact[var_k] == 0
-    floor = TOL[dtype] * (torch.finfo(dtype).eps * exact[mean_k][zero]) ** 2
+    floor = zero_variance_floor(exact[mean_k][zero], dtype)
     worst = out[var_k][zero].abs()
     assert (worst <= floor).all(), f"variance of identical samples {float(worst.max()):.3e}, not zero"
     out = list(out)
@@ -172,18 +171,12 @@ def layer_inputs(draw):
     return A, D, V, W, dtype
 
 
-def per_sample_args(name, A, D, V, W):
-    if name in ("per_sample_project", "per_sample_cov_matvec"):
-        return A, D, V
-    return (A, D, W) if name == "per_sample_weighted_sum" else (A, D)
-
-
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", PER_SAMPLE_OPS)
 @given(inputs=layer_inputs())
 def test_per_sample_op_matches_reference(name, device, backend, inputs):
     *tensors_, dtype = inputs
-    args = on(device, *per_sample_args(name, *tensors_))
+    args = on(device, *per_sample_op_args(name, *tensors_))
     with ops.use_backend(backend):
         out = getattr(ops, name)(*args)
     assert all(o.dtype == dtype and o.device.type == device for o in as_tuple(out))
