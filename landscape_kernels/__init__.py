@@ -38,11 +38,13 @@ from .trajectory.sharded import open_sharded_trajectory  # noqa: E402
 from .trajectory.store import open_trajectory  # noqa: E402
 from .training.optim import NSGD  # noqa: E402
 from .training.sharpness import SharpnessTracker  # noqa: E402
+from .analyses.analyse import AnalyseSettings, ModelAnalysis, analyse  # noqa: E402
 
 __all__ = ["PerSampleGradients", "register_per_sample_rule", "Factors", "Call", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
            "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
            "NoiseCovarianceOperator", "FisherOperator", "DenseOperator", "DistributedOperator",
            "distributed_moments", "distributed_gram", "sharded_pca", "rank_trajectory_store",
            "TrajectoryRecorder", "open_trajectory", "open_sharded_trajectory", "StreamingPCA",
-           "loss_profiles", "flatness", "FlatnessResult", "SharpnessTracker", "NSGD", "ops", "reference", "info",
+           "loss_profiles", "flatness", "FlatnessResult", "SharpnessTracker", "NSGD", "analyse", "AnalyseSettings",
+           "ModelAnalysis", "ops", "reference", "info",
            "__version__"]

@@ -1,12 +1,12 @@
-"""The ``landscape-kernels`` command: ``info`` (which backends are active) and ``reproduce JOB`` (a
-published analysis into a report folder; every job's flags come from its config, see
-``reproduce.job``)."""
+"""The ``landscape-kernels`` command: ``info`` (which backends are active), ``analyse`` (the noise and
+curvature report of your own model) and ``reproduce JOB`` (a published analysis into a report folder;
+every job's flags come from its config, see ``reproduce.job``)."""
 import argparse
 import json
 import signal
 import sys
 
-from .reproduce import escape_rate, forgetting, noise_curvature, nsgd, sharpest_directions, variance_flatness
+from .reproduce import analyse, escape_rate, forgetting, noise_curvature, nsgd, sharpest_directions, variance_flatness
 
 JOBS = {job.name: job for job in (variance_flatness.JOB, forgetting.JOB, sharpest_directions.JOB, nsgd.JOB,
                                   noise_curvature.JOB, escape_rate.JOB)}
@@ -17,6 +17,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="show the active backends (compiled CPU / CUDA, reference), torch, threads, GPU")
     p_info.add_argument("--json", action="store_true", help="print the information as JSON")
+    analyse.JOB.add_parser(sub)
     p_reproduce = sub.add_parser("reproduce", help="reproduce a published analysis into a report folder",
                                  description="Reproduce a published analysis into a report folder (report.md, "
                                              "figures, summary.json); docs/reproductions/ describes each job.")
@@ -34,8 +35,9 @@ def main(argv=None):
         d = info()
         print(json.dumps(d, indent=2) if args.json else format_info(d))
         return 0
+    job = analyse.JOB if args.command == "analyse" else JOBS[args.job]
     try:
-        return JOBS[args.job].main(args)
+        return job.main(args)
     except (OSError, ValueError) as exc:  # a missing or damaged file, a bad setting: one clear line
         print(f"landscape-kernels: error: {exc}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ class NoiseCovarianceOperator(ModelOperator):
                     part.add_(g.reshape(-1), alpha=share)
         return ps
 
-    def _factors(self):
+    def per_batch_factors(self):
         """Each batch's recorded per-sample factors: the kept ones, or recorded now one batch at a time."""
         if self._recorded is not None:
             yield from self._recorded
@@ -94,7 +94,7 @@ class NoiseCovarianceOperator(ModelOperator):
         vs = dict(zip(self.param_names, self.unflatten(V)))
         shift = self._mean @ V if centred else 0.0
         out = {n: torch.zeros_like(vs[n]) for n in self.param_names}
-        for ps in self._factors():
+        for ps in self.per_batch_factors():
             weights = (ps.project({n: vs[n] for n in ps.param_names}) - shift) / self.num_samples
             for name, part in ps.weighted_sum(weights).items():
                 out[name] += part

@@ -26,9 +26,9 @@ import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-import numpy as np
 import torch
 
+from ..training.state_files import jsonable, read_json, write_json  # noqa: F401  (re-exported for the jobs)
 from ..version import __version__
 
 DATASETS = ("digits", "mnist")
@@ -141,34 +141,6 @@ def config_from_args(config_class, args):
 
 
 # ------------------------------------------------------------------------------------- files
-def _jsonable(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
-def write_json(path, value, indent=1):
-    """``value`` as JSON at ``path``, written to a temporary file and renamed (never half written)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=indent, default=_jsonable)
-    os.replace(tmp, path)
-
-
-def read_json(path):
-    """A result written by ``write_json``; a damaged file is one clear error naming it."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{os.fspath(path)}: not a readable result file ({exc}); remove it to compute it "
-                             "again") from exc
-
-
 class StageResults(dict):
     """Named results kept in one JSON file, rewritten as each finishes; with ``resume`` the file of an
     earlier run is read back and its finished stages are not run again."""
@@ -260,6 +232,8 @@ class Job:
     config = None
     report = None
     docs = None  # the job's page under docs/reproductions/ (default: the job's name)
+    page = None  # or the path of its page when it is not a reproduction
+    trains = True  # whether it trains (and so has --checkpoint-every)
 
     @property
     def help(self):
@@ -304,7 +278,7 @@ class Job:
         """Write ``OUT/job.json`` (this job and its settings). With ``resume``, a folder another job, or
         this job with other settings, wrote first is refused: resuming it would mix two runs."""
         path = os.path.join(out, JOB_FILE)
-        settings = json.loads(json.dumps(asdict(cfg), default=_jsonable))
+        settings = json.loads(json.dumps(asdict(cfg), default=jsonable))
         if resume and os.path.isfile(path):
             earlier = read_json(path)
             if earlier.get("job") != self.name:
@@ -320,17 +294,23 @@ class Job:
     # -------------------------------------------------------------------------- command line
     def add_parser(self, subparsers):
         """This job's ``landscape-kernels reproduce NAME`` parser."""
-        page = f"docs/reproductions/{self.docs or self.name}.md"
-        p = subparsers.add_parser(self.name, help=self.help, description=self.help,
-                                  epilog=f"Settings, measured results against the paper and what does not reproduce: {page}")
+        if self.page:
+            epilog = f"Every number and figure explained, with a worked example: {self.page}"
+        else:
+            epilog = ("Settings, measured results against the paper and what does not reproduce: "
+                      f"docs/reproductions/{self.docs or self.name}.md")
+        p = subparsers.add_parser(self.name, help=self.help, description=self.help, epilog=epilog)
         add_config_arguments(p, self.config)
         out = os.path.join("runs", self.name)
         p.add_argument("--out", default=out, help=f"report folder (default: {out})")
         p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, reusing what it finished")
         p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-        p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
-                       help="save the training state at the first epoch end after this many seconds; a killed run "
-                            "loses at most that much (default: 60)")
+        if self.trains:
+            p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                           help="save the training state at the first epoch end after this many seconds; a killed run "
+                                "loses at most that much (default: 60)")
+        else:
+            p.set_defaults(checkpoint_every=60.0)
         self.add_arguments(p)
         return p
 

@@ -1,0 +1,135 @@
+"""What every stage of ``analyse`` works on: the model, its loss, the fixed samples, and the operators
+built on them once (and shared by the stages that need the same one)."""
+import math
+
+import torch
+
+from ...capture.model import as_batches, batch_size_of, chosen_parameters, eval_mode
+from ...kernels.checks import all_finite
+from ...operators.base import Operator
+from ...operators.ggn import GGNOperator
+from ...operators.hessian import HessianOperator
+from ...operators.noise import NoiseCovarianceOperator
+from ...training.progress import Progress
+
+
+def parameter_groups(names):
+    """[(layer, [parameter names])]: the chosen parameters grouped by the module that holds them
+    ("h.0.attn.c_attn" for "h.0.attn.c_attn.weight" and its bias), in model order; a parameter held by
+    the model itself forms the group "(model)"."""
+    groups = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0] or "(model)", []).append(name)
+    return list(groups.items())
+
+
+class ProgressOperator(Operator):
+    """An operator that advances a progress bar by the columns of every product."""
+
+    def __init__(self, op, bar):
+        self.op, self.bar = op, bar
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.column_chunk = None  # the wrapped operator chunks its own columns
+
+    def _matmat(self, V):
+        out = self.op.matmat(V)
+        self.bar.update(V.shape[1])
+        return out
+
+
+class Problem:
+    """The model, loss and data of one analysis, with the operators built on them on first use.
+
+    ``batches`` are fixed: every stage sees the same samples. ``log`` receives one line per finished
+    stage; ``progress`` turns on a bar (a line per 5 % off a terminal) for each long stage."""
+
+    def __init__(self, model, loss_fn, data, params=None, output_fn=None, batch_size=None, settings=None,
+                 progress=False, log=None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"analyse: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"analyse: loss_fn must be callable (outputs, targets) -> mean loss, got {type(loss_fn).__name__}")
+        self.model, self.loss_fn, self.output_fn = model, loss_fn, output_fn
+        self.batches = as_batches(data, batch_size)
+        self.num_samples = sum(batch_size_of(b[0]) for b in self.batches)
+        self.param_names, self.params = chosen_parameters(model, params)
+        self.num_params = sum(p.numel() for p in self.params)
+        self.settings, self.progress, self.log = settings, progress, log or (lambda line: None)
+        self._operators = {}
+        self.loss = self._mean_loss()
+
+    def _mean_loss(self):
+        """The mean loss over the samples, checked finite (a model or checkpoint that gives NaN is named)."""
+        from ...capture.model import call_model, model_output
+
+        total = 0.0
+        with torch.no_grad(), eval_mode(self.model):
+            for x, y in self.batches:
+                loss = self.loss_fn(model_output(call_model(self.model, x), self.output_fn), y)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError("analyse: loss_fn must return a scalar tensor (the mean loss over its batch), got "
+                                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                total += float(loss) * batch_size_of(x)
+        loss = total / self.num_samples
+        if not math.isfinite(loss):
+            raise ValueError(f"analyse: the loss over the samples is {loss}; check the model's weights (a damaged "
+                             "checkpoint?) and the data")
+        return loss
+
+    # ----------------------------------------------------------------------------- operators
+    def hessian(self, params=None):
+        """The Hessian of the mean loss over ``params`` (None: all chosen); the full one is kept."""
+        if params is not None:
+            return HessianOperator(self.model, self.loss_fn, self.batches, params=params, output_fn=self.output_fn,
+                                   keep_graph=self.settings.keep_graph)
+        if "hessian" not in self._operators:
+            self._operators["hessian"] = HessianOperator(self.model, self.loss_fn, self.batches, params=self.param_names,
+                                                         output_fn=self.output_fn, keep_graph=self.settings.keep_graph)
+        return self._operators["hessian"]
+
+    def ggn(self):
+        if "ggn" not in self._operators:
+            self._operators["ggn"] = GGNOperator(self.model, self.loss_fn, self.batches, params=self.param_names,
+                                                 output_fn=self.output_fn)
+        return self._operators["ggn"]
+
+    def noise(self):
+        """The per-sample gradient covariance C_1 (its factors recorded once and kept)."""
+        if "noise" not in self._operators:
+            self._operators["noise"] = NoiseCovarianceOperator(self.model, self.loss_fn, self.batches,
+                                                               params=self.param_names, output_fn=self.output_fn)
+        return self._operators["noise"]
+
+    # ----------------------------------------------------------------------------- helpers
+    def bar(self, total, desc, unit="product"):
+        """A progress bar for a stage (a silent one without ``progress``)."""
+        return Progress(total, desc=desc, unit=unit, percent_step=25) if self.progress else _Silent()
+
+    def tracked(self, op, bar):
+        return ProgressOperator(op, bar)
+
+    def flat_parameters(self):
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def split(self, flat):
+        """A flat (P,) vector as {parameter name: tensor shaped like it}."""
+        parts = torch.split(flat, [p.numel() for p in self.params])
+        return {n: t.reshape(p.shape) for n, t, p in zip(self.param_names, parts, self.params)}
+
+    def check_vectors(self, name, V):
+        if not all_finite(V):
+            raise ValueError(f"analyse: {name} holds NaN or Inf; the model's loss is not finite near these weights")
+
+
+class _Silent:
+    def update(self, n=1, **postfix):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,106 @@
+"""``landscape-kernels analyse``: the noise and curvature report of your own model (``docs/analyse.md``).
+
+The model comes from a preset or from ``--model module:function``; ``--checkpoint FILE`` loads weights
+into it, ``--checkpoints DIR`` analyses every checkpoint of a folder in order and adds every scalar as
+a curve along training. Each checkpoint's finished stages are kept (``OUT/stages/`` or
+``OUT/checkpoints/NAME/``), so ``--resume`` skips them.
+"""
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..analyses.analyse import GROUPS, STAGES, AnalyseSettings, analyse
+from ..training.checkpoints import checkpoint_series, load_checkpoint
+from ..training.presets import PRESETS
+from .job import Job, option
+from .reports.analyse import write_analyse_report
+from .user_model import DTYPES, build_user_model, prepared
+
+
+@dataclass
+class AnalyseConfig:
+    preset: str = option(None, "a built-in model that runs offline", type=str, choices=tuple(PRESETS))
+    model: str = option(None, "MODULE:FUNCTION returning (model, loss_fn, data); MODULE importable or a .py path", type=str)
+    checkpoint: str = option(None, "a state_dict file (torch.save, read with weights_only=True) or .safetensors", type=str)
+    checkpoints: str = option(None, "a folder of checkpoints: analyse each, in name order, with curves", type=str)
+    samples: int = option(None, "analyse the first N samples (default: all the data)", type=int)
+    device: str = option("cpu", "torch device")
+    dtype: str = option(None, "float32 or float64 (default: the model's)", type=str, choices=tuple(DTYPES))
+    what: tuple = option(("all",), f"stages: {', '.join(STAGES)}; or {', '.join(GROUPS)}", type=str)
+    top_k: int = option(10, "eigenpairs of the Hessian, the GGN and the noise covariance")
+    density_probes: int = option(8, "SLQ probes")
+    surface_points: int = option(21, "points per side of the 2-D surface")
+    surface_directions: str = option("random", "the surface's axes: filter-normalised random or top Hessian",
+                                     choices=("random", "hessian"))
+    keep_graph: bool = option(False, "keep each batch's gradient graph across Hessian products (faster, more memory)")
+    seed: int = option(0, "seed of every random draw", minimum=0)
+    quick: bool = option(False, "fewer eigenpairs, probes and points: a first look in seconds")
+
+    def resolved(self):
+        if (self.preset is None) == (self.model is None):
+            raise ValueError("analyse: give exactly one of --preset (one of "
+                             f"{', '.join(PRESETS)}) and --model MODULE:FUNCTION")
+        if self.checkpoint and self.checkpoints:
+            raise ValueError("analyse: give --checkpoint FILE or --checkpoints DIR, not both")
+        bad = [w for w in self.what if w not in STAGES and w not in GROUPS]
+        if bad or not self.what:
+            raise ValueError(f"analyse: --what {','.join(self.what)!r}: choose from {', '.join(STAGES)} or "
+                             f"{', '.join(GROUPS)}")
+        return replace(self)
+
+    def settings(self):
+        s = AnalyseSettings(top_k=self.top_k, density_probes=self.density_probes, surface_points=self.surface_points,
+                            surface_directions=self.surface_directions, keep_graph=self.keep_graph, seed=self.seed)
+        return (s.quick() if self.quick else s).checked()
+
+
+class AnalyseJob(Job):
+    """Noise and curvature report of your own model or checkpoints: Hessian and GGN eigenpairs, spectral
+    density, trace, per-layer curvature, gradient noise scale and spectrum, noise against curvature, loss
+    profiles and a 2-D surface."""
+
+    name = "analyse"
+    config = AnalyseConfig
+    report = write_analyse_report
+    page = "docs/analyse.md"
+    trains = False
+
+    def compute(self, cfg, ctx):
+        user = prepared(build_user_model(cfg.preset, cfg.model), cfg.samples, cfg.device, cfg.dtype)
+        settings = cfg.settings()
+        files = checkpoint_series(cfg.checkpoints) if cfg.checkpoints else [cfg.checkpoint] if cfg.checkpoint else [None]
+        series = []
+        for i, path in enumerate(files):
+            if path is not None:
+                load_checkpoint(user.model, path)
+                user.model.eval()
+            name = os.path.splitext(os.path.basename(path))[0] if path else None
+            folder = ctx.path("checkpoints", name) if cfg.checkpoints else ctx.path("stages")
+            if len(files) > 1:
+                ctx.log(f"checkpoint {i + 1}/{len(files)}: {path}")
+            result = analyse(user.model, user.loss_fn, user.batches, what=list(cfg.what), params=user.params,
+                             output_fn=user.output_fn, settings=settings, cache_dir=folder, resume=ctx.resume,
+                             progress=ctx.progress, log=ctx.log)
+            for stage, seconds in result.timings_s.items():
+                ctx.timer.seconds[stage] = ctx.timer.seconds.get(stage, 0.0) + seconds
+            if cfg.checkpoints:
+                series.append({"checkpoint": name, **result.scalars()})
+        summary = {"model": user.source, "checkpoint": cfg.checkpoint, "checkpoints": files if cfg.checkpoints else None,
+                   **result.to_dict(), "series": series or None}
+        arrays = {k: np.asarray(v) for k, v in result.arrays.items()}
+        return summary, arrays
+
+    def headline(self, summary):
+        st = summary["stages"]
+        parts = []
+        if "hessian" in st:
+            parts.append(f"lambda_1 {st['hessian']['eigenvalues'][0]:.4g}")
+        if "trace" in st:
+            parts.append(f"tr H {st['trace']['trace']:.4g}")
+        if "noise" in st:
+            parts.append(f"B_simple {st['noise']['b_simple']:.4g}")
+        return ", ".join(parts) or "done"
+
+
+JOB = AnalyseJob()

@@ -1,0 +1,125 @@
+"""The model an ``analyse`` run looks at: a built-in preset or the user's ``module:function``, on the
+device, dtype and samples asked for.
+
+The function takes no arguments and returns ``(model, loss_fn, data)`` or a dict with those keys (and
+optionally ``output_fn`` and ``params``): ``data`` is an (inputs, targets) pair or an iterable of such
+batches, inputs a tensor, tuple or dict. ``module`` is an importable name (``mypkg.models``; the
+current folder is searched first) or a path to a ``.py`` file."""
+import importlib
+import importlib.util
+import os
+import sys
+from typing import NamedTuple
+
+import torch
+
+from ..capture.model import as_batches, batch_size_of, cast_floating, slice_batch
+from ..training.presets import PRESETS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class UserModel(NamedTuple):
+    model: torch.nn.Module
+    loss_fn: object
+    batches: list
+    output_fn: object = None
+    params: object = None
+    source: str = ""
+
+
+def model_function(spec):
+    """The callable ``spec`` ("pkg.module:function" or "path/to/file.py:function") names."""
+    module_name, sep, attr = str(spec).rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build or ./build.py:build")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ValueError(f"--model {spec!r}: no file {module_name!r}")
+            loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0], module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"--model {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--model {spec!r}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def build_user_model(preset=None, spec=None):
+    """Call the preset or the user's function and check what it returned."""
+    source = f"preset {preset}" if preset else spec
+    fn = PRESETS[preset] if preset else model_function(spec)
+    try:
+        made = fn()
+    except Exception as exc:
+        raise ValueError(f"{'--preset ' + preset if preset else '--model ' + spec}: the model function failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if isinstance(made, dict):
+        unknown = set(made) - {"model", "loss_fn", "data", "output_fn", "params"}
+        if unknown or not {"model", "loss_fn", "data"} <= set(made):
+            raise ValueError(f"--model {spec!r}: the returned dict needs the keys model, loss_fn, data (optional "
+                             f"output_fn, params); got {sorted(made)}")
+        model, loss_fn, data = made["model"], made["loss_fn"], made["data"]
+        output_fn, params = made.get("output_fn"), made.get("params")
+    elif isinstance(made, (tuple, list)) and len(made) == 3:
+        (model, loss_fn, data), output_fn, params = made, None, None
+    else:
+        raise ValueError(f"--model {spec!r}: the function must return (model, loss_fn, data) or a dict with those keys; "
+                         f"got {type(made).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model {spec!r}: the model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise ValueError(f"--model {spec!r}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    try:
+        batches = as_batches(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--model {spec or preset!r}: {exc}") from exc
+    return UserModel(model, loss_fn, batches, output_fn, params, source)
+
+
+def first_samples(batches, n):
+    """The first ``n`` samples of the batches (the last batch cut), the same on every run."""
+    if n is None:
+        return batches
+    out, left = [], int(n)
+    for x, y in batches:
+        if left <= 0:
+            break
+        b = batch_size_of(x)
+        out.append((x, y) if b <= left else (slice_batch(x, 0, left), y[:left]))
+        left -= min(b, left)
+    return out
+
+
+def _moved(value, device, dtype):
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        v = v.to(device)
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+    if isinstance(value, dict):
+        return {k: move(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(move(v) for v in value)
+    return move(value)
+
+
+def prepared(user, samples=None, device="cpu", dtype=None):
+    """The model and its first ``samples`` samples on ``device`` in ``dtype`` (None: the model's own)."""
+    dt = DTYPES[dtype] if dtype else None
+    model = user.model.to(device=device, dtype=dt) if dt else user.model.to(device)
+    model.eval()
+    batches = [(_moved(x, device, dt), _moved(y, device, dt)) for x, y in first_samples(user.batches, samples)]
+    if dt is None:
+        batches = [(cast_floating(x, next(model.parameters()).dtype), y) for x, y in batches]
+    return user._replace(model=model, batches=batches)
