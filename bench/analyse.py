@@ -33,29 +33,9 @@ from landscape_kernels.analyses.analyse.problem import Problem  # noqa: E402
 from landscape_kernels.training.presets import digits_cnn, digits_mlp  # noqa: E402
 from results_io import base_parser, write_json  # noqa: E402
 from timing import timed  # noqa: E402
+from anchors import optional, pyhessian_module, torch_eig_shim  # noqa: E402
 
 K, TOL, PRODUCTS, PROBES, STEPS, GRID = 5, 1e-3, 99, 8, 60, 21
-
-
-def _optional(fn):
-    try:
-        return fn()
-    except Exception as exc:  # a missing or failing comparison library is reported, not fatal
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-
-
-def _pyhessian():
-    import pyhessian  # noqa: F401  (the package re-exports the class `hessian` under its module's name)
-
-    return sys.modules["pyhessian.hessian"]
-
-
-def torch_eig_shim():
-    def eig(T, eigenvectors=False):
-        w, V = torch.linalg.eigh(T)
-        return torch.stack([w, torch.zeros_like(w)], 1), V
-
-    torch.eig = eig
 
 
 def curvature(model, x, y, repeats):
@@ -70,34 +50,34 @@ def curvature(model, x, y, repeats):
                     "ours": {"s": t, "max_rel_err": rel(r.eigenvalues.numpy()), "products": r.num_products}}}
 
     def ph_top():
-        h = _pyhessian().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        h = pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
         (vals, _), t = timed(lambda: h.eigenvalues(maxIter=1000, tol=TOL, top_n=K), repeats)
         return {"s": t, "max_rel_err": rel(vals)}
 
-    out["topk"]["pyhessian"] = _optional(ph_top)
+    out["topk"]["pyhessian"] = optional(ph_top)
     ref_trace, ref_se = lk.hutchinson_trace(H, num_probes=2000, seed=123)
     (tr, se), t = timed(lambda: lk.hutchpp_trace(H, num_products=PRODUCTS, seed=0), repeats)
     out["trace"] = {"reference": ref_trace, "reference_stderr": ref_se,
                     "ours": {"s": t, "estimate": tr, "stderr": se, "abs_err": abs(tr - ref_trace)}}
 
     def ph_trace():
-        h = _pyhessian().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        h = pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
         samples, t = timed(lambda: h.trace(maxIter=PRODUCTS, tol=0.0), repeats)
         est = float(np.mean(samples))
         return {"s": t, "estimate": est, "stderr": float(np.std(samples, ddof=1) / math.sqrt(len(samples))),
                 "abs_err": abs(est - ref_trace)}
 
-    out["trace"]["pyhessian"] = _optional(ph_trace)
+    out["trace"]["pyhessian"] = optional(ph_trace)
     _, t = timed(lambda: lk.spectral_density(H, num_probes=PROBES, num_steps=STEPS, seed=0), repeats)
     out["density"] = {"probes": PROBES, "steps": STEPS, "ours": {"s": t}}
 
     def ph_density():
         torch_eig_shim()
-        h = _pyhessian().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        h = pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
         return {"s": timed(lambda: h.density(iter=STEPS, n_v=PROBES), repeats)[1],
                 "note": "PyHessian density ran on a torch.eig shim (torch.linalg.eigh)"}
 
-    out["density"]["pyhessian"] = _optional(ph_density)
+    out["density"]["pyhessian"] = optional(ph_density)
     ours = out["topk"]["ours"]["s"] + out["trace"]["ours"]["s"] + out["density"]["ours"]["s"]
     theirs = [out[k]["pyhessian"].get("s") for k in ("topk", "trace", "density")]
     out["curvature_stage"] = {"ours_s": ours, "pyhessian_s": sum(theirs) if None not in theirs else None}

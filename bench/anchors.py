@@ -2,10 +2,38 @@
 benchmarks: curvlinops' ``HessianLinearOperator`` in scipy ``eigsh``, and hessian-eigenthings' ``lanczos``.
 Both run under the math backend of ``scaled_dot_product_attention`` (the fused one has no double
 backward). Each returns (eigenvalues, largest first; the Hessian-vector products it asked for)."""
+import sys
+
 import numpy as np
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from timing import Counted
+
+
+def optional(fn):
+    """Run a comparison library's part; a missing or failing library is reported, not fatal."""
+    try:
+        return fn()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+
+
+def pyhessian_module():
+    """PyHessian's module (the package re-exports the class ``hessian`` under its module's name)."""
+    import pyhessian  # noqa: F401
+
+    return sys.modules["pyhessian.hessian"]
+
+
+def torch_eig_shim():
+    """PyHessian 0.1's density calls ``torch.eig``, removed from torch: answer it with ``torch.linalg.eigh``
+    (its matrices are symmetric tridiagonal)."""
+    def eig(T, eigenvectors=False):
+        w, V = torch.linalg.eigh(T)
+        return torch.stack([w, torch.zeros_like(w)], 1), V
+
+    torch.eig = eig
 
 
 def curvlinops_eigsh_top(model, loss_module, data, k, tol):

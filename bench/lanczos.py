@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import landscape_kernels as lk  # noqa: E402
 from results_io import base_parser, write_json  # noqa: E402
 from timing import timed  # noqa: E402
+from anchors import optional, pyhessian_module, torch_eig_shim  # noqa: E402
 from landscape_kernels.kernels import ops as lk_ops  # noqa: E402
 from landscape_kernels.linalg import density as lk_density  # noqa: E402
 from landscape_kernels.training.data import load_mnist  # noqa: E402
@@ -147,14 +148,8 @@ def eigenthings(model, x, y, k, tol):
     return [float(v) for v in r.eigenvalues], count.n, {}
 
 
-def _pyhessian_module():
-    import pyhessian  # noqa: F401  (the package re-exports the class `hessian` under its module's name)
-
-    return sys.modules["pyhessian.hessian"]
-
-
 def pyhessian_top(model, x, y, k, tol, max_iter=1000):
-    ph = _pyhessian_module()
+    ph = pyhessian_module()
 
     count, hvp = Count(), ph.hessian_vector_product
 
@@ -178,22 +173,6 @@ TOPK = {OURS: ours, "PyHessian eigenvalues": pyhessian_top,
 
 
 # ------------------------------------------------------------------------- density and trace
-def torch_eig_shim():
-    def eig(T, eigenvectors=False):
-        w, V = torch.linalg.eigh(T)
-        return torch.stack([w, torch.zeros_like(w)], 1), V
-
-    torch.eig = eig
-
-
-def _optional(fn):
-    """Run a comparison library's part; a missing or failing library is reported, not fatal."""
-    try:
-        return fn()
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-
-
 def gemm_batching_bound(x, width, probes, repeats):
     """Per-column speed-up of the first layer's GEMM (x @ (in, width)) when `probes` columns share it:
     the Hessian-vector product of this MLP is dominated by two such GEMMs per column, so this is about
@@ -220,20 +199,20 @@ def density_and_trace(model, x, y, repeats, probes, steps):
 
     def pyhessian_density():
         torch_eig_shim()
-        h = _pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        h = pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
         return {"s": timed(lambda: h.density(iter=steps, n_v=probes), repeats)[1],
                 "note": "PyHessian density ran on a torch.eig shim (torch.linalg.eigh)"}
 
     out["slq"] = {"probes": probes, "steps": steps, "batched_s": t_batched, "sequential_s": t_seq,
                   "default_operator": {"batched_s": t_batched_default, "sequential_s": t_seq_default},
                   "gemm_bound": gemm_batching_bound(x, model[0].weight.shape[0], probes, repeats),
-                  "pyhessian": _optional(pyhessian_density)}
+                  "pyhessian": optional(pyhessian_density)}
 
     n = 100
     (tr, se), t_ours = timed(lambda: lk.hutchinson_trace(H, num_probes=n, seed=0), repeats)
 
     def pyhessian_trace():
-        h = _pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        h = pyhessian_module().hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
         samples, t = timed(lambda: h.trace(maxIter=n, tol=0.0), repeats)
         return {"estimate": float(np.mean(samples)), "s": t, "probes": len(samples)}
 
@@ -246,7 +225,7 @@ def density_and_trace(model, x, y, repeats, probes, steps):
         return {"estimate": est, "s": t}
 
     out["hutchinson"] = {"probes": n, "ours": {"estimate": tr, "stderr": se, "s": t_ours},
-                         "pyhessian": _optional(pyhessian_trace), "curvlinops": _optional(curvlinops_trace)}
+                         "pyhessian": optional(pyhessian_trace), "curvlinops": optional(curvlinops_trace)}
     return out
 
 
@@ -285,7 +264,7 @@ def topk_suite(model, x, y, repeats, pyhessian_max_iter=1000):
     methods = {OURS: lambda *a: ours(*a, residuals="estimate"), OURS + " + true residuals": ours,
                **{name: fn for name, fn in TOPK.items() if fn is not ours}}
     for fn in methods.values():  # warm-up: first calls pay for lazy initialisation, not for the method
-        _optional(lambda fn=fn: fn(model, x, y, 1, 1e-1))
+        optional(lambda fn=fn: fn(model, x, y, 1, 1e-1))
     for k in (1, 10):
         rows = {}
         for name, fn in methods.items():

@@ -3,12 +3,10 @@
 The model comes from a preset or from ``--model module:function``; ``--checkpoint FILE`` loads weights
 into it, ``--checkpoints DIR`` analyses every checkpoint of a folder in order and adds every scalar as
 a curve along training. Each checkpoint's finished stages are kept (``OUT/stages/`` or
-``OUT/checkpoints/NAME/``), so ``--resume`` skips them.
+``OUT/checkpoints/FILE/``), so ``--resume`` skips them.
 """
 import os
 from dataclasses import dataclass, replace
-
-import numpy as np
 
 from ..analyses.analyse import GROUPS, STAGES, AnalyseSettings, analyse
 from ..training.checkpoints import checkpoint_series, load_checkpoint
@@ -76,7 +74,8 @@ class AnalyseJob(Job):
                 load_checkpoint(user.model, path)
                 user.model.eval()
             name = os.path.splitext(os.path.basename(path))[0] if path else None
-            folder = ctx.path("checkpoints", name) if cfg.checkpoints else ctx.path("stages")
+            # by the whole file name: step_1.pt and step_1.safetensors keep their stages apart
+            folder = ctx.path("checkpoints", os.path.basename(path)) if cfg.checkpoints else ctx.path("stages")
             if len(files) > 1:
                 ctx.log(f"checkpoint {i + 1}/{len(files)}: {path}")
             result = analyse(user.model, user.loss_fn, user.batches, what=list(cfg.what), params=user.params,
@@ -88,8 +87,7 @@ class AnalyseJob(Job):
                 series.append({"checkpoint": name, **result.scalars()})
         summary = {"model": user.source, "checkpoint": cfg.checkpoint, "checkpoints": files if cfg.checkpoints else None,
                    **result.to_dict(), "series": series or None}
-        arrays = {k: np.asarray(v) for k, v in result.arrays.items()}
-        return summary, arrays
+        return summary, result.arrays
 
     def headline(self, summary):
         st = summary["stages"]

@@ -33,10 +33,10 @@ def model_function(spec):
     module_name, sep, attr = str(spec).rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model {spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:build or ./build.py:build")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        raise ValueError(f"--model {spec!r}: no file {module_name!r}")
     try:
         if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise ValueError(f"--model {spec!r}: no file {module_name!r}")
             loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0], module_name)
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
@@ -44,8 +44,6 @@ def model_function(spec):
             if os.getcwd() not in sys.path and "" not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
-    except ValueError:
-        raise
     except Exception as exc:
         raise ValueError(f"--model {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
@@ -100,26 +98,22 @@ def first_samples(batches, n):
     return out
 
 
-def _moved(value, device, dtype):
-    def move(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        v = v.to(device)
-        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
-
+def _on_device(value, device):
+    """Model inputs or targets (a tensor, or a tuple, list or dict of them) moved to ``device``."""
     if isinstance(value, dict):
-        return {k: move(v) for k, v in value.items()}
+        return {k: _on_device(v, device) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(move(v) for v in value)
-    return move(value)
+        return type(value)(_on_device(v, device) for v in value)
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def prepared(user, samples=None, device="cpu", dtype=None):
     """The model and its first ``samples`` samples on ``device`` in ``dtype`` (None: the model's own)."""
-    dt = DTYPES[dtype] if dtype else None
-    model = user.model.to(device=device, dtype=dt) if dt else user.model.to(device)
+    model = user.model.to(device=device, dtype=DTYPES[dtype]) if dtype else user.model.to(device)
     model.eval()
-    batches = [(_moved(x, device, dt), _moved(y, device, dt)) for x, y in first_samples(user.batches, samples)]
-    if dt is None:
-        batches = [(cast_floating(x, next(model.parameters()).dtype), y) for x, y in batches]
+    dt = next(model.parameters()).dtype  # floating inputs follow the model's dtype, targets --dtype's
+    batches = []
+    for x, y in first_samples(user.batches, samples):
+        y = _on_device(y, device)
+        batches.append((cast_floating(_on_device(x, device), dt), cast_floating(y, dt) if dtype else y))
     return user._replace(model=model, batches=batches)

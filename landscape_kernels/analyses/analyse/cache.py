@@ -30,6 +30,7 @@ class StageCache:
     def get(self, stage):
         if stage not in self.results:
             return None
+        result = {k: v for k, v in self.results[stage].items() if k != "_arrays"}  # "_arrays": it has an npz
         arrays = {}
         path = self._npz(stage)
         if os.path.isfile(path):
@@ -41,7 +42,7 @@ class StageCache:
                                  f"stage {stage!r} again") from exc
         elif self.results[stage].get("_arrays"):
             return None  # the arrays never reached the disk: compute the stage again
-        return self.results[stage], arrays
+        return result, arrays
 
     def put(self, stage, result, arrays):
         if self.folder is None:

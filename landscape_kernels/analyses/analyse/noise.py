@@ -62,10 +62,11 @@ def noise_stage(problem, results, arrays):
     # per parameter: sum over batches of n_i (variance_i + |mean_i - gbar|^2) = N tr(Sigma_param)
     spread = {n: 0.0 for n in problem.param_names}
     for ps in C.per_batch_factors():
-        sq.append(ps.sq_norms().double().cpu())
+        stats = ps.stats()  # norms, mean and variance in one pass over each layer's factors
+        sq.append(stats["sq_norms"].double().cpu())
         proj.append(ps.project({n: parts[n].unsqueeze(0) for n in ps.param_names})[:, 0].double().cpu())
         B = ps.batch_size
-        means, variances = ps.mean(), ps.variance()
+        means, variances = stats["mean"], stats["variance"]
         for n in ps.param_names:
             spread[n] += B * (float(variances[n].double().sum()) + float((means[n] - parts[n]).double().pow(2).sum()))
     s, p = torch.cat(sq).numpy(), torch.cat(proj).numpy()

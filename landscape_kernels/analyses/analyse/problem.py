@@ -4,8 +4,7 @@ import math
 
 import torch
 
-from ...capture.model import as_batches, batch_size_of, chosen_parameters, eval_mode
-from ...kernels.checks import all_finite
+from ...capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
 from ...operators.base import Operator
 from ...operators.ggn import GGNOperator
 from ...operators.hessian import HessianOperator
@@ -40,11 +39,11 @@ class ProgressOperator(Operator):
 class Problem:
     """The model, loss and data of one analysis, with the operators built on them on first use.
 
-    ``batches`` are fixed: every stage sees the same samples. ``log`` receives one line per finished
-    stage; ``progress`` turns on a bar (a line per 5 % off a terminal) for each long stage."""
+    ``batches`` are fixed: every stage sees the same samples. ``progress`` turns on a bar (a line per
+    25 % off a terminal) for each long stage."""
 
     def __init__(self, model, loss_fn, data, params=None, output_fn=None, batch_size=None, settings=None,
-                 progress=False, log=None):
+                 progress=False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"analyse: model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -54,14 +53,12 @@ class Problem:
         self.num_samples = sum(batch_size_of(b[0]) for b in self.batches)
         self.param_names, self.params = chosen_parameters(model, params)
         self.num_params = sum(p.numel() for p in self.params)
-        self.settings, self.progress, self.log = settings, progress, log or (lambda line: None)
+        self.settings, self.progress = settings, progress
         self._operators = {}
         self.loss = self._mean_loss()
 
     def _mean_loss(self):
         """The mean loss over the samples, checked finite (a model or checkpoint that gives NaN is named)."""
-        from ...capture.model import call_model, model_output
-
         total = 0.0
         with torch.no_grad(), eval_mode(self.model):
             for x, y in self.batches:
@@ -78,14 +75,14 @@ class Problem:
 
     # ----------------------------------------------------------------------------- operators
     def hessian(self, params=None):
-        """The Hessian of the mean loss over ``params`` (None: all chosen); the full one is kept."""
-        if params is not None:
-            return HessianOperator(self.model, self.loss_fn, self.batches, params=params, output_fn=self.output_fn,
-                                   keep_graph=self.settings.keep_graph)
-        if "hessian" not in self._operators:
-            self._operators["hessian"] = HessianOperator(self.model, self.loss_fn, self.batches, params=self.param_names,
-                                                         output_fn=self.output_fn, keep_graph=self.settings.keep_graph)
-        return self._operators["hessian"]
+        """The Hessian of the mean loss over ``params`` (None: all chosen); the full one is built once."""
+        if params is None and "hessian" in self._operators:
+            return self._operators["hessian"]
+        op = HessianOperator(self.model, self.loss_fn, self.batches, params=params or self.param_names,
+                             output_fn=self.output_fn, keep_graph=self.settings.keep_graph)
+        if params is None:
+            self._operators["hessian"] = op
+        return op
 
     def ggn(self):
         if "ggn" not in self._operators:
@@ -115,10 +112,6 @@ class Problem:
         """A flat (P,) vector as {parameter name: tensor shaped like it}."""
         parts = torch.split(flat, [p.numel() for p in self.params])
         return {n: t.reshape(p.shape) for n, t, p in zip(self.param_names, parts, self.params)}
-
-    def check_vectors(self, name, V):
-        if not all_finite(V):
-            raise ValueError(f"analyse: {name} holds NaN or Inf; the model's loss is not finite near these weights")
 
 
 class _Silent:

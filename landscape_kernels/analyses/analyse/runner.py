@@ -85,14 +85,13 @@ def analyse(model, loss_fn, data, what="all", params=None, output_fn=None, batch
     settings = (settings.quick() if quick else settings).checked()
     stages = resolve_stages(what, settings)
     log = log or (lambda line: None)
-    problem = Problem(model, loss_fn, data, params, output_fn, batch_size, settings, progress, log)
+    problem = Problem(model, loss_fn, data, params, output_fn, batch_size, settings, progress)
     cache = StageCache(cache_dir, resume)
     results, arrays, timings = {}, {}, {}
     for stage in stages:
         kept = cache.get(stage) if resume else None
         if kept is not None:
             result, stage_arrays = kept
-            result = {k: v for k, v in result.items() if k != "_arrays"}
             timings[stage] = 0.0
             log(f"{stage}: done before, reusing it")
         else:
