@@ -26,11 +26,18 @@ def require_initialised(name):
                            "(e.g. under torchrun) first")
 
 
+def communication_device(group=None):
+    """Where the group's collectives take tensors: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def per_rank_table(values, group=None):
-    """(world, len(values)) float64 table of every rank's ``values`` (one all-reduce of a one-hot layout)."""
-    table = torch.zeros(dist.get_world_size(group), len(values), dtype=torch.float64)
+    """(world, len(values)) float64 CPU table of every rank's ``values`` (one all-reduce of a one-hot layout)."""
+    table = torch.zeros(dist.get_world_size(group), len(values), dtype=torch.float64, device=communication_device(group))
     table[dist.get_rank(group)] = torch.tensor(values, dtype=torch.float64)
-    return all_reduce_sum(table, group)
+    return all_reduce_sum(table, group).cpu()
 
 
 def all_gather_rows(t, sizes, group=None):

@@ -113,12 +113,24 @@ def model_output(output, output_fn=None):
     return out
 
 
+def is_batch_pair(data):
+    """Whether ``data`` is one (inputs, targets) pair rather than an iterable of such batches."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) \
+        and (isinstance(data[0], (torch.Tensor, dict)) or (isinstance(data[0], (tuple, list)) and bool(tensors_in(data[0]))))
+
+
+def count_samples(data):
+    """The number of samples in an (inputs, targets) pair or a list of such batches (0 when empty)."""
+    if is_batch_pair(data):
+        return batch_size_of(data[0], "data inputs")
+    return sum(batch_size_of(b[0], f"data: batch {i}'s inputs") for i, b in enumerate(data))
+
+
 def as_batches(data, batch_size=None):
     """A list of (inputs, targets) batches from an (inputs, targets) pair (cut into ``batch_size`` rows,
     None: one batch) or an iterable of such pairs; inputs are a tensor, tuple, list or dict (see
     ``call_model``); empty batches are dropped."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor) \
-            and (isinstance(data[0], (torch.Tensor, dict)) or (isinstance(data[0], (tuple, list)) and tensors_in(data[0]))):
+    if is_batch_pair(data):
         x, y = data
         n = batch_size_of(x, "data inputs")
         if n != y.shape[0]:

@@ -19,6 +19,7 @@ Launch with ``torchrun --nproc_per_node R script.py`` (``docs/guide/distributed.
 import torch
 
 from ..capture.collectives import all_reduce_sum, per_rank_table, require_initialised
+from ..capture.model import count_samples
 from .base import Operator
 from .noise import NoiseCovarianceOperator, sgd_noise_scale
 
@@ -30,7 +31,8 @@ class DistributedOperator(Operator):
         build: a callable ``data -> operator`` (e.g. ``lambda d: HessianOperator(model, loss_fn, d)``)
             called with this rank's ``data``; ranks whose shard is empty are found before anything is
             built, and every rank then raises the same error (no rank is left waiting in a collective).
-        data: this rank's shard, an (inputs, targets) pair of tensors.
+        data: this rank's shard: an (inputs, targets) pair or a list of such batches (what ``build``
+            takes).
         group: the process group (default: the world).
         sgd_batch_size, without_replacement: for a noise covariance, the SGD scaling of
             ``NoiseCovarianceOperator`` applied with the global N (build the local operator without it).
@@ -39,13 +41,16 @@ class DistributedOperator(Operator):
     def __init__(self, build, data, group=None, sgd_batch_size=None, without_replacement=False):
         require_initialised("DistributedOperator")
         self.group = group
-        x = data[0]
-        counts = per_rank_table([x.shape[0]], group)[:, 0]  # every rank learns every shard size
+        if not isinstance(data, (tuple, list)):
+            raise TypeError("DistributedOperator: data must be an (inputs, targets) pair or a list of such batches "
+                            f"(it is read twice: counted, then built on), got {type(data).__name__}")
+        local = count_samples(data)
+        counts = per_rank_table([local], group)[:, 0]  # every rank learns every shard size
         empty = [r for r, n in enumerate(counts.tolist()) if n == 0]
         if empty:
             raise ValueError(f"DistributedOperator: the data shard of rank(s) {empty} is empty; every rank needs "
                              f"at least one sample (shard sizes {[int(n) for n in counts.tolist()]})")
-        self.local_samples, self.num_samples = int(x.shape[0]), int(counts.sum())
+        self.local_samples, self.num_samples = int(local), int(counts.sum())
         self.op = build(data)
         self.shape, self.dtype, self.device = self.op.shape, self.op.dtype, self.op.device
         self.column_chunk = None  # the local operator chunks its own columns

@@ -4,16 +4,23 @@ The model comes from a preset or from ``--model module:function``; ``--checkpoin
 into it, ``--checkpoints DIR`` analyses every checkpoint of a folder in order and adds every scalar as
 a curve along training. Each checkpoint's finished stages are kept (``OUT/stages/`` or
 ``OUT/checkpoints/FILE/``), so ``--resume`` skips them.
+
+Under ``torchrun --nproc_per_node R landscape-kernels analyse ...`` every process builds the same model
+and samples, takes its contiguous share of the samples, and the products are combined over the ranks:
+the numbers are those of one process (up to rounding); rank 0 writes the folder.
 """
 import os
 from dataclasses import dataclass, replace
+
+import torch.distributed as dist
 
 from ..analyses.analyse import GROUPS, STAGES, AnalyseSettings, analyse
 from ..training.checkpoints import checkpoint_series, load_checkpoint
 from ..training.presets import PRESETS
 from .job import Job, option
 from .reports.analyse import write_analyse_report
-from .user_model import DTYPES, build_user_model, prepared
+from .torchrun import rank_device, torchrun_group
+from .user_model import DTYPES, build_user_model, prepared, rank_share
 
 
 @dataclass
@@ -64,8 +71,17 @@ class AnalyseJob(Job):
     page = "docs/analyse.md"
     trains = False
 
+    def writes_files(self):
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    def main(self, args):
+        with torchrun_group(args.device):  # under torchrun: the ranks' group, for the whole command
+            return super().main(args)
+
     def compute(self, cfg, ctx):
-        user = prepared(build_user_model(cfg.preset, cfg.model), cfg.samples, cfg.device, cfg.dtype)
+        user = prepared(build_user_model(cfg.preset, cfg.model), cfg.samples, rank_device(cfg.device), cfg.dtype)
+        if dist.is_initialized():
+            user = user._replace(batches=rank_share(user.batches, dist.get_rank(), dist.get_world_size()))
         settings = cfg.settings()
         files = checkpoint_series(cfg.checkpoints) if cfg.checkpoints else [cfg.checkpoint] if cfg.checkpoint else [None]
         series = []

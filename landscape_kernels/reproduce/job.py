@@ -248,6 +248,10 @@ class Job:
     def headline(self, summary):
         raise NotImplementedError
 
+    def writes_files(self):
+        """Whether this process writes the folder (False on the ranks other than 0 of a ``torchrun`` job)."""
+        return True
+
     def run(self, cfg, out, resume=False, progress=False, log=print, checkpoint_seconds=60.0):
         """The whole job into the folder ``out``; returns the summary (also written as summary.json).
         ``checkpoint_seconds``: training state is saved at the first epoch end after that many seconds
@@ -260,8 +264,12 @@ class Job:
         out = os.fspath(out)
         if os.path.exists(out) and not os.path.isdir(out):
             raise ValueError(f"--out {out!r} is a file; expected a folder for the report (it is made if missing)")
-        os.makedirs(out, exist_ok=True)
-        self.claim_folder(cfg, out, resume)
+        writer = self.writes_files()
+        if writer:
+            os.makedirs(out, exist_ok=True)
+        self.claim_folder(cfg, out, resume, write=writer)
+        if not writer:  # one rank's lines and bars are enough
+            progress, log = False, (lambda line: None)
         ctx = JobContext(out, resume, progress, log, checkpoint_seconds=float(checkpoint_seconds))
         result = self.compute(cfg, ctx)
         summary, arrays = result if isinstance(result, tuple) else (result, {})
@@ -269,14 +277,17 @@ class Job:
         summary.setdefault("seconds", ctx.elapsed())
         if ctx.timer.seconds:
             summary["timings_s"] = ctx.timer.seconds
+        if not writer:
+            return summary
         with ctx.timer("report"):
             self.write_report(out, summary, arrays)
         write_json(os.path.join(out, "summary.json"), summary)
         return summary
 
-    def claim_folder(self, cfg, out, resume):
-        """Write ``OUT/job.json`` (this job and its settings). With ``resume``, a folder another job, or
-        this job with other settings, wrote first is refused: resuming it would mix two runs."""
+    def claim_folder(self, cfg, out, resume, write=True):
+        """Write ``OUT/job.json`` (this job and its settings; only checked without ``write``). With
+        ``resume``, a folder another job, or this job with other settings, wrote first is refused:
+        resuming it would mix two runs."""
         path = os.path.join(out, JOB_FILE)
         settings = json.loads(json.dumps(asdict(cfg), default=jsonable))
         if resume and os.path.isfile(path):
@@ -289,7 +300,8 @@ class Job:
             if changed:
                 raise ValueError(f"--resume: {out!r} was run with other settings ({'; '.join(changed)}); resume "
                                  "with the same settings, or run into another --out")
-        write_json(path, {"job": self.name, "library_version": __version__, "config": settings})
+        if write:
+            write_json(path, {"job": self.name, "library_version": __version__, "config": settings})
 
     # -------------------------------------------------------------------------- command line
     def add_parser(self, subparsers):
@@ -321,5 +333,6 @@ class Job:
         """Run from parsed command-line arguments and print where the report is; returns the exit code."""
         summary = self.run(config_from_args(self.config, args), args.out, resume=args.resume,
                            progress=not args.no_progress, checkpoint_seconds=args.checkpoint_every)
-        print(f"report: {args.out}/report.md  ({self.headline(summary)})")
+        if self.writes_files():
+            print(f"report: {args.out}/report.md  ({self.headline(summary)})")
         return 0

@@ -86,16 +86,27 @@ def build_user_model(preset=None, spec=None):
 
 def first_samples(batches, n):
     """The first ``n`` samples of the batches (the last batch cut), the same on every run."""
-    if n is None:
-        return batches
-    out, left = [], int(n)
+    return batches if n is None else sample_range(batches, 0, int(n))
+
+
+def sample_range(batches, start, stop):
+    """Samples ``start:stop`` of the batches, counted across them (batches cut at the ends)."""
+    out, offset = [], 0
     for x, y in batches:
-        if left <= 0:
-            break
         b = batch_size_of(x)
-        out.append((x, y) if b <= left else (slice_batch(x, 0, left), y[:left]))
-        left -= min(b, left)
+        lo, hi = max(start - offset, 0), min(stop - offset, b)
+        if lo < hi:
+            out.append((x, y) if (lo, hi) == (0, b) else (slice_batch(x, lo, hi), y[lo:hi]))
+        offset += b
+        if offset >= stop:
+            break
     return out
+
+
+def rank_share(batches, rank, world):
+    """Rank ``rank``'s contiguous share of the samples (the sizes differ by at most one)."""
+    total = sum(batch_size_of(x) for x, _ in batches)
+    return sample_range(batches, rank * total // world, (rank + 1) * total // world)
 
 
 def _on_device(value, device):

@@ -163,3 +163,35 @@ def test_bad_input_is_one_clear_line(args, message, user_module, tmp_path, capsy
     assert main(["analyse", *args, "--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_under_torchrun_two_processes_report_what_one_does(user_module, tmp_path):
+    """``torchrun --nproc_per_node 2 landscape-kernels analyse ...``: each rank takes half the samples
+    (here a batch is cut between them), the numbers are one process's, and rank 0 alone writes."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun, command = shutil.which("torchrun"), shutil.which("landscape-kernels")
+    if torchrun is None or command is None or sys.platform == "win32":
+        pytest.skip("torchrun or landscape-kernels is not on PATH")
+    args = ["--model", f"{user_module}:build", "--quick", "--what", "hessian,noise,profiles", "--dtype", "float64"]
+    code, one = run(args, tmp_path / "one")
+    assert code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--no-python", command, "analyse", *args,
+                           "--out", str(tmp_path / "two"), "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report: ") == 1  # rank 0's line only
+    two = json.load(open(tmp_path / "two" / "summary.json"))
+    assert (one["ranks"], two["ranks"]) == (1, 2) and two["num_samples"] == one["num_samples"] == 90
+    assert "shared by 2 torchrun processes" in open(tmp_path / "two" / "report.md").read()
+    a, b = one["stages"], two["stages"]
+    assert b["hessian"]["eigenvalues"] == pytest.approx(a["hessian"]["eigenvalues"], rel=1e-8)
+    for key in ("b_simple", "b_simple_stderr", "noise_trace", "gradient_sq_norm", "norm_mean"):
+        assert b["noise"][key] == pytest.approx(a["noise"][key], rel=1e-8), key
+    assert b["noise"]["norm_quantiles"] == pytest.approx(a["noise"]["norm_quantiles"], rel=1e-8)
+    assert b["noise"]["spectrum"]["eigenvalues"] == pytest.approx(a["noise"]["spectrum"]["eigenvalues"], rel=1e-8)
+    assert b["profiles"]["eigen_curvature"] == pytest.approx(a["profiles"]["eigen_curvature"], rel=1e-6)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-12)

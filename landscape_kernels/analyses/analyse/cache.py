@@ -10,13 +10,16 @@ from ...training.state_files import read_json, write_json
 
 class StageCache:
     """``get(stage)`` -> (result, arrays) of a stage an earlier run finished, or None; ``put`` keeps one.
-    Without a folder nothing is kept (the library call in a notebook)."""
+    Without a folder nothing is kept (the library call in a notebook); without ``write`` (ranks other
+    than 0 under torchrun) the folder is only read."""
 
-    def __init__(self, folder=None, resume=False):
+    def __init__(self, folder=None, resume=False, write=True):
         self.folder = None if folder is None else os.fspath(folder)
+        self.write = write
         self.results = {}
         if self.folder is not None:
-            os.makedirs(self.folder, exist_ok=True)
+            if write:
+                os.makedirs(self.folder, exist_ok=True)
             path = self._json()
             if resume and os.path.isfile(path):
                 self.results = read_json(path)
@@ -45,7 +48,7 @@ class StageCache:
         return result, arrays
 
     def put(self, stage, result, arrays):
-        if self.folder is None:
+        if self.folder is None or not self.write:
             return
         if arrays:
             tmp = self._npz(stage) + ".tmp.npz"

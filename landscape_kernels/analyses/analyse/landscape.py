@@ -17,7 +17,6 @@ import math
 import numpy as np
 import torch
 
-from ...linalg.profiles import loss_profiles
 
 SURFACE_CHUNK_ELEMENTS = 1 << 24  # direction numbers per loss_profiles call of the surface (64 MB in float32)
 
@@ -49,13 +48,6 @@ def eigen_range(problem, results):
     return min(r, max(weight_norm, 1e-12))
 
 
-def _profiles(problem, directions, deltas):
-    p0 = problem.params[0]
-    D = torch.as_tensor(directions).to(p0.device, p0.dtype)
-    return loss_profiles(problem.model, problem.loss_fn, problem.batches, D, deltas, params=problem.param_names,
-                         output_fn=problem.output_fn).numpy()
-
-
 def profiles_stage(problem, results, arrays):
     s = problem.settings
     V = arrays["hessian_eigenvectors"]
@@ -64,9 +56,9 @@ def profiles_stage(problem, results, arrays):
     random_deltas = np.linspace(-1.0, 1.0, s.profile_points)
     R = filter_normalised_directions(problem, s.random_directions, s.seed).numpy()
     with problem.bar(len(V) + len(R), "profiles", unit="direction") as bar:
-        eigen = _profiles(problem, V, eigen_deltas)
+        eigen = problem.mean_losses(V, eigen_deltas)
         bar.update(len(V))
-        rand = _profiles(problem, R, random_deltas) if len(R) else np.zeros((0, s.profile_points))
+        rand = problem.mean_losses(R, random_deltas) if len(R) else np.zeros((0, s.profile_points))
         bar.update(len(R))
     centre = s.profile_points // 2  # the odd grids hold delta = 0 at the centre; even ones do not
     result = {"eigen_range": r, "loss": problem.loss,
@@ -112,7 +104,7 @@ def surface_stage(problem, results, arrays):
         for start in range(0, len(points), per_call):
             chunk = np.array(points[start : start + per_call])
             D = chunk[:, :1] * U[0][None, :] + chunk[:, 1:] * U[1][None, :]
-            losses.append(_profiles(problem, D, [1.0])[:, 0])
+            losses.append(problem.mean_losses(D, [1.0])[:, 0])
             bar.update(len(chunk))
     grid = np.concatenate(losses).reshape(n, n)  # grid[i, j] = L(theta0 + axis[i] u + axis[j] v)
     i, j = np.unravel_index(np.argmin(grid), grid.shape)

@@ -56,12 +56,12 @@ def noise_stage(problem, results, arrays):
     N = problem.num_samples
     if N < 2:
         raise ValueError("analyse: the noise stage needs at least 2 samples (a covariance over samples)")
-    gbar = C.mean_gradient()
+    gbar = problem.mean_gradient()
     parts = problem.split(gbar)
     sq, proj = [], []
     # per parameter: sum over batches of n_i (variance_i + |mean_i - gbar|^2) = N tr(Sigma_param)
     spread = {n: 0.0 for n in problem.param_names}
-    for ps in C.per_batch_factors():
+    for ps in problem.noise_factors():
         stats = ps.stats()  # norms, mean and variance in one pass over each layer's factors
         sq.append(stats["sq_norms"].double().cpu())
         proj.append(ps.project({n: parts[n].unsqueeze(0) for n in ps.param_names})[:, 0].double().cpu())
@@ -69,7 +69,11 @@ def noise_stage(problem, results, arrays):
         means, variances = stats["mean"], stats["variance"]
         for n in ps.param_names:
             spread[n] += B * (float(variances[n].double().sum()) + float((means[n] - parts[n]).double().pow(2).sum()))
-    s, p = torch.cat(sq).numpy(), torch.cat(proj).numpy()
+    # every rank's samples in rank order, and the spreads summed over the ranks
+    ranks = problem.ranks
+    s = ranks.gather_rows(torch.cat(sq), problem.shard_sizes).numpy()
+    p = ranks.gather_rows(torch.cat(proj), problem.shard_sizes).numpy()
+    spread = dict(zip(spread, ranks.sum(torch.tensor(list(spread.values()), dtype=torch.float64)).tolist()))
     mean_sq = float(gbar.double().pow(2).sum())
     signal, trace, b_simple = noise_scale(s, mean_sq)
     norms = np.sqrt(np.maximum(s, 0))

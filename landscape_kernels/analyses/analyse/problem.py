@@ -5,11 +5,13 @@ import math
 import torch
 
 from ...capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
+from ...linalg.profiles import loss_profiles
 from ...operators.base import Operator
 from ...operators.ggn import GGNOperator
 from ...operators.hessian import HessianOperator
 from ...operators.noise import NoiseCovarianceOperator
 from ...training.progress import Progress
+from .ranks import Ranks
 
 
 def parameter_groups(names):
@@ -40,22 +42,43 @@ class Problem:
     """The model, loss and data of one analysis, with the operators built on them on first use.
 
     ``batches`` are fixed: every stage sees the same samples. ``progress`` turns on a bar (a line per
-    25 % off a terminal) for each long stage."""
+    25 % off a terminal) for each long stage. Across ``ranks`` (``Ranks``), ``batches`` are this rank's
+    shard and ``num_samples`` counts every shard; the operators, the loss and the profiles are those of
+    the union."""
 
     def __init__(self, model, loss_fn, data, params=None, output_fn=None, batch_size=None, settings=None,
-                 progress=False):
+                 progress=False, ranks=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"analyse: model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"analyse: loss_fn must be callable (outputs, targets) -> mean loss, got {type(loss_fn).__name__}")
         self.model, self.loss_fn, self.output_fn = model, loss_fn, output_fn
-        self.batches = as_batches(data, batch_size)
-        self.num_samples = sum(batch_size_of(b[0]) for b in self.batches)
+        self.ranks = ranks or Ranks(distributed=False)
+        self.batches = self._shard(data, batch_size)
+        self.shard_sizes = [int(n) for n in self.ranks.table([sum(batch_size_of(b[0]) for b in self.batches)])[:, 0]]
+        self.num_samples = sum(self.shard_sizes)
         self.param_names, self.params = chosen_parameters(model, params)
         self.num_params = sum(p.numel() for p in self.params)
-        self.settings, self.progress = settings, progress
+        self.settings, self.progress = settings, progress and self.ranks.writer
         self._operators = {}
         self.loss = self._mean_loss()
+
+    def _shard(self, data, batch_size):
+        """This rank's batches; across ranks, one rank's bad or empty shard is an error on every rank
+        (none is left waiting in a collective)."""
+        if not self.ranks.distributed:
+            return as_batches(data, batch_size)
+        try:
+            batches, error = as_batches(data, batch_size), None
+        except (TypeError, ValueError) as exc:
+            batches, error = [], exc
+        failed = [r for r, ok in enumerate(self.ranks.table([error is None])[:, 0].tolist()) if not ok]
+        if error is not None:
+            raise ValueError(f"analyse: the data of rank {self.ranks.rank}: {error}") from error
+        if failed:
+            raise ValueError(f"analyse: the data of rank(s) {failed} is empty or not usable (their error says why); every "
+                             "rank needs at least one sample")
+        return batches
 
     def _mean_loss(self):
         """The mean loss over the samples, checked finite (a model or checkpoint that gives NaN is named)."""
@@ -67,7 +90,7 @@ class Problem:
                     raise ValueError("analyse: loss_fn must return a scalar tensor (the mean loss over its batch), got "
                                      f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
                 total += float(loss) * batch_size_of(x)
-        loss = total / self.num_samples
+        loss = float(self.ranks.sum(torch.tensor(total, dtype=torch.float64))) / self.num_samples
         if not math.isfinite(loss):
             raise ValueError(f"analyse: the loss over the samples is {loss}; check the model's weights (a damaged "
                              "checkpoint?) and the data")
@@ -78,24 +101,49 @@ class Problem:
         """The Hessian of the mean loss over ``params`` (None: all chosen); the full one is built once."""
         if params is None and "hessian" in self._operators:
             return self._operators["hessian"]
-        op = HessianOperator(self.model, self.loss_fn, self.batches, params=params or self.param_names,
-                             output_fn=self.output_fn, keep_graph=self.settings.keep_graph)
+        op = self.ranks.operator(lambda b: HessianOperator(self.model, self.loss_fn, b, params=params or self.param_names,
+                                                           output_fn=self.output_fn, keep_graph=self.settings.keep_graph),
+                                 self.batches)
         if params is None:
             self._operators["hessian"] = op
         return op
 
     def ggn(self):
         if "ggn" not in self._operators:
-            self._operators["ggn"] = GGNOperator(self.model, self.loss_fn, self.batches, params=self.param_names,
-                                                 output_fn=self.output_fn)
+            self._operators["ggn"] = self.ranks.operator(
+                lambda b: GGNOperator(self.model, self.loss_fn, b, params=self.param_names, output_fn=self.output_fn),
+                self.batches)
         return self._operators["ggn"]
 
     def noise(self):
         """The per-sample gradient covariance C_1 (its factors recorded once and kept)."""
         if "noise" not in self._operators:
-            self._operators["noise"] = NoiseCovarianceOperator(self.model, self.loss_fn, self.batches,
-                                                               params=self.param_names, output_fn=self.output_fn)
+            self._operators["noise"] = self.ranks.operator(
+                lambda b: NoiseCovarianceOperator(self.model, self.loss_fn, b, params=self.param_names,
+                                                  output_fn=self.output_fn), self.batches)
         return self._operators["noise"]
+
+    def noise_factors(self):
+        """This rank's per-batch factors of the per-sample gradients (``PerSampleGradients`` each)."""
+        C = self.noise()
+        return (C.op if self.ranks.distributed else C).per_batch_factors()
+
+    def mean_gradient(self):
+        """The mean gradient over every sample (every rank's)."""
+        C = self.noise()
+        return C.mean_gradient if self.ranks.distributed else C.mean_gradient()
+
+    def mean_losses(self, directions, deltas):
+        """(K, G) float64 mean losses over every sample at theta0 + deltas[g] directions[k] (the
+        batched loss-profile engine on this rank's batches, weighted over the ranks)."""
+        p0 = self.params[0]
+        D = torch.as_tensor(directions).to(p0.device, p0.dtype)
+        local = loss_profiles(self.model, self.loss_fn, self.batches, D, deltas, params=self.param_names,
+                              output_fn=self.output_fn)
+        if not self.ranks.distributed:
+            return local.numpy()
+        weight = self.shard_sizes[self.ranks.rank] / self.num_samples
+        return self.ranks.sum(local * weight).numpy()
 
     # ----------------------------------------------------------------------------- helpers
     def bar(self, total, desc, unit="product"):

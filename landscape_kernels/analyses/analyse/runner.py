@@ -4,6 +4,9 @@ One ``Problem`` (the model, loss, fixed samples and the operators built on them)
 stages in order; each returns a result for ``to_dict()`` and arrays (eigenvectors, profiles, the
 surface) for the stages after it and for the figures. With ``cache_dir`` every finished stage is kept
 on disk, and ``resume=True`` reads back what an earlier call finished instead of computing it again.
+
+Under ``torchrun`` each rank passes its shard of the samples and gets the analysis of the union; rank
+0 alone writes the cache and logs, and a stage is read back only when every rank finds it.
 """
 import time
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ from .landscape import profiles_stage, surface_stage
 from .noise import noise_stage
 from .overlap import overlap_stage
 from .problem import Problem
+from .ranks import Ranks
 from .settings import AnalyseSettings, resolve_stages
 
 STAGE_FUNCTIONS = {"hessian": hessian_stage, "ggn": ggn_stage, "density": density_stage, "trace": trace_stage,
@@ -26,7 +30,8 @@ class ModelAnalysis:
     """What ``analyse`` measured: ``stages`` (stage -> result dict), ``timings_s`` (stage -> seconds;
     0 for a stage read back by ``resume``), the loss over the samples, their count and the number of
     parameters; ``arrays`` (stage arrays: eigenvectors, densities, profiles, the surface) stay out of
-    ``to_dict()``. ``scalars()`` flattens the headline numbers (for curves along training)."""
+    ``to_dict()``. ``scalars()`` flattens the headline numbers (for curves along training). ``ranks``:
+    the processes whose shards the samples are."""
 
     stages: dict
     timings_s: dict
@@ -34,10 +39,11 @@ class ModelAnalysis:
     num_samples: int
     num_params: int
     settings: dict
+    ranks: int = 1
     arrays: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self):
-        return {"loss": self.loss, "num_samples": self.num_samples, "num_params": self.num_params,
+        return {"loss": self.loss, "num_samples": self.num_samples, "num_params": self.num_params, "ranks": self.ranks,
                 "settings": self.settings, "timings_s": self.timings_s, "stages": self.stages}
 
     def scalars(self):
@@ -62,7 +68,7 @@ class ModelAnalysis:
 
 
 def analyse(model, loss_fn, data, what="all", params=None, output_fn=None, batch_size=None, settings=None,
-            quick=False, cache_dir=None, resume=False, progress=False, log=None):
+            quick=False, cache_dir=None, resume=False, progress=False, log=None, distributed=None, group=None):
     """The noise and curvature report of ``model`` on ``data`` (``docs/analyse.md``).
 
     Args:
@@ -77,6 +83,9 @@ def analyse(model, loss_fn, data, what="all", params=None, output_fn=None, batch
         settings: ``AnalyseSettings`` (default: its defaults; ``quick`` takes its quick variant).
         cache_dir, resume: keep each finished stage in this folder; with ``resume`` reuse them.
         progress: a progress bar per long stage; log: called with one line per finished stage.
+        distributed, group: in a ``torch.distributed`` group (None: when one of more than one rank is
+            initialised), ``data`` is this rank's shard and every rank gets the analysis of the union of
+            the shards (call it on every rank with the same arguments otherwise); ``group`` None: the world.
     Returns: ``ModelAnalysis``.
     """
     settings = (settings or AnalyseSettings())
@@ -84,12 +93,15 @@ def analyse(model, loss_fn, data, what="all", params=None, output_fn=None, batch
         raise TypeError(f"analyse: settings must be an AnalyseSettings, got {type(settings).__name__}")
     settings = (settings.quick() if quick else settings).checked()
     stages = resolve_stages(what, settings)
-    log = log or (lambda line: None)
-    problem = Problem(model, loss_fn, data, params, output_fn, batch_size, settings, progress)
-    cache = StageCache(cache_dir, resume)
+    ranks = Ranks(distributed, group)
+    log = log if log and ranks.writer else (lambda line: None)
+    problem = Problem(model, loss_fn, data, params, output_fn, batch_size, settings, progress, ranks)
+    cache = StageCache(cache_dir, resume, write=ranks.writer)
     results, arrays, timings = {}, {}, {}
     for stage in stages:
         kept = cache.get(stage) if resume else None
+        if ranks.distributed and not ranks.all_true(kept is not None):
+            kept = None  # a rank that lacks it computes it, so every rank must
         if kept is not None:
             result, stage_arrays = kept
             timings[stage] = 0.0
@@ -103,4 +115,4 @@ def analyse(model, loss_fn, data, what="all", params=None, output_fn=None, batch
         results[stage] = result
         arrays.update(stage_arrays)
     return ModelAnalysis(results, timings, problem.loss, problem.num_samples, problem.num_params, settings.to_dict(),
-                         arrays)
+                         ranks.world, arrays)

@@ -184,7 +184,8 @@ def write_analyse_report(out, s, arrays):
              f"Model: {s['model']}" + (f", checkpoint {s['checkpoint']}" if s.get("checkpoint") else "")
              + (f", {len(s['checkpoints'])} checkpoints (the table is the last; curves below)" if s.get("checkpoints") else ""),
              f"— {s['num_params']} weights, {s['num_samples']} samples, mean loss {fmt(s['loss'])}, on {cfg['device']}"
-             f"{', ' + cfg['dtype'] if cfg.get('dtype') else ''}. Every number is over these samples; "
+             f"{', ' + cfg['dtype'] if cfg.get('dtype') else ''}"
+             f"{f', shared by {ranks} torchrun processes' if (ranks := s.get('ranks', 1)) > 1 else ''}. Every number is over these samples; "
              "what each one is: docs/analyse.md.", "",
              "| quantity | value | what it says |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in _rows(s)]
