@@ -11,7 +11,9 @@ On the digits MLP and CNN presets (all 1,438 training samples, float32, this pro
   PyHessian's ``density`` (one probe at a time); PyHessian 0.1's density calls ``torch.eig``, removed from
   torch, and runs on a shim that answers with ``torch.linalg.eigh`` (said in the output);
 - the 2-D surface (21 x 21 points over two filter-normalised directions) through the batched loss-profile
-  engine against a loop that sets the weights and runs the model once per point.
+  engine against a loop that sets the weights and runs the model once per point, and the analyse surface
+  stage itself (``landscape_method="auto"``: it times both ways on an eighth of the points each and
+  finishes with the faster).
 
     python bench/analyse.py --json bench/results/analyse_cpu.json
 """
@@ -104,9 +106,15 @@ def surface(model, x, y, repeats):
             torch.nn.utils.vector_to_parameters(theta, model.parameters())
         return torch.tensor(out, dtype=torch.float64)
 
+    def stage():
+        return lk.analyse(model, F.cross_entropy, (x, y), what="surface", settings=lk.AnalyseSettings(surface_points=GRID))
+
     a, t_batched = timed(batched, repeats)
     b, t_loop = timed(loop, repeats)
+    runs = [stage() for _ in range(repeats)]
+    chosen = runs[-1].stages["surface"]
     return {"points": GRID * GRID, "batched_s": t_batched, "loop_s": t_loop,
+            "stage_auto_s": float(np.median([r.timings_s["surface"] for r in runs])), "stage_method": chosen["method"],
             "max_abs_diff": float((a - b).abs().max())}
 
 
@@ -126,7 +134,8 @@ def main(argv=None):
         report["cases"][name] = case
         c = case["curvature_stage"]
         print(f"{name}: curvature stage {c['ours_s']:.2f} s vs PyHessian {c['pyhessian_s']} s; surface "
-              f"{case['surface']['batched_s']:.2f} s vs loop {case['surface']['loop_s']:.2f} s", flush=True)
+              f"{case['surface']['batched_s']:.2f} s vs loop {case['surface']['loop_s']:.2f} s, the stage (auto: "
+              f"{case['surface']['stage_method']}) {case['surface']['stage_auto_s']:.2f} s", flush=True)
     if args.json:
         write_json(args.json, report)
 

@@ -38,6 +38,9 @@ class AnalyseConfig:
     surface_points: int = option(21, "points per side of the 2-D surface")
     surface_directions: str = option("random", "the surface's axes: filter-normalised random or top Hessian",
                                      choices=("random", "hessian"))
+    landscape_method: str = option("auto", "how the profiles and the surface evaluate points: timed both ways (auto), "
+                                   "many per model pass (batched), or one by one (loop)",
+                                   choices=("auto", "batched", "loop"))
     keep_graph: bool = option(False, "keep each batch's gradient graph across Hessian products (faster, more memory)")
     seed: int = option(0, "seed of every random draw", minimum=0)
     quick: bool = option(False, "fewer eigenpairs, probes and points: a first look in seconds")
@@ -56,7 +59,8 @@ class AnalyseConfig:
 
     def settings(self):
         s = AnalyseSettings(top_k=self.top_k, density_probes=self.density_probes, surface_points=self.surface_points,
-                            surface_directions=self.surface_directions, keep_graph=self.keep_graph, seed=self.seed)
+                            surface_directions=self.surface_directions, landscape_method=self.landscape_method,
+                            keep_graph=self.keep_graph, seed=self.seed)
         return (s.quick() if self.quick else s).checked()
 
 

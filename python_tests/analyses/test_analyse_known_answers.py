@@ -137,6 +137,24 @@ def test_profiles_and_surface_are_the_exact_quadratic(problem):
     close(res.arrays["surface"], [[quadratic(a * R[0] + b * R[1], 1.0) for b in axis] for a in axis])
 
 
+@pytest.mark.parametrize("method", ["batched", "loop"])
+def test_each_landscape_method_gives_the_exact_quadratic_and_restores_the_weights(problem, method):
+    """The batched engine and the point loop, each forced, give the closed form; auto (the fixture) timed
+    both on half of each stage's first points and kept one."""
+    res = problem["result"]
+    for stage in ("profiles", "surface"):
+        assert res.stages[stage]["method"] in ("batched", "loop")
+        assert set(res.stages[stage]["seconds_per_point"]) == {"batched", "loop"}
+    model, X, y = problem["model"], problem["X"], problem["y"]
+    settings = lk.AnalyseSettings(top_k=4, tol=1e-10, profile_points=7, surface_points=5, landscape_method=method)
+    forced = lk.analyse(model, half_mse, (X, y), batch_size=40, what=["profiles", "surface"], settings=settings)
+    for key in ("eigen_profiles", "random_profiles", "surface"):
+        close(forced.arrays[key], res.arrays[key], rtol=1e-10, atol=1e-12)
+    assert forced.stages["surface"]["method"] == method and forced.stages["surface"]["seconds_per_point"] is None
+    w = torch.cat([model.a.weight.detach().reshape(-1), model.b.weight.detach().reshape(-1)])
+    assert torch.equal(w, problem["w"])  # the loop wrote the weights and put them back exactly
+
+
 def test_filter_normalised_directions_match_each_filter(problem):
     R = problem["result"].arrays["random_directions"]
     w = problem["w"].numpy()
@@ -179,6 +197,7 @@ def test_stage_selection_adds_what_a_stage_needs():
     ({"settings": lk.AnalyseSettings(top_k=0)}, "top_k must be an int >= 1"),
     ({"settings": lk.AnalyseSettings(tol=float("nan"))}, "tol must be a finite number"),
     ({"settings": lk.AnalyseSettings(surface_directions="pca")}, "surface_directions must be one of"),
+    ({"settings": lk.AnalyseSettings(landscape_method="vmap")}, "landscape_method must be one of"),
     ({"settings": {"top_k": 3}}, "settings must be an AnalyseSettings"),
 ])
 def test_bad_arguments_are_named(problem, kwargs, match):

@@ -80,16 +80,21 @@ class Problem:
                              "rank needs at least one sample")
         return batches
 
+    def _summed_loss(self):
+        """The loss summed over this rank's samples at the current weights (no gradients)."""
+        total = 0.0
+        for x, y in self.batches:
+            loss = self.loss_fn(model_output(call_model(self.model, x), self.output_fn), y)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("analyse: loss_fn must return a scalar tensor (the mean loss over its batch), got "
+                                 f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+            total += float(loss) * batch_size_of(x)
+        return total
+
     def _mean_loss(self):
         """The mean loss over the samples, checked finite (a model or checkpoint that gives NaN is named)."""
-        total = 0.0
         with torch.no_grad(), eval_mode(self.model):
-            for x, y in self.batches:
-                loss = self.loss_fn(model_output(call_model(self.model, x), self.output_fn), y)
-                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    raise ValueError("analyse: loss_fn must return a scalar tensor (the mean loss over its batch), got "
-                                     f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-                total += float(loss) * batch_size_of(x)
+            total = self._summed_loss()
         loss = float(self.ranks.sum(torch.tensor(total, dtype=torch.float64))) / self.num_samples
         if not math.isfinite(loss):
             raise ValueError(f"analyse: the loss over the samples is {loss}; check the model's weights (a damaged "
@@ -144,6 +149,29 @@ class Problem:
             return local.numpy()
         weight = self.shard_sizes[self.ranks.rank] / self.num_samples
         return self.ranks.sum(local * weight).numpy()
+
+    def mean_losses_one_by_one(self, directions, deltas):
+        """``mean_losses`` point by point: the weights set to theta0 + delta d and the model run on every
+        batch (restored afterwards, also on an error)."""
+        p0 = self.params[0]
+        D = torch.as_tensor(directions).to(p0.device, p0.dtype)
+        deltas = [float(d) for d in deltas]
+        theta = [p.detach().clone() for p in self.params]
+        sizes = [p.numel() for p in self.params]
+        totals = torch.zeros(D.shape[0], len(deltas), dtype=torch.float64)
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                for k, d in enumerate(D):
+                    parts = torch.split(d, sizes)
+                    for g, delta in enumerate(deltas):
+                        for p, t, part in zip(self.params, theta, parts):
+                            p.copy_(t).add_(part.view_as(p), alpha=delta)
+                        totals[k, g] = self._summed_loss()
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, theta):
+                    p.copy_(t)
+        return (self.ranks.sum(totals) / self.num_samples).numpy()
 
     # ----------------------------------------------------------------------------- helpers
     def bar(self, total, desc, unit="product"):

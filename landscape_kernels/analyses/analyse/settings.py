@@ -9,6 +9,7 @@ GROUPS = {
     "landscape": ("profiles", "surface"),
 }
 SURFACE_DIRECTIONS = ("random", "hessian")
+LANDSCAPE_METHODS = ("auto", "batched", "loop")
 
 
 @dataclass
@@ -24,7 +25,9 @@ class AnalyseSettings:
     weights' norm); random_directions: filter-normalised random directions (Li et al. 2018), profiled
     over [-1, 1]; surface_points: the 2-D grid's points per side; surface_directions: "random" (the
     first two random directions) or "hessian" (the top two eigenvectors, over the eigen range);
-    keep_graph: keep each batch's gradient graph across Hessian products (faster, more memory); seed:
+    landscape_method: how the profiles and the surface evaluate their points: "batched" (many points
+    per pass of the model, ``loss_profiles``), "loop" (the weights written and the model run once per
+    point) or "auto" (each stage times both on its first points and keeps the faster); keep_graph: keep each batch's gradient graph across Hessian products (faster, more memory); seed:
     every random draw."""
 
     top_k: int = 10
@@ -40,6 +43,7 @@ class AnalyseSettings:
     random_directions: int = 2
     surface_points: int = 21
     surface_directions: str = "random"
+    landscape_method: str = "auto"
     keep_graph: bool = False
     seed: int = 0
 
@@ -65,6 +69,8 @@ class AnalyseSettings:
             raise ValueError(f"analyse: surface_directions must be one of {SURFACE_DIRECTIONS}, got {self.surface_directions!r}")
         if self.surface_directions == "random" and self.random_directions < 2:
             raise ValueError("analyse: surface_directions='random' needs random_directions >= 2")
+        if self.landscape_method not in LANDSCAPE_METHODS:
+            raise ValueError(f"analyse: landscape_method must be one of {LANDSCAPE_METHODS}, got {self.landscape_method!r}")
         if self.keep_graph not in (True, False):
             raise ValueError(f"analyse: keep_graph must be True or False, got {self.keep_graph!r}")
         return self

@@ -192,4 +192,19 @@ def write_analyse_report(out, s, arrays):
     lines += _layer_lines(s) + _series_lines(s)
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in s.get("timings_s", {}).items()]
+    lines += _method_lines(s["stages"])
     write_report(out, lines, s, _draw(arrays))
+
+
+def _method_lines(stages):
+    """How the profiles and the surface evaluated their points, with what auto measured."""
+    out = []
+    for stage in ("profiles", "surface"):
+        st = stages.get(stage)
+        if not st or "method" not in st:
+            continue
+        timed = st.get("seconds_per_point")
+        measured = (f" (timed per point: batched {timed['batched'] * 1e3:.3g} ms, loop {timed['loop'] * 1e3:.3g} ms)"
+                    if timed and len(timed) == 2 else "")
+        out.append(f"Points of the {stage}: {'one by one (loop)' if st['method'] == 'loop' else 'batched'}{measured}.")
+    return [""] + out if out else []
