@@ -34,6 +34,30 @@ def mlp(widths=(784, 50, 50, 10), bias=False, activation="relu", seed=None):
     return _seeded(build, seed)
 
 
+def duality_mlp(widths=(784, 30, 30, 10), dropout=0.0, init_scale=1.0, seed=None):
+    """The Feng, Zhang & Tu 2023 network: Linear, ReLU, Dropout(``dropout``), Linear, ReLU, Linear, no
+    biases, PyTorch's default initialisation multiplied by ``init_scale``. The analysed hidden matrix is
+    "3.weight" (the Dropout sits at index 2 at any rate, so the name does not move)."""
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 4 or min(widths) < 1:
+        raise ValueError(f"duality_mlp: widths must be (input, hidden, hidden, output), all >= 1, got {widths}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"duality_mlp: dropout must be in [0, 1), got {dropout!r}")
+    if not float(init_scale) > 0:
+        raise ValueError(f"duality_mlp: init_scale must be positive, got {init_scale!r}")
+
+    def build():
+        model = nn.Sequential(nn.Linear(widths[0], widths[1], bias=False), nn.ReLU(), nn.Dropout(float(dropout)),
+                              nn.Linear(widths[1], widths[2], bias=False), nn.ReLU(),
+                              nn.Linear(widths[2], widths[3], bias=False))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(float(init_scale))
+        return model
+
+    return _seeded(build, seed)
+
+
 def simple_cnn(num_classes=10, seed=None):
     """Jastrzębski et al. 2019 SimpleCNN on 28 x 28 images given as (B, 784) rows: 2 x Conv(32, 3) + ReLU, MaxPool 2,
     2 x Conv(64, 3) + ReLU, MaxPool 2, Linear 1024 -> 128 + ReLU, Linear 128 -> ``num_classes``."""
