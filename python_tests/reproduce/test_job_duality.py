@@ -24,7 +24,7 @@ def test_duality_quick_run_reports_every_sweep_and_resumes(tmp_path, capsys):
         assert [v for v, _ in members] == sorted(v for v, _ in members) and len(members) == 2, sweep
     report = (out / "report.md").read_text()
     assert "the estimate tracks the real gap across the lr sweep" in report and "## dropout" in report
-    for fig in ("fig_gap_vs_estimate.png", "fig_spectra.png", "fig_factors.png"):
+    for fig in ("fig_gap_vs_estimate.png", "fig_spectra.png", "fig_factors.png", "fig_sigma_w_vs_norm.png"):
         assert fig in report and (out / fig).is_file()
     capsys.readouterr()
     assert main(["reproduce", "duality", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0

@@ -65,9 +65,22 @@ def _factor_figure(plt, out, s, arrays, written):
                            ("real_gap", "gap")):
             y = np.array([r[key]["mean"] for r in rows])
             ax.plot(x, y / y[0] if y[0] else y, "o-", ms=3, label=label)
+        if min(x) > 0 and max(x) >= 10 * min(x):
+            ax.set_xscale("log")
         ax.set(xlabel=LABELS[sweep], title="relative to the first point")
         ax.legend(fontsize=6)
     save_figure(plt, fig, out, "fig_factors.png", written)
+
+
+def _norm_figure(plt, out, s, arrays, written):
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    for i, (sweep, members) in enumerate(s["members"].items()):
+        d = [s["runs"][n]["decomposition"] for _, n in members]
+        ax.plot([r["weight_norm"] for r in d], [r["sigma_w_total"] for r in d], "o", ms=3.5, color=f"C{i}",
+                label=LABELS[sweep], alpha=0.7)
+    ax.set(xlabel="‖W‖_F of the analysed layer", ylabel="σ_w = (Σ_n σ_w,n²)^½", title="dual-weight spread against the weight norm")
+    ax.legend(fontsize=6)
+    save_figure(plt, fig, out, "fig_sigma_w_vs_norm.png", written)
 
 
 def write_duality_report(out, s, arrays=None):
@@ -107,5 +120,6 @@ def write_duality_report(out, s, arrays=None):
         _gap_figure(plt, out_, s_, arrays, written)
         _spectra_figure(plt, out_, s_, arrays, written)
         _factor_figure(plt, out_, s_, arrays, written)
+        _norm_figure(plt, out_, s_, arrays, written)
 
     return write_report(out, lines, s, draw)
