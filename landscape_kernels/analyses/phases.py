@@ -117,3 +117,104 @@ def disjoint_minibatches(num_samples, batch_size, num_batches, seed=0):
                          f"{batch_size * num_batches} samples; there are {num_samples}")
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(num_samples, generator=g)[: batch_size * num_batches].reshape(num_batches, batch_size)
+
+
+def loss_separation_auc(losses, wrong):
+    """The probability that a wrongly labelled sample's loss exceeds a correctly labelled one's (ties
+    count half): the area under the ROC curve of the loss as a mislabel detector (Mann-Whitney U)."""
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    wrong = torch.as_tensor(wrong, dtype=torch.bool)
+    nw, nc = int(wrong.sum()), int((~wrong).sum())
+    if nw == 0 or nc == 0:
+        raise ValueError(f"loss_separation_auc: needs both groups, got {nc} correct and {nw} wrong samples")
+    order = losses.argsort()
+    ranks = torch.empty_like(losses)
+    ranks[order] = torch.arange(1, len(losses) + 1, dtype=torch.float64)
+    sorted_losses = losses[order]  # average the ranks of ties
+    _, inverse, counts = torch.unique_consecutive(sorted_losses, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    return float((ranks[wrong].sum() - nw * (nw + 1) / 2) / (nw * nc))
+
+
+@dataclass
+class Cleaning:
+    """The samples removed (the ``fraction`` with the highest loss) against the true mislabels."""
+
+    removed: torch.Tensor  # indices
+    precision: float
+    recall: float
+    fraction: float
+
+    def to_dict(self):
+        return {"removed": len(self.removed), "precision": self.precision, "recall": self.recall,
+                "fraction": self.fraction}
+
+
+def clean_by_loss(losses, wrong, fraction):
+    """``Cleaning``: remove round(fraction * N) samples of highest loss; precision and recall of that
+    set against the mask ``wrong`` (recall NaN without mislabels, precision NaN when nothing is removed)."""
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    wrong = torch.as_tensor(wrong, dtype=torch.bool)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"clean_by_loss: fraction must be in [0, 1), got {fraction!r}")
+    k = round(fraction * len(losses))
+    removed = losses.argsort(descending=True)[:k]
+    hits = int(wrong[removed].sum())
+    return Cleaning(removed, hits / k if k else math.nan, hits / int(wrong.sum()) if wrong.any() else math.nan,
+                    float(fraction))
+
+
+@dataclass
+class Phases:
+    """Phase boundaries of a test-error curve (indices into it): ``starts`` of phases I, II (and III,
+    IV when the error rises again), the smoothed curve's minimum, drop and rise."""
+
+    starts: list
+    minimum: float
+    drop: float
+    rise: float
+
+    @property
+    def count(self):
+        return len(self.starts)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def smoothed(values, window):
+    """Running median over ``window`` points (centred, shrunk at the ends)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    h = window // 2
+    return torch.stack([v[max(0, i - h) : i + h + 1].median() for i in range(len(v))])
+
+
+def phase_boundaries(test_error, window=5, settle=0.1, rise_floor=0.005):
+    """The phases of a test-error curve e(t) (one value per record), after a running median over
+    ``window`` records:
+
+    - drop D = e(0) - e_min, rise R = e_end - e_min, e_end the mean of the last 10 % of the records;
+    - phase II starts at the first record with e - e_min <= ``settle`` * D (the descent is over);
+    - when R > max(``rise_floor``, ``settle`` * D) the error rises again: phase IV starts at the first
+      record after the minimum with e - e_min >= (1 - ``settle``) R (the high plateau), phase III at the
+      last record before that with e - e_min <= ``settle`` R (the rise begins); otherwise there are two
+      phases (down, flat)."""
+    e = smoothed(test_error, window)
+    if len(e) < 3:
+        raise ValueError(f"phase_boundaries: needs at least 3 records, got {len(e)}")
+    t_min = int(e.argmin())
+    e_min = float(e[t_min])
+    drop = float(e[0]) - e_min
+    tail = max(1, len(e) // 10)
+    rise = float(e[-tail:].mean()) - e_min
+    t2 = int(((e - e_min) <= settle * max(drop, 0.0)).nonzero()[0])
+    starts = [0, t2]
+    if rise > max(rise_floor, settle * drop):
+        after = torch.arange(len(e)) > t_min
+        t4 = int((after & ((e - e_min) >= (1 - settle) * rise)).nonzero()[0])
+        low = ((e - e_min) <= settle * rise) & (torch.arange(len(e)) < t4)
+        t3 = max(int(low.nonzero()[-1]) + 1, t2 + 1)  # the rise starts after the last low record
+        starts += [t3, max(t4, t3 + 1)]
+    return Phases(starts, e_min, drop, rise)

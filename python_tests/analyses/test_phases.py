@@ -66,3 +66,43 @@ def test_bad_inputs_are_named():
         group_order(gram, torch.zeros(6, dtype=torch.bool))
     with pytest.raises(ValueError, match="boolean mask of the 6 samples"):
         group_order(gram, torch.zeros(5, dtype=torch.bool))
+
+
+def test_loss_separation_auc_against_pairwise_counting():
+    from landscape_kernels.analyses.phases import loss_separation_auc
+
+    g = torch.Generator().manual_seed(5)
+    losses = torch.randint(0, 6, (40,), generator=g).double()  # many ties
+    wrong = torch.rand(40, generator=g) < 0.3
+    lw, lc = losses[wrong], losses[~wrong]
+    want = float(((lw[:, None] > lc[None]).double() + 0.5 * (lw[:, None] == lc[None]).double()).mean())
+    assert loss_separation_auc(losses, wrong) == pytest.approx(want, rel=1e-12)
+    assert loss_separation_auc(torch.arange(4.0), torch.tensor([False, False, True, True])) == 1.0
+
+
+def test_clean_by_loss_precision_and_recall():
+    from landscape_kernels.analyses.phases import clean_by_loss
+
+    losses = torch.tensor([0.1, 5.0, 0.2, 4.0, 3.0, 0.3, 0.1, 0.2, 0.1, 0.2])
+    wrong = torch.tensor([0, 1, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
+    c = clean_by_loss(losses, wrong, 0.3)  # removes 5.0, 4.0, 3.0: two of the three mislabels
+    assert sorted(c.removed.tolist()) == [1, 3, 4]
+    assert c.precision == pytest.approx(2 / 3) and c.recall == pytest.approx(2 / 3)
+
+
+def test_phase_boundaries_of_known_curves():
+    from landscape_kernels.analyses.phases import phase_boundaries
+
+    t = torch.arange(200.0)
+    clean = 0.05 + 0.85 * torch.exp(-t / 8)  # down, then flat: two phases
+    p = phase_boundaries(clean)
+    assert p.count == 2 and 15 <= p.starts[1] <= 25
+    # down until 20, flat until 60, up until 100, plateau: four phases near those times
+    e = torch.where(t < 20, 0.9 - 0.04 * t, torch.full_like(t, 0.1))
+    e = torch.where((t >= 60) & (t < 100), 0.1 + 0.3 * (t - 60) / 40, e)
+    e = torch.where(t >= 100, torch.full_like(t, 0.4), e)
+    p = phase_boundaries(e)
+    assert p.count == 4
+    s1, s2, s3 = p.starts[1:]
+    assert 17 <= s1 <= 21 and 58 <= s2 <= 66 and 94 <= s3 <= 100
+    assert p.rise == pytest.approx(0.3, abs=1e-6)  # float32 curve
