@@ -6,11 +6,11 @@ import json
 import signal
 import sys
 
-from .reproduce import (analyse, duality, escape_rate, forgetting, noise_curvature, nsgd, sharpest_directions,
+from .reproduce import (analyse, duality, escape_rate, forgetting, noise_curvature, nsgd, phases, sharpest_directions,
                         variance_flatness)
 
 JOBS = {job.name: job for job in (variance_flatness.JOB, forgetting.JOB, sharpest_directions.JOB, nsgd.JOB,
-                                  noise_curvature.JOB, escape_rate.JOB, duality.JOB)}
+                                  noise_curvature.JOB, escape_rate.JOB, duality.JOB, phases.JOB)}
 
 
 def build_parser():

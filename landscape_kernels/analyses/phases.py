@@ -191,13 +191,14 @@ def smoothed(values, window):
     return torch.stack([v[max(0, i - h) : i + h + 1].median() for i in range(len(v))])
 
 
-def phase_boundaries(test_error, window=5, settle=0.1, rise_floor=0.005):
+def phase_boundaries(test_error, window=5, settle=0.1, rise_floor=0.005, rise_fraction=0.25):
     """The phases of a test-error curve e(t) (one value per record), after a running median over
     ``window`` records:
 
     - drop D = e(0) - e_min, rise R = e_end - e_min, e_end the mean of the last 10 % of the records;
     - phase II starts at the first record with e - e_min <= ``settle`` * D (the descent is over);
-    - when R > max(``rise_floor``, ``settle`` * D) the error rises again: phase IV starts at the first
+    - when R > max(``rise_floor``, ``rise_fraction`` * e_min) the error rises again (by at least a
+      quarter of its best value and half a percentage point): phase IV starts at the first
       record after the minimum with e - e_min >= (1 - ``settle``) R (the high plateau), phase III at the
       last record before that with e - e_min <= ``settle`` R (the rise begins); otherwise there are two
       phases (down, flat)."""
@@ -209,9 +210,9 @@ def phase_boundaries(test_error, window=5, settle=0.1, rise_floor=0.005):
     drop = float(e[0]) - e_min
     tail = max(1, len(e) // 10)
     rise = float(e[-tail:].mean()) - e_min
-    t2 = int(((e - e_min) <= settle * max(drop, 0.0)).nonzero()[0])
+    t2 = max(1, int(((e - e_min) <= settle * max(drop, 0.0)).nonzero()[0]))  # phase I holds the first record
     starts = [0, t2]
-    if rise > max(rise_floor, settle * drop):
+    if rise > max(rise_floor, rise_fraction * e_min):
         after = torch.arange(len(e)) > t_min
         t4 = int((after & ((e - e_min) >= (1 - settle) * rise)).nonzero()[0])
         low = ((e - e_min) <= settle * rise) & (torch.arange(len(e)) < t4)
