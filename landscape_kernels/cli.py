@@ -6,11 +6,12 @@ import json
 import signal
 import sys
 
-from .reproduce import (analyse, duality, escape_rate, forgetting, noise_curvature, nsgd, phases, sharpest_directions,
-                        variance_flatness)
+from .reproduce import (analyse, duality, escape_rate, flat_valley, forgetting, noise_curvature, nsgd, phases,
+                        sharpest_directions, variance_flatness)
 
 JOBS = {job.name: job for job in (variance_flatness.JOB, forgetting.JOB, sharpest_directions.JOB, nsgd.JOB,
-                                  noise_curvature.JOB, escape_rate.JOB, duality.JOB, phases.JOB)}
+                                  noise_curvature.JOB, escape_rate.JOB, duality.JOB, phases.JOB,
+                                  flat_valley.JOB)}
 
 
 def build_parser():
