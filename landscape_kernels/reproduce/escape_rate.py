@@ -31,7 +31,7 @@ from ..analyses.noise_structure import decoupling_spectra, half_squared_error, n
 from ..training.data import load_dataset
 from ..training.models import mlp
 from ..training.trainer import SGDTrainer
-from .job import Job, data_dir_option, dataset_option, option, read_json, write_json
+from .job import Job, data_dir_option, dataset_option, option, read_json, timed, write_json
 from .reports.escape_rate import write_escape_rate_report
 
 PARTS = ("linear", "noise", "decoupling")
@@ -233,15 +233,6 @@ def decoupling_part(cfg, folder, data, ctx):
 
 
 # ----------------------------------------------------------------------------- the job
-def _timed(compute):
-    """``compute`` made to add the seconds it took to the dict it returns."""
-    def run():
-        t = time.perf_counter()
-        return {**compute(), "seconds": time.perf_counter() - t}
-
-    return run
-
-
 class EscapeRateJob(Job):
     """SGD's power-law escape (Mori et al., ICML 2022): phi, first passage, noise strength, decoupling"""
 
@@ -251,8 +242,8 @@ class EscapeRateJob(Job):
         parts = ctx.stages("parts.json")  # every finished part is kept there, and reused by --resume
 
         if "linear" in cfg.parts:
-            parts.run("stationary", _timed(lambda: {"rows": stationary_part(cfg, ctx.log)}))
-            parts.run("passage", _timed(lambda: {"rows": passage_part(cfg, ctx.log)}))
+            parts.run("stationary", timed(lambda: {"rows": stationary_part(cfg, ctx.log)}))
+            parts.run("passage", timed(lambda: {"rows": passage_part(cfg, ctx.log)}))
         mlp_parts = [p for p in ("noise", "decoupling") if p in cfg.parts]
         if any(p not in parts for p in mlp_parts):
             data = even_odd_data(cfg)
@@ -260,7 +251,7 @@ class EscapeRateJob(Job):
                     f"{data[0].shape[1]}-{cfg.hidden}-{cfg.hidden}-1, B {cfg.batch_size}")
             for name in mlp_parts:
                 fn = noise_part if name == "noise" else decoupling_part
-                parts.run(name, _timed(lambda: fn(cfg, ctx.path(name), data, ctx)))
+                parts.run(name, timed(lambda: fn(cfg, ctx.path(name), data, ctx)))
         results = dict(parts)
         # compute time over every invocation (parts reused with --resume keep their own seconds)
         return {**results, "checks": checks(results),

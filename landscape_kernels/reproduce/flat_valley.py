@@ -33,7 +33,7 @@ from ..training.data import load_dataset
 from ..training.models import mlp
 from ..training.sharpness import SharpnessTracker, fixed_subset
 from ..training.trainer import SGDTrainer
-from .job import Job, data_dir_option, dataset_option, option
+from .job import Job, data_dir_option, dataset_option, option, timed
 from .reports.flat_valley import write_flat_valley_report
 
 PARTS = ("drift", "noise", "network")
@@ -282,14 +282,6 @@ def network_part(cfg, ctx):
 
 
 # ----------------------------------------------------------------------------- the job
-def _timed(compute):
-    def run():
-        t = time.perf_counter()
-        return {**compute(), "seconds": time.perf_counter() - t}
-
-    return run
-
-
 class FlatValleyJob(Job):
     """SGD's effective regularisation toward flat solutions on a degenerate valley, and transient freezing in
     a network (Yang, Tang & Tu 2023; Yang et al. 2026)"""
@@ -300,7 +292,7 @@ class FlatValleyJob(Job):
         parts = ctx.stages("parts.json")
         for name, fn in (("drift", drift_part), ("noise", noise_part), ("network", network_part)):
             if name in cfg.parts:
-                parts.run(name, _timed(lambda: fn(cfg, ctx)))
+                parts.run(name, timed(lambda: fn(cfg, ctx)))
         results = dict(parts)
         return {**results, "checks": checks(results),
                 "seconds": max(ctx.elapsed(), sum(v["seconds"] for v in results.values()))}

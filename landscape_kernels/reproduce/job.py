@@ -162,6 +162,16 @@ class StageResults(dict):
         return self[name]
 
 
+def timed(compute):
+    """``compute`` made to add the seconds it took to the dict it returns: a part's own time, kept with
+    it when ``--resume`` reuses the part."""
+    def run():
+        t = time.perf_counter()
+        return {**compute(), "seconds": time.perf_counter() - t}
+
+    return run
+
+
 @dataclass
 class StageTimer:
     """Seconds per named stage, summed over repeated entries: ``with timer("training"): ...``."""
