@@ -51,7 +51,7 @@ def test_crossing_interpolates_in_log_scale():
 
 def test_checks_hold_and_fail_on_their_numbers():
     def drift_row(lr, B, drift, end, err=0.01):
-        return {"lr": lr, "batch_size": B, "log_drift": drift, "end_sharpness_median": end, "relative_error": err}
+        return {"lr": lr, "batch_size": B, "drift_per_step": drift, "end_sharpness_median": end, "relative_error": err}
 
     drift = {"gd": {"end_sharpness": 3.0}, "rows": [drift_row(0.05, 1, 2.0, 1.2), drift_row(0.05, 4, 0.5, 2.0),
                                                    drift_row(0.1, 1, 8.0, 1.0), drift_row(0.1, 4, 2.0, 1.1)]}
@@ -60,7 +60,7 @@ def test_checks_hold_and_fail_on_their_numbers():
              "measured_bound": 3.5, "theory_bound": 4.0}
     held = [c["holds"] for c in checks({"drift": drift, "noise": noise})]
     assert held == [True, True, True, True, True]
-    drift["rows"][1]["log_drift"] = 3.0  # larger B drifting faster
+    drift["rows"][1]["drift_per_step"] = 3.0  # larger B drifting faster
     drift["rows"][0]["relative_error"] = 0.2
     noise["measured_bound"] = 2.0
     held = [c["holds"] for c in checks({"drift": drift, "noise": noise})]
