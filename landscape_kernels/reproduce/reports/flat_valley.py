@@ -69,22 +69,27 @@ def _noise_figure(plt, out, s, written):
 
 def _network_figure(plt, out, s, written):
     runs = [r for r in s["network"]["runs"] if r["seed"] == min(q["seed"] for q in s["network"]["runs"])]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax = axes[0]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for k, r in enumerate(sorted(runs, key=lambda r: r["noise"])):
-        ax.plot(r["snapshot_epochs"], r["lambda1"], color=f"C{k}", lw=1, label=f"lr {r['lr']:g}, B {r['batch_size']}")
+        label = f"lr {r['lr']:g}, B {r['batch_size']}"
+        axes[0].plot(r["snapshot_epochs"], r["lambda1"], color=f"C{k}", lw=1, label=label)
         esc = r["freezing"]["escape_times"]
         if esc:
-            at = np.interp(esc, r["snapshot_epochs"], r["lambda1"])
-            ax.plot(esc, at, "v", color=f"C{k}", ms=4)
-        ax.axvline(r["freezing"]["time"], color=f"C{k}", lw=0.6, ls=":")
-    ax.set(xlabel="epoch", ylabel="λ_1", yscale="log", title="λ_1 along training; ▼ escapes, dotted: freezing")
-    ax.legend(fontsize=6)
-    ax = axes[1]
+            axes[0].plot(esc, np.interp(esc, r["snapshot_epochs"], r["lambda1"]), "v", color=f"C{k}", ms=4)
+        axes[0].axvline(r["freezing"]["time"], color=f"C{k}", lw=0.6, ls=":")
+        frob = [(e, f) for e, f in zip(r["snapshot_epochs"], r["frobenius"]) if f is not None]
+        if frob:
+            axes[1].plot(*zip(*frob), color=f"C{k}", lw=1, label=label)
+    axes[0].set(xlabel="epoch", ylabel="λ_1", yscale="log", title="λ_1 along training; ▼ escapes, dotted: freezing")
+    axes[1].set(xlabel="epoch", ylabel="‖H‖_F", yscale="log", title="‖H‖_F along training")
+    for ax in axes[:2]:
+        ax.legend(fontsize=6)
+    ax = axes[2]
     table = s["network"]["settings"]
     noise = [t["noise"] for t in table]
     ax.plot(noise, [t["freezing_epoch"] for t in table], "o-", label="freezing epoch")
     ax.set(xlabel="lr / B", ylabel="freezing epoch", xscale="log")
+    ax.minorticks_off()
     twin = ax.twinx()
     twin.plot(noise, [t["final_lambda1"] for t in table], "C3s--", label="final λ_1")
     twin.set(ylabel="final λ_1", yscale="log")
