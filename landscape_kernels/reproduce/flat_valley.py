@@ -173,7 +173,7 @@ def drift_part(cfg, ctx):
         for j, B in enumerate(cfg.batch_sizes):
             t = time.perf_counter()
             run = chain_run(cfg, data, start, lr, int(B), cfg.seed * 1000 + 10 * i + j,
-                            keep_paths=8 if (i, j) == (len(cfg.lrs) - 1, 0) else 0)
+                            keep_paths=8 if (i, j) == (len(cfg.lrs) // 2, len(cfg.batch_sizes) // 2) else 0)
             theory = theory_of(cfg, data, start, lr, int(B))
             at = compared_record(theory["mean_position"], D0)
             measured = log_drift(run["mean_position"], D0, at)

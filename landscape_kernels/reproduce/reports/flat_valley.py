@@ -43,8 +43,10 @@ def _noise_figure(plt, out, s, written):
             rows = [r for r in d["rows"] if r["batch_size"] == B]
             ax.plot([r["lr"] for r in rows], [r["end_sharpness_median"] for r in rows], "o-", label=f"SGD, B {B}")
         ax.axhline(d["gd"]["end_sharpness"], color="k", ls="--", lw=1, label="GD")
-        ax.set(xlabel="lr", ylabel="end sharpness / flattest", xscale="log", yscale="log",
-               title=f"after {s['config']['steps']} steps")
+        lrs = sorted({r["lr"] for r in d["rows"]})
+        ax.set(xlabel="lr", ylabel="end sharpness / flattest", xscale="log", title=f"after {s['config']['steps']} steps")
+        ax.minorticks_off()
+        ax.set_xticks(lrs, [f"{v:g}" for v in lrs])
         ax.legend(fontsize=7)
     if "noise" in s:
         ax = axes.pop(0)
@@ -54,7 +56,9 @@ def _noise_figure(plt, out, s, written):
         ax.plot(sc, [r["median_steps_to_flat"] or np.nan for r in rows], "o-", label="median steps to flat")
         ax.plot(sc, [r["theory_steps_to_flat"] or np.nan for r in rows], "k--", lw=0.8, label="theory")
         ax.set(xlabel="noise scale s (batch variance × s²)", ylabel="steps", xscale="log", yscale="log",
-               title=f"lr {n['lr']:g}, B {n['batch_size']}")
+               title=f"lr {n['lr']:g}, B {n['batch_size']}; dotted: the theory's bound")
+        ax.minorticks_off()
+        ax.set_xticks(sc, [f"{v:g}" for v in sc])
         twin = ax.twinx()
         twin.plot(sc, [r["failed"] for r in rows], "C3.-", lw=0.8, label="failed")
         twin.plot(sc, [r["collapsed"] for r in rows], "C4:", lw=0.8, label="collapsed to w = 0")
@@ -90,6 +94,7 @@ def _network_figure(plt, out, s, written):
     ax.plot(noise, [t["freezing_epoch"] for t in table], "o-", label="freezing epoch")
     ax.set(xlabel="lr / B", ylabel="freezing epoch", xscale="log")
     ax.minorticks_off()
+    ax.set_xticks(sorted(set(noise)), [f"{v:g}" for v in sorted(set(noise))])
     twin = ax.twinx()
     twin.plot(noise, [t["final_lambda1"] for t in table], "C3s--", label="final λ_1")
     twin.set(ylabel="final λ_1", yscale="log")
