@@ -8,6 +8,7 @@ import sys
 
 from .reproduce import (analyse, duality, escape_rate, flat_valley, forgetting, noise_curvature, nsgd, phases,
                         sharpest_directions, variance_flatness)
+from .reproduce.torchrun import finish_process
 
 JOBS = {job.name: job for job in (variance_flatness.JOB, forgetting.JOB, sharpest_directions.JOB, nsgd.JOB,
                                   noise_curvature.JOB, escape_rate.JOB, duality.JOB, phases.JOB,
@@ -38,6 +39,10 @@ def main(argv=None):
         print(json.dumps(d, indent=2) if args.json else format_info(d))
         return 0
     job = analyse.JOB if args.command == "analyse" else JOBS[args.job]
+    return finish_process(run_job(job, args))  # under torchrun: exits here, past a teardown that can abort
+
+
+def run_job(job, args):
     try:
         return job.main(args)
     except (OSError, ValueError) as exc:  # a missing or damaged file, a bad setting: one clear line
