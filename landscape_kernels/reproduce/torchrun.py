@@ -63,6 +63,13 @@ def finish_process(code):
     process exits here with it, skipping the C++ teardown that can abort it (see the module docstring)."""
     if not _STARTED_HERE:
         return code
+    exit_past_teardown(code)
+
+
+def exit_past_teardown(code=0):
+    """Flush and end this process with ``code`` now (``os._exit``), without the interpreter's exit, for
+    a process that used a gloo group (a torchrun rank, a ``torch.multiprocessing`` worker) and has
+    written all it produces."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import landscape_kernels as lk
+from landscape_kernels.reproduce.torchrun import exit_past_teardown
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
 
@@ -55,6 +56,7 @@ def _worker(rank, world, init_file, bounds, out_dir, resume, cache_per_rank):
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_past_teardown()  # the result is saved; a normal exit can abort in gloo's teardown
 
 
 def _spawn(tmp_path, bounds, resume=False, cache_per_rank=False):

@@ -17,6 +17,7 @@ from landscape_kernels.linalg.density import spectral_density
 from landscape_kernels.linalg.lanczos import lanczos_eigs
 from landscape_kernels.linalg.traces import hutchinson_trace, hutchpp_trace
 from landscape_kernels.operators.noise import FisherOperator, NoiseCovarianceOperator
+from landscape_kernels.reproduce.torchrun import exit_past_teardown
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
 
@@ -104,6 +105,7 @@ def _worker(rank, world, init_file, bounds, out_dir):
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_past_teardown()  # the result is saved; a normal exit can abort in gloo's teardown
 
 
 def _spawn(tmp_path, bounds):
