@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..capture.model import as_batches, chosen_parameters, eval_mode
+from ..capture.model import as_batches, chosen_parameters, eval_mode, flat_values
 from ..linalg.profiles import loss_profiles
 
 
@@ -76,15 +76,11 @@ class ValleyWatch:
             raise ValueError(f"ValleyWatch: every ({every}) must be a multiple of loss_every ({loss_every})")
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.loss_every, self.points, self.batch_size = every, loss_every, points, batch_size
-        self.param_names, _ = chosen_parameters(model, params)
+        self.param_names, self.params = chosen_parameters(model, params)
         self.previous = None  # (P,) weights of the last snapshot
         self.previous_step = None
         self.losses = []  # (step, loss) every loss_every steps
         self.history = []
-
-    def _theta(self):
-        named = dict(self.model.named_parameters())
-        return torch.cat([named[n].detach().reshape(-1) for n in self.param_names])
 
     def current_loss(self):
         total, count = 0.0, 0
@@ -102,7 +98,7 @@ class ValleyWatch:
 
     def snapshot(self, step, epoch=None):
         """Measure the interval since the previous snapshot (if any) and make this the new one."""
-        theta = self._theta().clone()
+        theta = flat_values(self.params)
         if self.previous is not None:
             straight = path_barrier(self.model, self.loss_fn, self.data, self.previous.to(theta) - theta, self.points,
                                     params=self.param_names, batch_size=self.batch_size)

@@ -24,6 +24,7 @@ them); ``batch_size=None`` is full-batch GD, the noiseless baseline.
 """
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -51,14 +52,19 @@ class ValleyData:
     def size(self):
         return self.a.numel()
 
-    @property
+    @cached_property
     def a_mean(self):
         return float(self.a.mean())
 
-    @property
+    @cached_property
+    def ab(self):
+        """(N,) a_i b_i: a minibatch's mean of it is C_mu, the gradient coefficient's constant."""
+        return self.a * self.b
+
+    @cached_property
     def valley(self):
         """b* = sum a_i b_i / sum a_i: the valley is u = w1 w2 = b*."""
-        return float((self.a * self.b).sum() / self.a.sum())
+        return float(self.ab.sum() / self.a.sum())
 
     def min_sharpness(self):
         """lambda_min = 2 a_bar |b*|, the Hessian eigenvalue at the valley's balanced point."""
@@ -185,17 +191,21 @@ def flat_position(data, tolerance=0.1):
     return 2 * abs(data.valley) * math.sqrt((1 + tolerance) ** 2 - 1)
 
 
+def _origin_factors(C, lr):
+    """E log|1 + lr C_mu| and E log|1 - lr C_mu| over the minibatch coefficients ``C``."""
+    return float(torch.log((1 + lr * C).abs()).mean()), float(torch.log((1 - lr * C).abs()).mean())
+
+
 def origin_exponents(data, lr, batch_size, samples=200_000, seed=0):
     """Lyapunov exponents E log|1 + lr C_mu| and E log|1 - lr C_mu| of the linearised SGD map at the
     saddle w = 0 (C_mu the minibatch mean of a_i b_i), along (1, 1) and (1, -1). Where both are negative
     the saddle attracts the chains (stochastic collapse): training fails. Monte Carlo over minibatches."""
     g = torch.Generator().manual_seed(int(seed))
-    ab = data.a * data.b
     if batch_size is None:
-        C = ab.mean().reshape(1)
+        C = data.ab.mean().reshape(1)
     else:
-        C = ab[torch.randint(data.size, (samples, batch_size), generator=g)].mean(1)
-    return (float(torch.log((1 + lr * C).abs()).mean()), float(torch.log((1 - lr * C).abs()).mean()))
+        C = data.ab[torch.randint(data.size, (samples, batch_size), generator=g)].mean(1)
+    return _origin_factors(C, lr)
 
 
 def collapse_bound(data, lr, batch_size, low=1e-3, high=1e3, samples=200_000, seed=0):
@@ -210,8 +220,7 @@ def collapse_bound(data, lr, batch_size, low=1e-3, high=1e3, samples=200_000, se
     spread = (data.a * (data.b - data.valley))[idx].mean(1)  # what s multiplies
 
     def exponent(scale):
-        C = centre + scale * spread
-        return max(float(torch.log((1 + lr * C).abs()).mean()), float(torch.log((1 - lr * C).abs()).mean()))
+        return max(_origin_factors(centre + scale * spread, lr))
 
     grid = np.geomspace(low, high, 61)  # the exponent turns negative, and positive again for huge s
     below = [k for k, s in enumerate(grid) if exponent(s) < 0]
@@ -251,7 +260,6 @@ class ValleySGD:
             raise ValueError(f"ValleySGD: start must be finite, (2,) or ({num_chains}, 2), got {tuple(start.shape)}")
         self.data, self.lr, self.batch_size = data, float(lr), batch_size
         self.w = start.expand(num_chains, 2).clone()
-        self.ab = data.a * data.b
         self.gen = torch.Generator().manual_seed(int(seed))
         self.blowup = float(blowup)
         self.diverged = torch.zeros(num_chains, dtype=torch.bool)
@@ -261,10 +269,10 @@ class ValleySGD:
         """(A, mean a_i b_i) of this step's minibatch per chain (the full means for GD)."""
         if self.batch_size is None:
             R = self.w.shape[0]
-            return torch.full((R,), self.data.a_mean, dtype=torch.float64), torch.full((R,), float(self.ab.mean()),
-                                                                                      dtype=torch.float64)
+            return (torch.full((R,), self.data.a_mean, dtype=torch.float64),
+                    torch.full((R,), float(self.data.ab.mean()), dtype=torch.float64))
         idx = torch.randint(self.data.size, (self.w.shape[0], self.batch_size), generator=self.gen)
-        return self.data.a[idx].mean(1), self.ab[idx].mean(1)
+        return self.data.a[idx].mean(1), self.data.ab[idx].mean(1)
 
     def step(self):
         A, C = self.coefficients()

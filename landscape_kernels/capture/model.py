@@ -170,6 +170,11 @@ def chosen_parameters(model, params):
     return names, [named[n] for n in names]
 
 
+def flat_values(params):
+    """The (P,) concatenation of the detached ``params``, flattened in order."""
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """``model`` in eval mode inside the block; its previous train/eval mode afterwards."""

@@ -33,7 +33,7 @@ from ..training.data import load_dataset
 from ..training.models import mlp
 from ..training.sharpness import SharpnessTracker, fixed_subset
 from ..training.trainer import SGDTrainer
-from .job import Job, data_dir_option, dataset_option, option, timed
+from .job import Job, data_dir_option, dataset_option, option, strictly_monotone, timed
 from .reports.flat_valley import write_flat_valley_report
 
 PARTS = ("drift", "noise", "network")
@@ -319,10 +319,6 @@ JOB = FlatValleyJob()
 run = JOB.run
 
 
-def _strictly(values, increasing=True):
-    return all((b > a) if increasing else (b < a) for a, b in zip(values, values[1:]))
-
-
 def checks(results):
     out = []
     if "drift" in results:
@@ -335,8 +331,8 @@ def checks(results):
         lrs = sorted({r["lr"] for r in rows})
         Bs = sorted({r["batch_size"] for r in rows})
         grid = {(r["lr"], r["batch_size"]): r["drift_per_step"] for r in rows}
-        along_lr = all(_strictly([grid[(lr, B)] for lr in lrs]) for B in Bs)
-        along_B = all(_strictly([grid[(lr, B)] for B in Bs], increasing=False) for lr in lrs)
+        along_lr = all(strictly_monotone([grid[(lr, B)] for lr in lrs]) for B in Bs)
+        along_B = all(strictly_monotone([grid[(lr, B)] for B in Bs], increasing=False) for lr in lrs)
         out.append({"claim": "the effective regularisation grows with lr and with the batch-to-batch variance (the "
                              "drift per step toward the flat point rises with lr at every B and falls with B at every "
                              "lr)",
@@ -354,7 +350,7 @@ def checks(results):
         out.append({"claim": "stronger noise reaches the flat solutions faster, below the bound (median steps to flat "
                              "falls with the noise scale wherever most chains survive)",
                     "values": {"scales": [r["scale"] for r in ok], "steps": times},
-                    "holds": len(times) >= 3 and _strictly(times, increasing=False)})
+                    "holds": len(times) >= 3 and strictly_monotone(times, increasing=False)})
         m, t = n["measured_bound"], n["theory_bound"]
         out.append({"claim": f"beyond a noise bound training fails; the measured bound (half the chains failed) is the "
                              f"theory's within {BOUND_TOLERANCE:.0%}",

@@ -172,6 +172,11 @@ def timed(compute):
     return run
 
 
+def strictly_monotone(values, increasing=True):
+    """Whether ``values`` rise (or fall) strictly from each to the next: the trend checks of the reports."""
+    return all((b > a) if increasing else (b < a) for a, b in zip(values, values[1:]))
+
+
 @dataclass
 class StageTimer:
     """Seconds per named stage, summed over repeated entries: ``with timer("training"): ...``."""

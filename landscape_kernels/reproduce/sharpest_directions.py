@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, replace
 
 from ..analyses.sharpest import early_e1_changes
-from .job import Job, option
+from .job import Job, option, strictly_monotone
 from .reports.sharpness import write_sharpest_directions_report
 from .tracked import TrackedConfig, load_data, train_tracked
 
@@ -80,11 +80,6 @@ JOB = SharpestDirectionsJob()
 run = JOB.run
 
 
-def _monotone(values, decreasing):
-    pairs = list(zip(values[:-1], values[1:]))
-    return all((a > b) if decreasing else (a < b) for a, b in pairs)
-
-
 def _grid(rows, runs, group, key):
     """[(setting value, run)] of one grid, sorted by the value (lr or B)."""
     return sorted(((r[key], runs[r["folder"]]) for r in rows if r["group"] == group), key=lambda t: t[0])
@@ -94,7 +89,7 @@ def _peak_check(claim, grid, label, decreasing):
     """The claim that the peak lambda_1 falls (or rises) along ``grid``."""
     peaks = [r["peak_lambda1"] for _, r in grid]
     return {"claim": claim, "values": {label(v): p for (v, _), p in zip(grid, peaks)},
-            "holds": _monotone(peaks, decreasing=decreasing), "caveat": _peak_caveat(r for _, r in grid)}
+            "holds": strictly_monotone(peaks, increasing=not decreasing), "caveat": _peak_caveat(r for _, r in grid)}
 
 
 def checks(cfg, rows, runs):

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ..capture.model import as_batches, chosen_parameters, eval_mode
+from ..capture.model import as_batches, chosen_parameters, eval_mode, flat_values
 from ..linalg.lanczos import lanczos_eigs
 from ..operators.hessian import HessianOperator
 
@@ -154,7 +154,7 @@ class SharpnessTracker:
         return [named[n] for n in self.param_names]
 
     def _theta(self):
-        return torch.cat([p.detach().reshape(-1) for p in self._params()])
+        return flat_values(self._params())
 
     def measure(self, trainer=None):
         """One measurement at the current weights; appended to ``history`` and returned. ``trainer``

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from ...capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
+from ...capture.model import (as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, flat_values,
+                             model_output)
 from ...linalg.profiles import loss_profiles
 from ...operators.base import Operator
 from ...operators.ggn import GGNOperator
@@ -182,7 +183,7 @@ class Problem:
         return ProgressOperator(op, bar)
 
     def flat_parameters(self):
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        return flat_values(self.params)
 
     def split(self, flat):
         """A flat (P,) vector as {parameter name: tensor shaped like it}."""
