@@ -95,7 +95,7 @@ def _damping(plt, out, s, written):
         t = np.arange(len(r["along"])) * d["record_stride"]
         ax.plot(t, r["along"], lw=1, color=plt.cm.viridis(k / max(1, len(rows) - 1)), label=f"γ {r['penalty']:g}")
     ax.axhline(0, color="k", lw=0.5)
-    ax.set(xlabel="step", ylabel="centre of mass − target centre (along the start offset)",
+    ax.set(xlabel="step", ylabel="centre offset along the start direction",
            title="the particles' centre of mass")
     ax.legend(fontsize=6, ncol=2)
     ax = axes[1]
