@@ -158,3 +158,23 @@ def loop_per_sample_gradients(model, loss_fn, inputs, targets, names=None, outpu
                                for n, gi in zip(names, g)]))
     return torch.stack(rows)
 
+
+
+def assert_report_and_resume(job, out, phrases, figures, capsys):
+    """A finished ``reproduce JOB --quick`` run in ``out``: report.md holds ``phrases`` and links every
+    figure in ``figures`` (each written); a ``--resume`` reuses the parts and leaves the summary's
+    results as they were. Returns (summary before, summary after)."""
+    import json
+
+    from landscape_kernels.cli import main
+
+    before = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    for phrase in phrases:
+        assert phrase in report, phrase
+    for fig in figures:
+        assert fig in report and (out / fig).is_file(), fig
+    capsys.readouterr()
+    assert main(["reproduce", job, "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
+    assert "done before" in capsys.readouterr().out
+    return before, json.loads((out / "summary.json").read_text())

@@ -6,6 +6,7 @@ import torch
 
 from landscape_kernels.cli import main
 from landscape_kernels.reproduce.duality import DualityConfig, QUICK_SWEEPS, checks, load_data, sweep_summary
+from testing import assert_report_and_resume
 
 
 def test_duality_quick_run_reports_every_sweep_and_resumes(tmp_path, capsys):
@@ -22,14 +23,10 @@ def test_duality_quick_run_reports_every_sweep_and_resumes(tmp_path, capsys):
         assert not (out / "runs" / name / "checkpoint.pt").exists()
     for sweep, members in s["members"].items():
         assert [v for v, _ in members] == sorted(v for v, _ in members) and len(members) == 2, sweep
-    report = (out / "report.md").read_text()
-    assert "the estimate tracks the real gap across the lr sweep" in report and "## dropout" in report
-    for fig in ("fig_gap_vs_estimate.png", "fig_spectra.png", "fig_factors.png", "fig_sigma_w_vs_norm.png"):
-        assert fig in report and (out / fig).is_file()
-    capsys.readouterr()
-    assert main(["reproduce", "duality", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
-    assert "done before" in capsys.readouterr().out
-    assert json.loads((out / "summary.json").read_text())["runs"] == s["runs"]
+    _, again = assert_report_and_resume(
+        "duality", out, ["the estimate tracks the real gap across the lr sweep", "## dropout"],
+        ["fig_gap_vs_estimate.png", "fig_spectra.png", "fig_factors.png", "fig_sigma_w_vs_norm.png"], capsys)
+    assert again["runs"] == s["runs"]
 
 
 def test_label_noise_adds_mislabeled_samples_on_top_of_the_correct_ones():

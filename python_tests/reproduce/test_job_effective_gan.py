@@ -6,6 +6,7 @@ import pytest
 
 from landscape_kernels.cli import main
 from landscape_kernels.reproduce.effective_gan import checks, parse_variant, transition
+from testing import assert_report_and_resume
 
 
 def test_effective_gan_quick_run_reports_every_part_and_resumes(tmp_path, capsys):
@@ -25,14 +26,9 @@ def test_effective_gan_quick_run_reports_every_part_and_resumes(tmp_path, capsys
     assert [r["penalty"] for r in d["rows"]] == [0.0, 0.3, 1.0, 3.0, 10.0]
     assert all(r["fit"] is None or r["fit"]["r2"] <= 1 for r in d["rows"])
     assert (out / "particles_phases.pt").is_file() and (out / "particles_discriminator0.pt").is_file()
-    report = (out / "report.md").read_text()
-    assert "mode-collapse transition" in report and "intermediate gradient penalty" in report
-    for fig in ("fig_phase_diagram.png", "fig_diversity.png", "fig_particles.png", "fig_damping.png"):
-        assert fig in report and (out / fig).is_file()
-    capsys.readouterr()
-    assert main(["reproduce", "effective-gan", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
-    assert "done before" in capsys.readouterr().out
-    again = json.loads((out / "summary.json").read_text())
+    _, again = assert_report_and_resume(
+        "effective-gan", out, ["mode-collapse transition", "intermediate gradient penalty"],
+        ["fig_phase_diagram.png", "fig_diversity.png", "fig_particles.png", "fig_damping.png"], capsys)
     assert again["phases"] == s["phases"] and again["damping"] == s["damping"]
 
 

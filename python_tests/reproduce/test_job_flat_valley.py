@@ -5,6 +5,7 @@ import pytest
 
 from landscape_kernels.cli import main
 from landscape_kernels.reproduce.flat_valley import checks, crossing
+from testing import assert_report_and_resume
 
 
 def test_flat_valley_quick_run_reports_every_part_and_resumes(tmp_path, capsys):
@@ -26,14 +27,9 @@ def test_flat_valley_quick_run_reports_every_part_and_resumes(tmp_path, capsys):
     assert all(h["straight"] >= 0 and h["trajectory"] >= 0 for h in run["intervals"])
     assert (out / "network" / "lr0.05_B25_seed0" / "result.json").is_file()
     assert not (out / "network" / "lr0.05_B25_seed0" / "checkpoint.pt").exists()
-    report = (out / "report.md").read_text()
-    assert "SGD ends flatter than GD" in report and "more noise freezes later" in report
-    for fig in ("fig_valley_paths.png", "fig_flatness_vs_noise.png", "fig_network_freezing.png"):
-        assert fig in report and (out / fig).is_file()
-    capsys.readouterr()
-    assert main(["reproduce", "flat-valley", "--quick", "--out", str(out), "--no-progress", "--resume"]) == 0
-    assert "done before" in capsys.readouterr().out
-    again = json.loads((out / "summary.json").read_text())
+    _, again = assert_report_and_resume(
+        "flat-valley", out, ["SGD ends flatter than GD", "more noise freezes later"],
+        ["fig_valley_paths.png", "fig_flatness_vs_noise.png", "fig_network_freezing.png"], capsys)
     assert again["drift"] == s["drift"] and again["network"] == s["network"]
 
 
