@@ -6,13 +6,13 @@ import json
 import signal
 import sys
 
-from .reproduce import (analyse, duality, effective_gan, escape_rate, flat_valley, forgetting, noise_curvature, nsgd,
-                        phases, sharpest_directions, variance_flatness)
+from .reproduce import (analyse, dpsgd, duality, effective_gan, escape_rate, flat_valley, forgetting, noise_curvature,
+                        nsgd, phases, sharpest_directions, variance_flatness)
 from .reproduce.torchrun import finish_process
 
 JOBS = {job.name: job for job in (variance_flatness.JOB, forgetting.JOB, sharpest_directions.JOB, nsgd.JOB,
                                   noise_curvature.JOB, escape_rate.JOB, duality.JOB, phases.JOB,
-                                  flat_valley.JOB, effective_gan.JOB)}
+                                  flat_valley.JOB, effective_gan.JOB, dpsgd.JOB)}
 
 
 def build_parser():

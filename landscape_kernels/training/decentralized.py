@@ -187,6 +187,10 @@ class SimulatedLearners:
     def average(self):
         return self.W.mean(0)
 
+    def replicas(self):
+        """(n, P): every learner's weights."""
+        return self.W
+
     def step(self):
         X, Y = self.batches()
         G, losses = self.f.gradients(self.W, X, Y)
@@ -214,14 +218,14 @@ class DistributedLearner:
     ``x``, ``y``): the same iterates as ``SimulatedLearners`` to rounding. ``model`` holds the replica."""
 
     def __init__(self, model, loss_fn, x, y, batch_size, lr, algorithm="dpsgd", topology="ring", combine="before",
-                 seed=0):
+                 seed=0, measure=True):
         if not dist.is_initialized():
             raise ValueError("DistributedLearner needs an initialised process group (torchrun, or "
                              "torch.distributed.init_process_group)")
         check_settings(algorithm, combine, lr)
         self.rank, self.n = dist.get_rank(), dist.get_world_size()
         self.f = FlatModel(model, loss_fn)
-        self.lr, self.algorithm, self.combine = float(lr), algorithm, combine
+        self.lr, self.algorithm, self.combine, self.measure = float(lr), algorithm, combine, measure
         b0, b1 = shard_bounds(x.shape[0], self.n)[self.rank]
         self.x, self.y = x[b0:b1], y[b0:b1]
         self.schedule = BatchSchedule(b1 - b0, batch_size, seed, self.rank)
@@ -229,20 +233,38 @@ class DistributedLearner:
         self.weight = 1.0 / (len(self.neighbours) + 1)
         self.steps = 0
 
+    def mean(self, t):
+        """The mean over the ranks of ``t`` (an all-reduce)."""
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.n
+
     def step(self):
+        """One step; the same measurements as ``SimulatedLearners.step`` (on every rank)."""
         i = self.schedule.next()
         w = self.f.flat()
         g, loss = grad_and_value(self.f.loss)(w, self.x[i], self.y[i])
+        out = {"loss": float(self.mean(loss.detach().reshape(1)))}
         if self.algorithm == "ssgd":
-            dist.all_reduce(g)
-            w = w - self.lr * g / self.n
-        elif self.combine == "before":
-            w = self.mix(w) - self.lr * g
+            w = w - self.lr * self.mean(g)
         else:
-            w = self.mix(w - self.lr * g)
+            if self.measure:
+                g_a, _ = grad_and_value(self.f.loss)(self.mean(w), self.x[i], self.y[i])
+                means = self.mean(torch.stack([g, g_a]))
+                out["effective_lr"] = effective_lr(self.lr, means[0], means[1])
+            w = self.mix(w) - self.lr * g if self.combine == "before" else self.mix(w - self.lr * g)
+        if self.measure:
+            out["spread"] = float(self.mean((w - self.mean(w)).pow(2).sum().reshape(1)))
         self.f.load(w)
         self.steps += 1
-        return {"loss": float(loss)}
+        return out
+
+    def replicas(self):
+        """(n, P): every rank's weights (an all-gather)."""
+        w = self.f.flat()
+        parts = [torch.empty_like(w) for _ in range(self.n)]
+        dist.all_gather(parts, w)
+        return torch.stack(parts)
 
     def mix(self, w):
         """Σ_k W_jk w_k over this rank and its neighbours (equal weights), in rank order as W @ w sums."""

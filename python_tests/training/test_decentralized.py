@@ -17,14 +17,12 @@ from landscape_kernels.reproduce.torchrun import exit_past_teardown
 from landscape_kernels.training.decentralized import (
     BatchSchedule, DistributedLearner, SimulatedLearners, effective_lr, mixing_matrix, neighbours, shard_bounds,
     spread_alignment)
+from testing import small_mlp
 
 
 def _problem(seed=0, n_samples=48):
+    model = small_mlp((5, 7, 3), activation=nn.Tanh, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.6)
     x = torch.randn(n_samples, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n_samples,), generator=g)
     return model, x, y
@@ -173,9 +171,8 @@ def _worker(rank, world, init_file, out_dir):
                                              ("dpsgd", "ring", "after")):
             model, x, y = _problem()
             learner = DistributedLearner(model, F.cross_entropy, x, y, 4, 0.4, algorithm, topology, combine, seed=2)
-            for _ in range(STEPS):
-                learner.step()
-            out[f"{algorithm}-{combine}"] = learner.f.flat()
+            out[f"{algorithm}-{combine}-steps"] = [learner.step() for _ in range(STEPS)]
+            out[f"{algorithm}-{combine}"] = learner.replicas()
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -190,9 +187,14 @@ def test_simulation_equals_spawned_gloo_ranks(tmp_path, world):
     for algorithm, combine in (("ssgd", "before"), ("dpsgd", "before"), ("dpsgd", "after")):
         model, x, y = _problem()
         sim = SimulatedLearners(model, F.cross_entropy, x, y, world, 4, 0.4, algorithm, "ring", combine, seed=2)
-        for _ in range(STEPS):
-            sim.step()
-        got = torch.stack([r[f"{algorithm}-{combine}"] for r in ranks])
+        measured = [sim.step() for _ in range(STEPS)]
+        got = ranks[0][f"{algorithm}-{combine}"]
+        assert all(torch.equal(r[f"{algorithm}-{combine}"], got) for r in ranks)  # every rank gathered the same
+        for rank in ranks:  # the measurements too, on every rank
+            for mine, theirs in zip(measured, rank[f"{algorithm}-{combine}-steps"]):
+                assert mine.keys() == theirs.keys()
+                for key in mine:
+                    assert theirs[key] == pytest.approx(mine[key], rel=1e-9, abs=1e-12), key
         assert torch.allclose(got, sim.W, atol=1e-12), (algorithm, combine, float((got - sim.W).abs().max()))
         if (algorithm, combine) == ("dpsgd", "before"):  # the replicas differ: the exchange is exercised (2 ranks "after" is SSGD)
             assert float((got[0] - got[1]).abs().max()) > 1e-6
