@@ -92,25 +92,32 @@ def trajectory_pca(snapshots, gamma_range=(20, None), chunk=4096):
                          float(var[0] / var[1]) if var.numel() > 1 else float("inf"), int(pca.n_samples_seen_))
 
 
-def _model_at(model, param, value):
-    """A copy of ``model`` with ``param`` set to ``value`` (the model itself is never changed)."""
+def _model_at(model, params, value):
+    """A copy of ``model`` with ``params`` (names, flattened in order) set to ``value`` (the model itself is
+    never changed)."""
     moved = copy.deepcopy(model)
+    named = dict(moved.named_parameters())
+    offset = 0
     with torch.no_grad():
-        target = dict(moved.named_parameters())[param]
-        target.copy_(value.reshape(target.shape))
+        for name in params:
+            target = named[name]
+            target.copy_(value[offset : offset + target.numel()].reshape(target.shape))
+            offset += target.numel()
     return moved
 
 
 def flatness_along_pcs(model, loss_fn, data, components, pcs, param="2.weight", center=None, **kwargs):
     """Feng & Tu's (2021) flatness along the 1-based PCs ``pcs`` (unit ``components`` rows), only ``param``
-    moving, from the model's weights (``center`` None: w0, the end of training) or from ``center``
+    moving (a name, or a list of names whose flattened values, in that order, are the components'
+    coordinates), from the model's weights (``center`` None: w0, the end of training) or from ``center``
     (e.g. the window mean <w>). ``kwargs`` go to ``flatness`` (threshold, step, cap, tol, ...)."""
+    params = [param] if isinstance(param, str) else list(param)
     idx = torch.as_tensor(pcs, dtype=torch.long) - 1
     if int(idx.min()) < 0 or int(idx.max()) >= components.shape[0]:
         raise ValueError(f"flatness_along_pcs: pcs must lie in [1, {components.shape[0]}], got {list(map(int, pcs))}")
-    base = model if center is None else _model_at(model, param, center)
-    dirs = components[idx].to(dict(base.named_parameters())[param].dtype)
-    return flatness(base, loss_fn, data, dirs, params=[param], **kwargs)
+    base = model if center is None else _model_at(model, params, center.reshape(-1))
+    dirs = components[idx].to(dict(base.named_parameters())[params[0]].dtype)
+    return flatness(base, loss_fn, data, dirs, params=params, **kwargs)
 
 
 @dataclass
@@ -234,7 +241,7 @@ def active_temperature(model, loss_fn, x, y, directions, lr, batch_size, offsets
             T[:, g] = d1.var(0, correction=0) / batch_size * factor * lr / 2
             continue
         for d in range(D):
-            moved = _model_at(model, param, theta0 + delta * directions[d].reshape(theta0.shape))
+            moved = _model_at(model, [param], (theta0 + delta * directions[d].reshape(theta0.shape)).reshape(-1))
             d1, _ = per_sample_directional_derivatives(moved, loss_fn, x, y, param, directions[d : d + 1], order=1)
             T[d, g] = float(d1.var(0, correction=0)[0]) / batch_size * factor * lr / 2
     return T

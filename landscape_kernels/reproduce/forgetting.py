@@ -1,14 +1,21 @@
 """``landscape-kernels reproduce forgetting``: landscape-dependent constraints (LDC) against catastrophic
 forgetting (Feng & Tu 2021; ``docs/reproductions/forgetting.md``).
 
-Task 1 (digits 0, 1) is learned with W2 recorded before every step; its PCA directions p_1i and their
-flatness F_1i (Feng & Tu 2021 search, every task-1 PC up to ``max_pcs``) define the constraints. From the
-same task-1 solution w1*, task 2 (digits 2, 3) is then learned without constraint, with LDC in both
-penalty forms and with EWC, tracking the test errors eps1 (task 1) and eps2 (task 2) after every epoch;
-then a lambda sweep (the (eps1, eps2) trade-off) and an N_c sweep (eps1 + eps2). Both tasks are labelled
-0 and 1 (first and second digit of the pair) on the same output units [our reading: the paper does not
-say how the head is shared]; with digit-valued labels a new task's classes would win the argmax whatever
-happens in W2.
+Task 1 (digits 0, 1) is learned with the constrained weights recorded before every step: W2 alone
+(``--space w2``, the matrix of the paper's figures) or every weight (``--space all``, the Gram PCA of the
+window). The PCA directions p_1i of that trajectory and their flatness F_1i (Feng & Tu 2021 search,
+every task-1 PC up to ``max_pcs``) define the constraints. From the same task-1 solution w1*, task 2
+(digits 2, 3) is then learned without constraint, with LDC in both penalty forms, and with EWC on the
+full diagonal Fisher (the standard form) and on its N_c largest entries, tracking the test errors eps1
+(task 1) and eps2 (task 2) after every epoch; then lambda sweeps (the (eps1, eps2) trade-off curves,
+compared at matched eps2) and an N_c sweep (eps1 + eps2).
+
+The penalties are applied by their exact proximal step after every SGD step (``--integrator proximal``,
+stable for any lambda) or added to the loss (``explicit``, which diverges once lr times the penalty's
+curvature exceeds 2). ``--head shared``: both tasks are labelled 0 and 1 on the same output units (the
+paper does not say how the head is shared); ``--head separate``: task 1 is read from outputs 0-1 and
+task 2 from outputs 2-3 of the same last layer (a multi-head network: each task's loss and error use
+its own units).
 
 Resumable: task 1 trains with a checkpoint (``task1_checkpoint.pt``), and every finished task-2 run is
 kept in ``runs.json`` (``--resume`` reuses both).
@@ -18,8 +25,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..analyses.forgetting import XI_FACTOR, EWCPenalty, LDCPenalty, diagonal_fisher
+from ..analyses.forgetting import XI_FACTOR, EWCPenalty, LDCPenalty, diagonal_fisher, matched_errors
 from ..analyses.variance_flatness import flatness_along_pcs, trajectory_pca
 from ..training.callbacks import WindowRecorder
 from ..training.data import digit_subset, load_dataset
@@ -28,8 +36,12 @@ from ..training.trainer import SGDTrainer
 from .job import Job, data_dir_option, dataset_option, option
 from .reports.forgetting import write_forgetting_report
 
-LAYER = "2.weight"
-METHODS = ("none", "ldc-quadratic", "ldc-hinge", "ewc")
+SPACES = {"w2": ["2.weight"], "all": ["0.weight", "2.weight", "4.weight"]}  # the weights of mlp(784, 50, 50, 10)
+METHODS = ("none", "ldc-quadratic", "ldc-hinge", "ewc", "ewc-top")  # ewc: full diagonal; ewc-top: N_c largest
+SWEPT = METHODS[1:]
+HEADS = ("shared", "separate")
+INTEGRATORS = ("proximal", "explicit")
+MATCHED_EPS2 = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # task-2 errors at which the trade-off curves are compared
 
 
 @dataclass
@@ -40,12 +52,20 @@ class ForgettingConfig:
     lr: float = option(0.1, "SGD learning rate")
     task1_epochs: int = option(200, "epochs on task 1 (digits 0, 1)")
     task2_epochs: int = option(30, "epochs on task 2 (digits 2, 3)")
-    window: int = 2000
-    max_pcs: int = 100  # task-1 PCs whose flatness is measured (the N_c sharpest are constrained)
-    num_constraints: int = option(20, "N_c, the sharpest task-1 directions held")
-    lam: float = option(10.0, "strength lambda of the constraints", minimum=0)
-    lambdas: tuple = (0.1, 1.0, 10.0, 100.0, 1000.0)
-    constraint_counts: tuple = (1, 5, 10, 20, 50)
+    space: str = option("all", "weights whose task-1 trajectory PCA gives the LDC directions: w2 (the paper's "
+                               "figures) or all (every weight)", choices=tuple(SPACES))
+    head: str = option("shared", "shared: both tasks on output units 0-1; separate: task 2 on units 2-3",
+                       choices=HEADS)
+    integrator: str = option("proximal", "proximal: the penalty's exact implicit step after each SGD step (stable "
+                                         "for any lambda); explicit: its gradient added to the loss",
+                             choices=INTEGRATORS)
+    window: int = option(2000, "task-1 snapshots in the PCA window")
+    max_pcs: int = option(100, "task-1 PCs whose flatness is measured (the N_c sharpest are constrained)")
+    num_constraints: int = option(20, "N_c, the sharpest task-1 directions (LDC) or largest-Fisher weights "
+                                      "(ewc-top) held")
+    lam: float = option(10.0, "strength lambda of the constraints in the main runs and the N_c sweep", minimum=0)
+    lambdas: tuple = option((0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6), "the lambda sweep")
+    constraint_counts: tuple = option((1, 5, 10, 20, 50, 100), "the N_c sweep")
     seed: int = option(0, "seed of the initialisation and the minibatch order", minimum=0)
     quick: bool = option(False, "a short smoke run of the whole job")
 
@@ -57,14 +77,39 @@ class ForgettingConfig:
         return c
 
 
+class OutputSlice(nn.Module):
+    """The units ``start:stop`` of a network's output: one task's head of a shared last layer."""
+
+    def __init__(self, start, stop):
+        super().__init__()
+        self.start, self.stop = int(start), int(stop)
+
+    def forward(self, x):
+        return x[:, self.start : self.stop]
+
+
+def task_network(model, head, task):
+    """The network task ``task`` (1 or 2) trains and is tested through: ``model`` itself with a shared head;
+    with separate heads a view of the same layers ending in that task's two output units (the parameter
+    names stay those of ``model``, so penalties and recorders address both alike)."""
+    if head == "shared":
+        return model
+    return nn.Sequential(*model, OutputSlice(2 * (task - 1), 2 * task))
+
+
+def test_error(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) != y).double().mean())
+
+
 class TestErrors:
-    """after_epoch callback: test error of each task."""
+    """after_epoch callback: the test error of each task, each through its own network (head)."""
 
     def __init__(self, tasks):
-        self.tasks, self.history = tasks, []
+        self.tasks, self.history = tasks, []  # {name: (network, x, y)}
 
     def after_epoch(self, trainer, record):
-        self.history.append({name: 1.0 - trainer.evaluate(x, y)[1] for name, (x, y) in self.tasks.items()})
+        self.history.append({name: test_error(net, x, y) for name, (net, x, y) in self.tasks.items()})
 
 
 def _task(x, y, digits):
@@ -72,13 +117,30 @@ def _task(x, y, digits):
 
 
 def _learn_task1(cfg, train1, ctx):
-    """The task-1 network and its W2 window (trained with a checkpoint, so ``--resume`` continues it)."""
+    """The task-1 network and its window of the constrained weights (trained with a checkpoint, so
+    ``--resume`` continues it)."""
     model = mlp((train1[0].shape[1], 50, 50, 10), seed=cfg.seed)
-    window = WindowRecorder(model, [LAYER], cfg.window)
-    trainer = SGDTrainer(model, *train1, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, callbacks=[window],
-                         checkpoint=ctx.path("task1_checkpoint.pt"), checkpoint_seconds=ctx.checkpoint_seconds)
+    window = WindowRecorder(model, SPACES[cfg.space], cfg.window)
+    trainer = SGDTrainer(task_network(model, cfg.head, 1), *train1, batch_size=cfg.batch_size, lr=cfg.lr,
+                         seed=cfg.seed, callbacks=[window], checkpoint=ctx.path("task1_checkpoint.pt"),
+                         checkpoint_seconds=ctx.checkpoint_seconds)
     ctx.resume_training(trainer).run(max_epochs=cfg.task1_epochs, stopping_rule=None, progress=ctx.progress)
     return model, window
+
+
+def compare_at_matched_eps2(lam_sweep, levels=MATCHED_EPS2):
+    """eps1 of every method at the task-2 errors ``levels`` along its lambda sweep, and which LDC form
+    and which EWC form is lower at each level."""
+    curves = {m: [(r["eps2"], r["eps1"]) for r in lam_sweep if r["method"] == m] for m in SWEPT}
+    eps1 = matched_errors(curves, levels)
+    rows = []
+    for i, level in enumerate(levels):
+        ldc = [eps1[m][i] for m in ("ldc-quadratic", "ldc-hinge") if eps1[m][i] is not None]
+        ewc = [eps1[m][i] for m in ("ewc", "ewc-top") if eps1[m][i] is not None]
+        rows.append({"eps2": level, **{m: eps1[m][i] for m in SWEPT},
+                     "best_ldc": min(ldc) if ldc else None, "best_ewc": min(ewc) if ewc else None,
+                     "ldc_beats_ewc": (min(ldc) < min(ewc)) if ldc and ewc else None})
+    return rows
 
 
 class ForgettingJob(Job):
@@ -91,44 +153,57 @@ class ForgettingJob(Job):
         x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
         xt, yt = load_dataset(cfg.dataset, "test", cfg.data_dir)
         train1, train2 = _task(x, y, (0, 1)), _task(x, y, (2, 3))
-        tests = {"eps1": _task(xt, yt, (0, 1)), "eps2": _task(xt, yt, (2, 3))}
+        test1, test2 = _task(xt, yt, (0, 1)), _task(xt, yt, (2, 3))
+        params = SPACES[cfg.space]
         model, window = _learn_task1(cfg, train1, ctx)
+        net1 = task_network(model, cfg.head, 1)
         _, snaps = window.snapshots()
         pca = trajectory_pca(snaps, gamma_range=(1, None))
         rank = int((pca.variances > 1e-12 * pca.variances[0]).sum())
         pcs = list(range(1, min(cfg.max_pcs, rank) + 1))
-        flat = flatness_along_pcs(model, F.cross_entropy, train1, pca.components.float(), pcs, param=LAYER)
+        comps = pca.components[: len(pcs)].float()
+        flat = flatness_along_pcs(net1, F.cross_entropy, train1, comps, pcs, param=params)
         usable = ~flat.saturated_left & ~flat.saturated_right
         order = [i for i in torch.argsort(flat.widths).tolist() if bool(usable[i])]  # sharpest first
-        log(f"task 1: {len(train1[0])} images, PCA of {snaps.shape[0]} W2 snapshots, flatness of {len(pcs)} PCs "
-            f"(F from {float(flat.widths.min()):.3g} to {float(flat.widths.max()):.3g})")
+        log(f"task 1: {len(train1[0])} images, PCA of {snaps.shape[0]} snapshots of {'+'.join(params)} "
+            f"({snaps.shape[1]} numbers), flatness of {len(pcs)} PCs (F from {float(flat.widths.min()):.3g} to "
+            f"{float(flat.widths.max()):.3g})")
         w1 = copy.deepcopy(model)
-        fisher = diagonal_fisher(w1, F.cross_entropy, *train1)
+        w1_flat = torch.cat([p.detach().reshape(-1) for p in (dict(w1.named_parameters())[n] for n in params)])
+        fisher = diagonal_fisher(task_network(w1, cfg.head, 1), F.cross_entropy, *train1)
+        num_weights = sum(f.numel() for f in fisher.values())
 
         def penalty(method, lam, n_c):
             if method == "none":
                 return None
             if method == "ewc":
-                return EWCPenalty(w1, fisher, lam, n_c)
+                return EWCPenalty(w1, fisher, lam)
+            if method == "ewc-top":
+                return EWCPenalty(w1, fisher, lam, min(n_c, num_weights))
             chosen = order[:n_c]
-            return LDCPenalty(LAYER, dict(w1.named_parameters())[LAYER], pca.components[chosen].float(),
-                              flat.widths[chosen].float(), lam, form=method.split("-")[1])
+            return LDCPenalty(params, w1_flat, comps[chosen], flat.widths[chosen].float(), lam,
+                              form=method.split("-")[1])
 
         def learn_task2(method, lam, n_c):
             net = copy.deepcopy(w1)
-            errors = TestErrors(tests)
+            errors = TestErrors({"eps1": (task_network(net, cfg.head, 1), *test1),
+                                 "eps2": (task_network(net, cfg.head, 2), *test2)})
+            p = penalty(method, lam, n_c)
             try:
-                SGDTrainer(net, *train2, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + 1, callbacks=[errors],
-                           penalty=penalty(method, lam, n_c)).run(max_epochs=cfg.task2_epochs, stopping_rule=None)
-            except FloatingPointError:  # a stiff penalty (lr * 2 lambda / F^2 > 2) makes SGD diverge: a result
+                SGDTrainer(task_network(net, cfg.head, 2), *train2, batch_size=cfg.batch_size, lr=cfg.lr,
+                           seed=cfg.seed + 1, callbacks=[errors], penalty=p,
+                           proximal=p is not None and cfg.integrator == "proximal").run(
+                               max_epochs=cfg.task2_epochs, stopping_rule=None)
+            except FloatingPointError:  # an explicit step on a stiff penalty (lr * curvature > 2) diverges: a result
                 return {"method": method, "lam": lam, "num_constraints": n_c, "curve": errors.history,
                         "eps1": float("nan"), "eps2": float("nan"), "q": None, "diverged": True}
-            q = None
-            if method.startswith("ldc") or method == "none":
-                probe = penalty("ldc-quadratic", 1.0, min(cfg.num_constraints, len(order)))
-                q = probe.displacement(net).detach().tolist()
+            probe = penalty("ldc-quadratic", 1.0, min(cfg.num_constraints, len(order)))
             return {"method": method, "lam": lam, "num_constraints": n_c, "curve": errors.history,
-                    "eps1": errors.history[-1]["eps1"], "eps2": errors.history[-1]["eps2"], "q": q, "diverged": False}
+                    "eps1": errors.history[-1]["eps1"], "eps2": errors.history[-1]["eps2"],
+                    "q": probe.displacement(net).detach().tolist(),
+                    "distance": float((torch.cat([q.detach().reshape(-1) for q in net.parameters()])
+                                       - torch.cat([q.detach().reshape(-1) for q in w1.parameters()])).norm()),
+                    "diverged": False}
 
         finished = ctx.stages("runs.json")
 
@@ -139,14 +214,18 @@ class ForgettingJob(Job):
         main_runs = [task2(m, cfg.lam, n_c) for m in METHODS]
         for r in main_runs:
             log(f"task 2, {r['method']:14s} lambda {r['lam']:g}, N_c {n_c}: eps1 {r['eps1']:.3f}, eps2 {r['eps2']:.3f}")
-        lam_sweep = [task2(m, lam, n_c) for m in METHODS[1:] for lam in cfg.lambdas]
-        nc_sweep = [task2(m, cfg.lam, min(k, len(order))) for m in METHODS[1:] for k in cfg.constraint_counts]
+        lam_sweep = [task2(m, lam, n_c) for m in SWEPT for lam in cfg.lambdas]
+        nc_sweep = [task2(m, cfg.lam, min(k, len(order)) if m.startswith("ldc") else k)
+                    for m in ("ldc-quadratic", "ldc-hinge", "ewc-top") for k in cfg.constraint_counts]
         chosen = order[:n_c]
         return {
             "dataset": cfg.dataset,
             "task1": {"pcs": pcs, "widths": flat.widths.tolist(), "saturated": (~usable).tolist(),
-                      "constrained_pcs": [pcs[i] for i in chosen], "xi": (XI_FACTOR * flat.widths[chosen]).tolist()},
+                      "constrained_pcs": [pcs[i] for i in chosen], "xi": (XI_FACTOR * flat.widths[chosen]).tolist(),
+                      "space": params, "space_size": int(snaps.shape[1]), "num_weights": int(num_weights),
+                      "test_error": test_error(net1, *test1)},
             "runs": main_runs, "lambda_sweep": lam_sweep, "constraint_sweep": nc_sweep,
+            "matched_eps2": compare_at_matched_eps2(lam_sweep),
         }
 
     def headline(self, s):

@@ -28,6 +28,8 @@ class NSGDConfig(TrackedConfig):
             c.dataset, c.model, c.gammas, c.epochs, c.subset, c.k, c.lr = "digits", "mlp", (0.1, 1.0, 5.0), 3, 256, 3, 0.1
         if 1.0 not in [float(g) for g in c.gammas]:
             raise ValueError(f"gammas must include 1 (plain SGD, the baseline), got {c.gammas}")
+        if c.frobenius_probes < 1:
+            raise ValueError(f"frobenius_probes must be >= 1 for nsgd (its claims compare ||H||_F), got {c.frobenius_probes}")
         return c
 
 
@@ -48,7 +50,8 @@ class NSGDJob(Job):
             t = time.perf_counter()
             runs[name] = r = train_tracked(ctx, ctx.path(name), train, test, subset, model_name=cfg.model,
                                            batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs, k=cfg.k,
-                                           every=None, seed=cfg.seed, tol=cfg.tol, gamma=float(gamma))
+                                           every=None, seed=cfg.seed, tol=cfg.tol, gamma=float(gamma),
+                                           frobenius_probes=cfg.frobenius_probes)
             log(f"gamma {gamma:g}: final full loss {r['training'][-1]['full_loss']:.4g}, lambda_1 "
                 f"{r['final_lambda1']:.4g}, ||H||_F {r['final_frobenius']:.4g}, test accuracy {r['test_accuracy']:.4f} "
                 f"({time.perf_counter() - t:.0f} s)")

@@ -65,7 +65,8 @@ class SharpestDirectionsJob(Job):
                 runs[name] = r = train_tracked(ctx, ctx.path(name), train, test, subset, model_name=cfg.model,
                                                batch_size=B, lr=lr, epochs=cfg.epochs, k=cfg.k, every=every,
                                                seed=cfg.seed, tol=cfg.tol, dense_epochs=cfg.dense_epochs,
-                                               step_analyses=cfg.step_analyses)
+                                               step_analyses=cfg.step_analyses,
+                                               frobenius_probes=cfg.frobenius_probes)
                 log(f"    peak lambda_1 {r['peak_lambda1']:.4g} at epoch {r['peak_epoch']:.2f} (lr lambda_1 "
                     f"{r['peak_lr_lambda1']:.3g}), final {r['final_lambda1']:.4g}, test accuracy {r['test_accuracy']:.4f} "
                     f"({time.perf_counter() - t:.0f} s)")

@@ -32,6 +32,8 @@ class TrackedConfig:
     train_samples: int = option(None, "train on a seeded random subset of this size (default: all)", type=int)
     subset: int = option(2560, "the fixed subset the Hessian is measured on (the paper: 2560)")
     k: int = option(5, "top-K Hessian eigenpairs (the paper: 5 or 10)")
+    frobenius_probes: int = option(50, "Gaussian probes of ||H||_F per measurement (the paper: 50; 0 skips it)",
+                                   minimum=0)
     tol: float = 1e-3
     seed: int = option(0, "seed of the initialisation, the minibatch order and the subset", minimum=0)
     quick: bool = option(False, "a short run on the embedded digits")
@@ -95,7 +97,7 @@ class StepAnalyses:
 
 
 def train_tracked(ctx, folder, train, test, subset, *, model_name, batch_size, lr, epochs, k, every, seed, tol=1e-3,
-                  dense_epochs=0, gamma=None, step_analyses=0, alignment_batches=10):
+                  dense_epochs=0, gamma=None, step_analyses=0, alignment_batches=10, frobenius_probes=50):
     """One tracked run into ``folder``; returns its result dict (also written to ``result.json``, which
     ``--resume`` reuses). The top-K eigenpairs are measured every ``every`` steps during the first
     ``dense_epochs`` epochs and at the start of every epoch after (``every`` None: every epoch from the
@@ -106,7 +108,7 @@ def train_tracked(ctx, folder, train, test, subset, *, model_name, batch_size, l
         model = build_model(model_name, x.shape[1], seed)
         schedule = None if every is None else DenseEarly(every, dense_epochs)
         tracker = SharpnessTracker(model, F.cross_entropy, subset, k=k, every=schedule, tol=tol,
-                                   alignment_batches=alignment_batches, seed=seed)
+                                   frobenius_probes=frobenius_probes, alignment_batches=alignment_batches, seed=seed)
         callbacks = [tracker]
         if step_analyses:
             callbacks.append(StepAnalyses(tracker, subset, step_analyses, seed=seed))

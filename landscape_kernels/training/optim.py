@@ -8,6 +8,8 @@ velocity v and the previous velocity m:
 For mu = 0 both are theta -= lr [(I - E E^T) g + gamma E E^T g]; gamma = 1 is plain SGD. E comes from
 ``set_subspace`` or, with ``refresh=tracker``, from a ``sharpness.SharpnessTracker`` whenever it has
 measured anew (the paper: once per epoch). Until a subspace is known the step is plain SGD.
+
+``build_optimizer`` makes the plain SGD, heavy-ball momentum or Adam optimizer a job's flags name.
 """
 import torch
 
@@ -98,3 +100,23 @@ class NSGD(torch.optim.Optimizer):
             p.add_(delta[offset : offset + n].view_as(p))
             offset += n
         return loss
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def build_optimizer(name, params, lr, momentum=0.9, betas=(0.9, 0.999)):
+    """The optimizer a run names: ``sgd`` (plain, no momentum), ``momentum`` (heavy-ball SGD with
+    ``momentum``) or ``adam`` (``betas``); none has weight decay."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must lie in (0, 1) for the 'momentum' optimizer, got {momentum!r}")
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1) for 'adam', got {betas!r}")
+    return torch.optim.Adam(params, lr=lr, betas=betas)

@@ -93,6 +93,10 @@ class SGDTrainer:
         drop_last: skip the last, smaller minibatch of an epoch (default False: keep it).
         penalty: None or a callable ``penalty(model)`` returning a scalar added to every minibatch loss
             (e.g. the landscape-dependent constraints of Feng & Tu 2021); the recorded losses exclude it.
+        proximal: apply the penalty as an implicit step instead: the optimizer steps on the minibatch
+            loss alone, then ``penalty.prox(model, lr)`` (the penalty's exact proximal map) is applied,
+            which stays stable however stiff the penalty (an explicit step diverges once lr times its
+            curvature exceeds 2).
         optimizer: None (plain ``torch.optim.SGD`` with ``lr`` and ``momentum``) or an optimizer over
             the model's parameters (e.g. ``optim.NSGD``); its first group's lr and momentum are then
             the trainer's.
@@ -104,7 +108,7 @@ class SGDTrainer:
 
     def __init__(self, model, x, y, batch_size=50, lr=0.1, momentum=0.0, seed=0, loss_fn=F.cross_entropy,
                  callbacks=(), device=None, checkpoint=None, checkpoint_seconds=60.0, drop_last=False, penalty=None,
-                 optimizer=None, lr_schedule=None, clip_grad_norm=None):
+                 proximal=False, optimizer=None, lr_schedule=None, clip_grad_norm=None):
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape[0] != y.shape[0]:
             raise ValueError("SGDTrainer: x and y must be tensors with the same number of samples, got "
                              f"{getattr(x, 'shape', type(x))} and {getattr(y, 'shape', type(y))}")
@@ -128,6 +132,10 @@ class SGDTrainer:
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size, self.lr, self.momentum, self.seed = batch_size, float(lr), float(momentum), int(seed)
         self.loss_fn, self.drop_last, self.penalty = loss_fn, drop_last, penalty
+        if proximal and not callable(getattr(penalty, "prox", None)):
+            raise ValueError("SGDTrainer: proximal=True needs a penalty with a prox(model, lr) method, got "
+                             f"{type(penalty).__name__}")
+        self.proximal = bool(proximal)
         self.callbacks = list(callbacks)
         self.checkpoint, self.checkpoint_seconds = checkpoint, float(checkpoint_seconds)
         self._last_save = time.perf_counter()
@@ -228,7 +236,8 @@ class SGDTrainer:
             raise FloatingPointError(f"SGDTrainer: the minibatch loss is {float(loss.detach())} at step {self.step} "
                                      f"(epoch {self.epoch}); the last checkpoint and recorded data are kept")
         self.optimizer.zero_grad(set_to_none=True)
-        (loss if self.penalty is None else loss + self.penalty(self.model)).backward()
+        explicit = self.penalty is not None and not self.proximal
+        (loss + self.penalty(self.model) if explicit else loss).backward()
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip_grad_norm))
         if self.lr_schedule is not None:
@@ -236,6 +245,8 @@ class SGDTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.optimizer.step()
+        if self.proximal:
+            self.penalty.prox(self.model, self.optimizer.param_groups[0]["lr"])
         with torch.no_grad():
             self._acc[0] += loss.detach().double() * xb.shape[0]
             if self.classification:

@@ -80,3 +80,75 @@ def test_penalised_full_batch_step_is_gradient_descent_on_loss_plus_penalty(gen)
     grad_loss = (2 / 12) * (X @ w0.T - t).T @ X
     assert torch.allclose(model[0].weight.detach(), w0 - 0.05 * (grad_loss + 1.4 * w0), rtol=1e-13)
     assert trainer.history[0]["train_loss"] == pytest.approx(float(F.mse_loss(X @ w0.T, t)), rel=1e-12)  # no penalty
+
+
+def _prox_optimality(penalty, model, v, lr):
+    """The proximal point u of v satisfies (u - v) / lr + grad penalty(u) = 0: the largest violation."""
+    params = list(model.parameters())
+    g = torch.autograd.grad(penalty(model), params, allow_unused=True)
+    return max(float(((p.detach() - v0) / lr + (torch.zeros_like(p) if gi is None else gi)).abs().max())
+               for p, v0, gi in zip(params, v, g))
+
+
+@pytest.mark.parametrize("form", ["quadratic", "hinge"])
+def test_ldc_prox_over_several_matrices_is_the_proximal_point(gen, form):
+    model = net()
+    names = ["0.weight", "2.weight"]
+    w1 = torch.cat([model[0].weight.detach().reshape(-1), model[2].weight.detach().reshape(-1)])
+    P = torch.linalg.qr(torch.randn(21, 21, dtype=torch.float64, generator=gen))[0].T[:4]
+    Fw = torch.tensor([0.05, 0.3, 2.0, 10.0], dtype=torch.float64)
+    pen = LDCPenalty(names, w1, P, Fw, lam=1e4, form=form)
+    with torch.no_grad():
+        model[0].weight += 0.3 * torch.randn(3, 4, dtype=torch.float64, generator=gen)
+        model[2].weight += 0.3 * torch.randn(3, 3, dtype=torch.float64, generator=gen)
+    v = [p.detach().clone() for p in model.parameters()]
+    q_before = pen.displacement(model)
+    pen.prox(model, lr=0.1)  # lr * curvature = 0.1 * 2e4 / 0.05^2: an explicit step would blow up
+    assert _prox_optimality(pen, model, v, 0.1) < 1e-9
+    q = pen.displacement(model)
+    assert bool((q.abs() <= q_before.abs() + 1e-15).all())  # the constrained displacements only shrink
+    outside = (torch.eye(21, dtype=torch.float64) - P.T @ P) @ (torch.cat([model[0].weight.reshape(-1),
+                                                                          model[2].weight.reshape(-1)]).detach() - w1)
+    moved = torch.cat([v[0].reshape(-1), v[2].reshape(-1)]) - w1
+    assert torch.allclose(outside, (torch.eye(21, dtype=torch.float64) - P.T @ P) @ moved, atol=1e-13)
+    assert torch.equal(model[0].bias, v[1]) and torch.equal(model[4].weight, v[3])  # the other parameters stay
+
+
+def test_ewc_prox_is_the_proximal_point_and_holds_only_the_chosen_weights(gen):
+    model = net()
+    fisher = {n: torch.rand(p.shape, dtype=torch.float64, generator=gen) for n, p in model.named_parameters()}
+    top = EWCPenalty(model, fisher, lam=1e5, num_constraints=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.2
+    v = [p.detach().clone() for p in model.parameters()]
+    top.prox(model, lr=0.1)
+    assert _prox_optimality(top, model, v, 0.1) < 1e-9
+    moved = torch.cat([(p.detach() - v0).reshape(-1) for p, v0 in zip(model.parameters(), v)])
+    assert int((moved != 0).sum()) == 4  # only the 4 largest-Fisher weights are pulled back
+
+
+def test_proximal_training_step_is_a_gradient_step_then_the_prox(gen):
+    X, t = torch.randn(12, 3, dtype=torch.float64, generator=gen), torch.randn(12, 1, dtype=torch.float64, generator=gen)
+    model = nn.Sequential(nn.Linear(3, 1, bias=False)).double()
+    w0 = model[0].weight.detach().clone()
+    fisher = {"0.weight": torch.rand(1, 3, dtype=torch.float64, generator=gen)}
+    pen = EWCPenalty(model, fisher, lam=1e6)  # anchored at w0
+    with torch.no_grad():
+        model[0].weight += 1.0
+    start = model[0].weight.detach().clone()
+    SGDTrainer(model, X, t, batch_size=12, lr=0.05, loss_fn=F.mse_loss, penalty=pen, proximal=True).run(
+        max_epochs=1, stopping_rule=None)
+    v = start - 0.05 * (2 / 12) * (X @ start.T - t).T @ X
+    assert torch.allclose(model[0].weight.detach(), w0 + (v - w0) / (1 + 0.05 * 1e6 * fisher["0.weight"]), rtol=1e-13)
+    with pytest.raises(ValueError, match="proximal=True needs a penalty with a prox"):
+        SGDTrainer(model, X, t, batch_size=12, penalty=lambda m: 0.0, proximal=True)
+
+
+def test_matched_errors_interpolate_along_each_curve_and_never_extrapolate():
+    from landscape_kernels.analyses.forgetting import matched_errors
+
+    curves = {"a": [(0.0, 0.5), (0.1, 0.1), (float("nan"), 0.2)], "b": [(0.05, 0.3), (0.2, 0.0), (0.1, 0.25)]}
+    got = matched_errors(curves, [0.0, 0.05, 0.1, 0.15, 0.3])
+    assert got["a"] == [0.5, pytest.approx(0.3), 0.1, None, None]
+    assert got["b"] == [None, 0.3, 0.25, pytest.approx(0.125), None]

@@ -193,3 +193,17 @@ def test_trajectory_pca_of_a_wide_window_uses_the_gram_matrix_and_is_exact():
     want = torch.linalg.svdvals(centred) ** 2 / (T - 1)
     assert torch.allclose(pca.variances[:6], want[:6], rtol=1e-6)
     assert pca.components.shape[1] == N
+
+
+def test_flatness_along_pcs_over_several_matrices_matches_one_matrix(gen):
+    from testing import small_mlp
+
+    model = small_mlp((5, 4, 3), bias=False, seed=1)
+    x, y = torch.randn(40, 5, dtype=torch.float64, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    d2 = torch.randn(2, 12, dtype=torch.float64, generator=gen)
+    d2 = d2 / d2.norm(dim=1, keepdim=True)
+    both = torch.cat([torch.zeros(2, 20, dtype=torch.float64), d2], 1)  # (0.weight, 2.weight), only 2.weight moves
+    one = flatness_along_pcs(model, F.cross_entropy, (x, y), d2, [1, 2], param="2.weight", step=5.0, cap=50.0)
+    two = flatness_along_pcs(model, F.cross_entropy, (x, y), both, [1, 2], param=["0.weight", "2.weight"], step=5.0,
+                             cap=50.0)
+    assert torch.allclose(one.widths, two.widths, atol=1e-9)

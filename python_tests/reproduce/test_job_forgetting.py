@@ -8,10 +8,37 @@ def test_forgetting_quick_run(tmp_path):
     out = tmp_path / "fg"
     assert main(["reproduce", "forgetting", "--quick", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in s["runs"]] == ["none", "ldc-quadratic", "ldc-hinge", "ewc"]
-    assert len(s["lambda_sweep"]) == 3 * 2 and len(s["constraint_sweep"]) == 3 * 2
-    assert all(len(r["curve"]) == 5 or r["diverged"] for r in s["runs"])
-    assert "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |" in (out / "report.md").read_text()
+    assert [r["method"] for r in s["runs"]] == ["none", "ldc-quadratic", "ldc-hinge", "ewc", "ewc-top"]
+    assert len(s["lambda_sweep"]) == 4 * 2 and len(s["constraint_sweep"]) == 3 * 2
+    assert all(len(r["curve"]) == 5 and not r["diverged"] for r in s["runs"] + s["lambda_sweep"])  # proximal: stable
+    assert s["task1"]["space"] == ["0.weight", "2.weight", "4.weight"] and s["task1"]["space_size"] == 64 * 50 + 2500 + 500
+    assert [r["eps2"] for r in s["matched_eps2"]] == [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+    report = (out / "report.md").read_text()
+    assert "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |" in report and "ε1 at matched ε2" in report
+
+
+def test_separate_heads_keep_task_1_units_and_w2_space_with_explicit_steps(tmp_path):
+    import torch
+
+    from landscape_kernels.reproduce.forgetting import task_network
+    from landscape_kernels.training.models import mlp
+
+    model = mlp((6, 5, 4, 10), seed=0)
+    head2 = task_network(model, "separate", 2)
+    assert [n for n, _ in head2.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x = torch.randn(7, 6)
+    assert torch.equal(head2(x), model(x)[:, 2:4]) and task_network(model, "shared", 2) is model
+    torch.nn.functional.cross_entropy(head2(x), torch.randint(0, 2, (7,))).backward()
+    assert bool((model[4].weight.grad[[0, 1, 4, 5, 6, 7, 8, 9]] == 0).all())  # task 2 never moves task 1's units
+
+    out = tmp_path / "fg"
+    assert main(["reproduce", "forgetting", "--quick", "--out", str(out), "--no-progress", "--head", "separate",
+                 "--space", "w2", "--integrator", "explicit", "--lam", "1e6"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["task1"]["space"] == ["2.weight"] and s["task1"]["space_size"] == 2500
+    stiff = {r["method"]: r for r in s["runs"]}
+    assert stiff["ldc-quadratic"]["diverged"] and not stiff["none"]["diverged"]  # an explicit step on lambda 1e6
+    assert "diverges or oscillates once" in (out / "report.md").read_text()
 
 
 def test_forgetting_resumes_with_task1_trained_and_finished_runs_reused(tmp_path, capsys):

@@ -55,6 +55,17 @@ def test_nsgd_without_the_sgd_baseline_is_one_clear_error(tmp_path, capsys):
     assert code == 2 and "gammas must include 1" in capsys.readouterr().err
 
 
+def test_frobenius_probes_can_be_skipped_but_not_for_nsgd(tmp_path, capsys):
+    out = tmp_path / "sd"
+    assert main(["reproduce", "sharpest-directions", "--quick", "--out", str(out), "--no-progress", "--lrs", "0.1",
+                 "--batch-sizes", "16", "--epochs", "1", "--frobenius-probes", "0", "--step-analyses", "0"]) == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert runs and all(r["final_frobenius"] is None and r["peak_lambda1"] > 0 for r in runs.values())
+    assert main(["reproduce", "nsgd", "--quick", "--out", str(tmp_path / "n"), "--no-progress",
+                 "--frobenius-probes", "0"]) == 2
+    assert "frobenius_probes must be >= 1 for nsgd" in capsys.readouterr().err
+
+
 def test_simple_cnn_on_the_8x8_digits_is_one_clear_error(tmp_path, capsys):
     code = main(["reproduce", "sharpest-directions", "--dataset", "digits", "--model", "simple_cnn",
                  "--out", str(tmp_path / "s"), "--no-progress"])

@@ -27,6 +27,45 @@ def test_variance_flatness_quick_run_writes_the_report_and_resumes(tmp_path, cap
     assert "resumed from" in capsys.readouterr().out
 
 
+def test_optimizer_width_layer_and_subset_reach_training_and_analysis(tmp_path):
+    import torch
+
+    out = tmp_path / "adam"
+    args = ["reproduce", "variance-flatness", "--quick", "--out", str(out), "--no-progress", "--optimizer", "adam",
+            "--hidden", "20,12", "--layer", "1", "--train-samples", "400", "--max-epochs", "25", "--window", "150"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["analysed_parameter"] == "0.weight" and summary["config"]["lr"] == 0.001  # Adam's default lr
+    assert summary["training"]["steps"] == 25 * (400 // 50)  # trained on the 400-sample subset
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["model"]["0.weight"].shape == (20, 64) and state["model"]["2.weight"].shape == (12, 20)
+    assert all("exp_avg" in v for v in state["optimizer"]["state"].values())  # Adam did the steps
+    window = state["callbacks"][0]["buffer"]
+    assert window.shape == (150, 20 * 64)  # snapshots of W1, the analysed matrix
+    assert torch.equal(window[(summary["training"]["steps"] - 1) % 150].reshape(20, 64) != 0,
+                       torch.ones(20, 64, dtype=torch.bool))
+    assert "hidden widths 20-12" in (out / "report.md").read_text() and "snapshots of W1" in (out / "report.md").read_text()
+
+
+def test_the_papers_tolerances_apply_only_to_its_system():
+    from landscape_kernels.reproduce.variance_flatness import VarianceFlatnessConfig, checks, is_reference_system
+
+    summary = {"pca": {"gamma": 2.5, "n90": 35, "cos_p1_mean": 0.9, "ratio_12": 100.0}, "psi": {"psi": 4.0}}
+    assert all(r["applies"] for r in checks(summary, "mnist", True))
+    assert [r["quantity"] for r in checks(summary, "mnist", False) if r["applies"]] == ["psi > 0"]
+    assert is_reference_system(VarianceFlatnessConfig().resolved())
+    for change in ({"optimizer": "momentum"}, {"hidden": (100, 100)}, {"layer": 1}, {"train_samples": 1000}):
+        assert not is_reference_system(VarianceFlatnessConfig(**change).resolved())
+
+
+@pytest.mark.parametrize("flags, message", [(["--layer", "4"], "layer (--layer) must be 1..3"),
+                                            (["--optimizer", "adam", "--betas", "0.9,1.5"], "betas must be two")])
+def test_bad_network_and_optimizer_settings_are_one_clear_error(tmp_path, capsys, flags, message):
+    assert main(["reproduce", "variance-flatness", "--quick", "--out", str(tmp_path / "run"), "--no-progress",
+                 *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_missing_mnist_is_one_clear_error(tmp_path, capsys):
     code = main(["reproduce", "variance-flatness", "--dataset", "mnist", "--data-dir", str(tmp_path),
                  "--out", str(tmp_path / "run"), "--quick", "--no-progress"])

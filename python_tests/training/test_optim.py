@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from landscape_kernels.training.optim import NSGD
+from landscape_kernels.training.optim import NSGD, build_optimizer
 
 
 def quadratic(seed=0, P=6):
@@ -94,3 +94,27 @@ def test_refresh_takes_the_trackers_newest_vectors_and_bad_input():
         NSGD(params, lr=0.1, k=3).set_subspace(Q[:, :2])
     with pytest.raises(ValueError, match="gamma must be >= 0"):
         NSGD(params, lr=0.1, gamma=-1)
+
+
+def test_build_optimizer_makes_the_named_rule_and_rejects_bad_settings():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    plain = build_optimizer("sgd", [w], 0.1)
+    assert isinstance(plain, torch.optim.SGD) and plain.param_groups[0]["momentum"] == 0
+    heavy = build_optimizer("momentum", [w], 0.01, momentum=0.8)
+    assert heavy.param_groups[0]["momentum"] == 0.8 and heavy.param_groups[0]["weight_decay"] == 0
+    adam = build_optimizer("adam", [w], 1e-3, betas=(0.8, 0.99))
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["betas"] == (0.8, 0.99)
+    # two heavy-ball steps on L = |w|^2 / 2 (gradient w): v1 = g0, v2 = mu v1 + g1
+    w0 = w.detach().clone()
+    for _ in range(2):
+        heavy.zero_grad()
+        (0.5 * w.pow(2).sum()).backward()
+        heavy.step()
+    w1 = w0 - 0.01 * w0
+    assert torch.allclose(w.detach(), w1 - 0.01 * (0.8 * w0 + w1))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        build_optimizer("rmsprop", [w], 0.1)
+    with pytest.raises(ValueError, match="momentum must lie in"):
+        build_optimizer("momentum", [w], 0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        build_optimizer("adam", [w], 0.1, betas=(0.9,))

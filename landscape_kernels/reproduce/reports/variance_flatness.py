@@ -17,7 +17,7 @@ def _spectrum_figures(plt, out, s, arrays, written):
     xs = np.array([fit["x_min"], fit["x_max"]])
     ax[0].loglog(xs, np.exp(fit["log_prefactor"]) * xs ** fit["exponent"], "r-",
                  label=f"fit i ≥ {int(fit['x_min'])}: γ = {-fit['exponent']:.2f}")
-    ax[0].set(xlabel="rank i", ylabel="variance σ_i²", title="PCA spectrum of W2 (Fig. 1)")
+    ax[0].set(xlabel="rank i", ylabel="variance σ_i²", title=f"PCA spectrum of {_matrix(s['config'])} (Fig. 1)")
     ax[0].legend()
     rest = var[1:]
     share = np.cumsum(rest) / rest.sum()
@@ -108,6 +108,23 @@ def _temperature_figures(plt, out, s, arrays, written):
     save_figure(plt, fig, out, "fig5_temperature.png", written)
 
 
+def _matrix(cfg):
+    """W1, W2, ... : the analysed weight matrix (W2, the paper's, in runs from before --layer)."""
+    return f"W{cfg.get('layer', 2)}"
+
+
+def _network(cfg):
+    hidden = cfg.get("hidden", (50, 50))
+    text = f"hidden widths {'-'.join(map(str, hidden))}"
+    if cfg.get("optimizer") == "momentum":
+        text += f", momentum {cfg['momentum']:g}"
+    elif cfg.get("optimizer") == "adam":
+        text += f", Adam betas {', '.join(f'{b:g}' for b in cfg['betas'])}"
+    if cfg.get("train_samples"):
+        text += f", {cfg['train_samples']} training samples"
+    return text
+
+
 def write_variance_flatness_report(out, s, arrays):
     """PNG figures and report.md of a ``reproduce variance-flatness`` summary."""
     def draw(plt, out, s, written):
@@ -117,10 +134,12 @@ def write_variance_flatness_report(out, s, arrays):
         _temperature_figures(plt, out, s, arrays, written)
 
     cfg, tr = s["config"], s["training"]
-    lines = [f"# Inverse variance-flatness relation: {s['dataset']}, B = {cfg['batch_size']}, α = {cfg['lr']}", "",
-             f"landscape_kernels {s['library_version']}; {tr['epochs']} epochs ({tr['steps']} SGD steps, stopped by "
-             f"{tr['stopped_by']}); test accuracy {fmt(tr['test_accuracy'])}; PCA window of "
-             f"{s['pca']['num_snapshots']} snapshots of W2; {len(s['pcs'])} PCs analysed (every "
+    optimizer = cfg.get("optimizer", "sgd")
+    lines = [f"# Inverse variance-flatness relation: {s['dataset']}, {optimizer}, B = {cfg['batch_size']}, "
+             f"α = {cfg['lr']}", "",
+             f"landscape_kernels {s['library_version']}; {_network(cfg)}; {tr['epochs']} epochs ({tr['steps']} "
+             f"steps, stopped by {tr['stopped_by']}); test accuracy {fmt(tr['test_accuracy'])}; PCA window of "
+             f"{s['pca']['num_snapshots']} snapshots of {_matrix(cfg)}; {len(s['pcs'])} PCs analysed (every "
              f"{cfg['pcs_every']}th); flatness from the {cfg['center']} weights.", ""]
     if tr.get("instability"):
         u = tr["instability"]
