@@ -21,6 +21,7 @@ Resumable: task 1 trains with a checkpoint (``task1_checkpoint.pt``), and every 
 kept in ``runs.json`` (``--resume`` reuses both).
 """
 import copy
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -64,7 +65,7 @@ class ForgettingConfig:
     num_constraints: int = option(20, "N_c, the sharpest task-1 directions (LDC) or largest-Fisher weights "
                                       "(ewc-top) held")
     lam: float = option(10.0, "strength lambda of the constraints in the main runs and the N_c sweep", minimum=0)
-    lambdas: tuple = option((0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6), "the lambda sweep")
+    lambdas: tuple = option((0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9), "the lambda sweep")
     constraint_counts: tuple = option((1, 5, 10, 20, 50, 100), "the N_c sweep")
     seed: int = option(0, "seed of the initialisation and the minibatch order", minimum=0)
     quick: bool = option(False, "a short smoke run of the whole job")
@@ -128,18 +129,26 @@ def _learn_task1(cfg, train1, ctx):
     return model, window
 
 
-def compare_at_matched_eps2(lam_sweep, levels=MATCHED_EPS2):
-    """eps1 of every method at the task-2 errors ``levels`` along its lambda sweep, and which LDC form
-    and which EWC form is lower at each level."""
+def compare_at_matched_eps2(lam_sweep, num_test1, levels=MATCHED_EPS2):
+    """eps1 of every method at the task-2 errors ``levels`` along its lambda sweep, and whether the better
+    LDC form is lower than the better EWC form at each level: "yes" / "no" when the two differ by more
+    than twice the binomial standard error of a difference of two error rates on the ``num_test1``
+    task-1 test images, else "tie"."""
     curves = {m: [(r["eps2"], r["eps1"]) for r in lam_sweep if r["method"] == m] for m in SWEPT}
     eps1 = matched_errors(curves, levels)
     rows = []
     for i, level in enumerate(levels):
         ldc = [eps1[m][i] for m in ("ldc-quadratic", "ldc-hinge") if eps1[m][i] is not None]
         ewc = [eps1[m][i] for m in ("ewc", "ewc-top") if eps1[m][i] is not None]
+        verdict = None
+        if ldc and ewc:
+            a, b = min(ldc), min(ewc)
+            p = min(max((a + b) / 2, 1.0 / num_test1), 1 - 1.0 / num_test1)
+            margin = 2 * math.sqrt(2 * p * (1 - p) / num_test1)
+            verdict = "yes" if a < b - margin else "no" if b < a - margin else "tie"
         rows.append({"eps2": level, **{m: eps1[m][i] for m in SWEPT},
                      "best_ldc": min(ldc) if ldc else None, "best_ewc": min(ewc) if ewc else None,
-                     "ldc_beats_ewc": (min(ldc) < min(ewc)) if ldc and ewc else None})
+                     "ldc_beats_ewc": verdict})
     return rows
 
 
@@ -225,7 +234,7 @@ class ForgettingJob(Job):
                       "space": params, "space_size": int(snaps.shape[1]), "num_weights": int(num_weights),
                       "test_error": test_error(net1, *test1)},
             "runs": main_runs, "lambda_sweep": lam_sweep, "constraint_sweep": nc_sweep,
-            "matched_eps2": compare_at_matched_eps2(lam_sweep),
+            "matched_eps2": compare_at_matched_eps2(lam_sweep, len(test1[1])),
         }
 
     def headline(self, s):

@@ -55,3 +55,16 @@ def test_forgetting_resumes_with_task1_trained_and_finished_runs_reused(tmp_path
     assert "resumed from" in printed and printed.count("done before, reusing it") == len(kept)
     again = json.loads((out / "summary.json").read_text())
     assert again["runs"] == first["runs"] and again["task1"] == first["task1"]
+
+
+def test_matched_comparison_calls_differences_within_the_test_noise_a_tie():
+    from landscape_kernels.reproduce.forgetting import compare_at_matched_eps2
+
+    sweep = [{"method": m, "eps2": e2, "eps1": e1} for m, pts in
+             {"ldc-quadratic": [(0.0, 0.10), (0.1, 0.02)], "ldc-hinge": [(0.0, 0.3), (0.1, 0.3)],
+              "ewc": [(0.0, 0.30), (0.1, 0.11)], "ewc-top": [(0.0, 0.5)]}.items() for e2, e1 in pts]
+    rows = {r["eps2"]: r for r in compare_at_matched_eps2(sweep, 2000, levels=(0.0, 0.1, 0.2))}
+    assert rows[0.0]["best_ldc"] == 0.10 and rows[0.0]["best_ewc"] == 0.30 and rows[0.0]["ldc_beats_ewc"] == "yes"
+    assert rows[0.1]["ldc_beats_ewc"] == "yes" and rows[0.2]["ldc_beats_ewc"] is None
+    close = [{"method": m, "eps2": 0.0, "eps1": e1} for m, e1 in (("ldc-quadratic", 0.200), ("ewc", 0.215))]
+    assert compare_at_matched_eps2(close, 2000, levels=(0.0,))[0]["ldc_beats_ewc"] == "tie"
