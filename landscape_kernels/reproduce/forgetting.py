@@ -152,6 +152,13 @@ def compare_at_matched_eps2(lam_sweep, num_test1, levels=MATCHED_EPS2):
     return rows
 
 
+def fisher_scale(fisher):
+    """How stiff EWC is at a given lambda: the largest, median and mean diagonal Fisher entry over all
+    weights (the proximal step scales each displacement by 1 / (1 + lr lambda F_j))."""
+    flat = torch.cat([f.reshape(-1) for f in fisher.values()]).double()
+    return {"max": float(flat.max()), "median": float(flat.median()), "mean": float(flat.mean())}
+
+
 class ForgettingJob(Job):
     """landscape-dependent constraints against catastrophic forgetting (Feng & Tu 2021) against EWC"""
 
@@ -232,7 +239,7 @@ class ForgettingJob(Job):
             "task1": {"pcs": pcs, "widths": flat.widths.tolist(), "saturated": (~usable).tolist(),
                       "constrained_pcs": [pcs[i] for i in chosen], "xi": (XI_FACTOR * flat.widths[chosen]).tolist(),
                       "space": params, "space_size": int(snaps.shape[1]), "num_weights": int(num_weights),
-                      "test_error": test_error(net1, *test1)},
+                      "test_error": test_error(net1, *test1), "fisher": fisher_scale(fisher)},
             "runs": main_runs, "lambda_sweep": lam_sweep, "constraint_sweep": nc_sweep,
             "matched_eps2": compare_at_matched_eps2(lam_sweep, len(test1[1])),
         }

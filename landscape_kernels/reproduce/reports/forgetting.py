@@ -79,6 +79,10 @@ def write_forgetting_report(out, s, arrays=None):
              "| method | λ | N_c | ε1 (task 1) | ε2 (task 2) |", "|---|---:|---:|---:|---:|"]
     if "test_error" in t1:
         lines[2] += f" Task-1 test error after task 1: {t1['test_error']:.4f}."
+    if "fisher" in t1:
+        f = t1["fisher"]
+        lines[2] += (f" Diagonal Fisher of task 1: largest {f['max']:.3g}, median {f['median']:.3g}, mean "
+                     f"{f['mean']:.3g}.")
     for r in s["runs"]:
         lines.append(f"| {r['method']} | {r['lam']:g} | {r['num_constraints']} | {r['eps1']:.3f} | {r['eps2']:.3f} |")
     lines += ["", "λ sweep (final errors):", "", "| method | λ | ε1 | ε2 |", "|---|---:|---:|---:|"]
