@@ -17,19 +17,11 @@ in orthonormal coordinates (q_i, or the weights themselves), so the proximal ste
 """
 import torch
 
-from ..capture.model import eval_mode
+from ..capture.model import chosen_parameters, eval_mode
 from ..capture.persample import PerSampleGradients
 
 FORMS = ("quadratic", "hinge")
 XI_FACTOR = 0.008  # xi_i = 0.008 F_1i [paper]
-
-
-def _named(model, names):
-    named = dict(model.named_parameters())
-    missing = [n for n in names if n not in named]
-    if missing:
-        raise ValueError(f"{missing} are not parameters of the model (it has {list(named)})")
-    return [named[n] for n in names]
 
 
 class LDCPenalty:
@@ -54,7 +46,7 @@ class LDCPenalty:
         self.xi = xi_factor * self.F
 
     def _flat(self, model):
-        return torch.cat([p.reshape(-1) for p in _named(model, self.params)])
+        return torch.cat([p.reshape(-1) for p in chosen_parameters(model, self.params)[1]])
 
     def displacement(self, model):
         """q_i = (w - w1*) . p_1i, shape (N_c,)."""
@@ -83,7 +75,7 @@ class LDCPenalty:
             new = torch.where(excess > 0, q.sign() * (xi + excess / (1 + 2 * lr * self.lam)), q)
         change = (new - q) @ self.P.to(q.device)
         offset = 0
-        for p in _named(model, self.params):
+        for p in chosen_parameters(model, self.params)[1]:
             p += change[offset : offset + p.numel()].reshape(p.shape).to(p.dtype)
             offset += p.numel()
 
@@ -120,7 +112,7 @@ class EWCPenalty:
     @torch.no_grad()
     def prox(self, model, lr):
         """The exact proximal step: w_j <- w1*_j + (w_j - w1*_j) / (1 + lr lambda F_j)."""
-        for n, p in zip(self.names, _named(model, self.names)):
+        for n, p in zip(*chosen_parameters(model, self.names)):
             w1, f = self.w1[n].to(p.device), self.fisher[n].to(p.device)
             p.copy_(w1 + (p - w1) / (1 + lr * self.lam * f))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..capture.model import chosen_parameters
 from ..linalg.profiles import flatness, loss_profiles
 from ..trajectory.pca import StreamingPCA
 from .directional import per_sample_directional_derivatives
@@ -96,11 +97,9 @@ def _model_at(model, params, value):
     """A copy of ``model`` with ``params`` (names, flattened in order) set to ``value`` (the model itself is
     never changed)."""
     moved = copy.deepcopy(model)
-    named = dict(moved.named_parameters())
     offset = 0
     with torch.no_grad():
-        for name in params:
-            target = named[name]
+        for target in chosen_parameters(moved, params)[1]:
             target.copy_(value[offset : offset + target.numel()].reshape(target.shape))
             offset += target.numel()
     return moved

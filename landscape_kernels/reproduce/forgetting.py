@@ -30,6 +30,7 @@ from torch import nn
 
 from ..analyses.forgetting import XI_FACTOR, EWCPenalty, LDCPenalty, diagonal_fisher, matched_errors
 from ..analyses.variance_flatness import flatness_along_pcs, trajectory_pca
+from ..capture.model import chosen_parameters, flat_values
 from ..training.callbacks import WindowRecorder
 from ..training.data import digit_subset, load_dataset
 from ..training.models import mlp
@@ -185,7 +186,8 @@ class ForgettingJob(Job):
             f"({snaps.shape[1]} numbers), flatness of {len(pcs)} PCs (F from {float(flat.widths.min()):.3g} to "
             f"{float(flat.widths.max()):.3g})")
         w1 = copy.deepcopy(model)
-        w1_flat = torch.cat([p.detach().reshape(-1) for p in (dict(w1.named_parameters())[n] for n in params)])
+        w1_flat = flat_values(chosen_parameters(w1, params)[1])  # the constrained weights of w1*
+        w1_all = flat_values(w1.parameters())
         fisher = diagonal_fisher(task_network(w1, cfg.head, 1), F.cross_entropy, *train1)
         num_weights = sum(f.numel() for f in fisher.values())
 
@@ -217,8 +219,7 @@ class ForgettingJob(Job):
             return {"method": method, "lam": lam, "num_constraints": n_c, "curve": errors.history,
                     "eps1": errors.history[-1]["eps1"], "eps2": errors.history[-1]["eps2"],
                     "q": probe.displacement(net).detach().tolist(),
-                    "distance": float((torch.cat([q.detach().reshape(-1) for q in net.parameters()])
-                                       - torch.cat([q.detach().reshape(-1) for q in w1.parameters()])).norm()),
+                    "distance": float((flat_values(net.parameters()) - w1_all).norm()),
                     "diverged": False}
 
         finished = ctx.stages("runs.json")

@@ -13,7 +13,7 @@ from ..analyses.sharpest import cross_sections, decomposed_step
 from ..training.data import load_dataset
 from ..training.models import mlp, simple_cnn
 from ..training.optim import NSGD
-from ..training.sharpness import DenseEarly, SharpnessTracker, fixed_subset, minibatch_gradients
+from ..training.sharpness import DenseEarly, SharpnessTracker, fixed_subset, minibatch_gradients, training_subset
 from ..training.trainer import SGDTrainer
 from .job import data_dir_option, dataset_option, option
 
@@ -55,8 +55,7 @@ def load_data(dataset, data_dir, train_samples, subset, seed):
     training set to a seeded random subset."""
     x, y = load_dataset(dataset, "train", data_dir)
     xt, yt = load_dataset(dataset, "test", data_dir)
-    if train_samples is not None and train_samples < x.shape[0]:
-        x, y = fixed_subset(x, y, train_samples, seed=seed + 1)
+    x, y = training_subset(x, y, train_samples, seed)
     return (x, y), (xt, yt), fixed_subset(x, y, min(subset, x.shape[0]), seed=seed)
 
 

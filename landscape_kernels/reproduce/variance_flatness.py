@@ -24,7 +24,7 @@ from ..analyses.variance_flatness import (active_temperature, flatness_along_pcs
 from ..linalg.profiles import loss_profiles
 from ..training.callbacks import EpochStates, WindowRecorder
 from ..training.data import load_dataset
-from ..training.sharpness import fixed_subset
+from ..training.sharpness import training_subset
 from ..training.models import mlp
 from ..training.optim import OPTIMIZERS, build_optimizer
 from ..training.trainer import InstabilityGuard, SGDTrainer, StoppingRule
@@ -244,8 +244,7 @@ class VarianceFlatnessJob(Job):
         with timer("data"):
             x, y = load_dataset(cfg.dataset, "train", cfg.data_dir)
             x_test, y_test = load_dataset(cfg.dataset, "test", cfg.data_dir)
-            if cfg.train_samples is not None and cfg.train_samples < x.shape[0]:
-                x, y = fixed_subset(x, y, cfg.train_samples, seed=cfg.seed + 1)
+            x, y = training_subset(x, y, cfg.train_samples, cfg.seed)
         log(f"{cfg.dataset}: {x.shape[0]} training images of {x.shape[1]} pixels; {cfg.optimizer}, B = {cfg.batch_size}, "
             f"lr = {cfg.lr}; hidden {','.join(map(str, cfg.hidden))}, analysing weight matrix {cfg.layer} "
             f"({layer_name(cfg.layer)})")

@@ -37,6 +37,14 @@ def fixed_subset(x, y, n=2560, seed=0):
     return x[idx], y[idx]
 
 
+def training_subset(x, y, size, seed=0):
+    """The training set cut to a seeded random subset of ``size`` samples (None or at least the whole set:
+    all of it); the jobs' ``--train-samples``."""
+    if size is None or size >= x.shape[0]:
+        return x, y
+    return fixed_subset(x, y, size, seed=seed + 1)
+
+
 def flat_gradient(model, loss_fn, batches, params, create_graph=False):
     """Gradient of the sample-weighted mean loss over ``batches`` w.r.t. ``params``, flattened (P,)."""
     total = sum(b[0].shape[0] for b in batches)
