@@ -27,10 +27,13 @@ from .operators.distributed import DistributedOperator  # noqa: E402
 from .operators.ggn import GGNOperator  # noqa: E402
 from .operators.hessian import HessianOperator  # noqa: E402
 from .operators.noise import FisherOperator, NoiseCovarianceOperator  # noqa: E402
+from .operators.diagonal import fisher_diagonal, ggn_diagonal, noise_diagonal  # noqa: E402
+from .operators.kfac import EKFACOperator, KFACOperator, kfac_parameters  # noqa: E402
 from .linalg.density import SpectralDensity, spectral_density  # noqa: E402
 from .linalg.profiles import FlatnessResult, flatness, loss_profiles  # noqa: E402
 from .linalg.lanczos import EigenResult, lanczos_eigs  # noqa: E402
 from .linalg.traces import frobenius_norm, hutchinson_trace, hutchpp_trace  # noqa: E402
+from .linalg.diagonal import DiagonalEstimate, hutchinson_diagonal, xdiag_diagonal  # noqa: E402
 from .trajectory.distributed import rank_trajectory_store, sharded_pca  # noqa: E402
 from .trajectory.pca import StreamingPCA  # noqa: E402
 from .trajectory.recorder import TrajectoryRecorder  # noqa: E402
@@ -40,7 +43,8 @@ from .training.optim import NSGD  # noqa: E402
 from .training.sharpness import SharpnessTracker  # noqa: E402
 from .analyses.analyse import AnalyseSettings, ModelAnalysis, analyse  # noqa: E402
 
-__all__ = ["PerSampleGradients", "register_per_sample_rule", "Factors", "Call", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
+__all__ = ["KFACOperator", "EKFACOperator", "kfac_parameters", "fisher_diagonal", "noise_diagonal", "ggn_diagonal",
+           "hutchinson_diagonal", "xdiag_diagonal", "DiagonalEstimate", "PerSampleGradients", "register_per_sample_rule", "Factors", "Call", "lanczos_eigs", "EigenResult", "spectral_density", "SpectralDensity",
            "hutchinson_trace", "hutchpp_trace", "frobenius_norm", "HessianOperator", "GGNOperator",
            "NoiseCovarianceOperator", "FisherOperator", "DenseOperator", "DistributedOperator",
            "distributed_moments", "distributed_gram", "sharded_pca", "rank_trajectory_store",

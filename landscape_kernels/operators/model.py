@@ -38,6 +38,12 @@ class ModelOperator(Operator):
         """(P, K) -> list of (K, *shape) per parameter."""
         return [c.T.reshape(-1, *p.shape) for c, p in zip(torch.split(V, self.sizes), self.params)]
 
+    def as_parameter_dict(self, flat):
+        """A (P,) vector (a diagonal, a gradient) as a dict name -> tensor shaped like the parameter."""
+        if flat.dim() != 1 or flat.shape[0] != self.shape[0]:
+            raise ValueError(f"as_parameter_dict: expected a ({self.shape[0]},) vector, got {tuple(flat.shape)}")
+        return {n: c.reshape(p.shape) for n, c, p in zip(self.param_names, torch.split(flat, self.sizes), self.params)}
+
     @staticmethod
     def flatten(parts):
         """list of (K, *shape) -> (P, K)."""
