@@ -17,8 +17,7 @@ in orthonormal coordinates (q_i, or the weights themselves), so the proximal ste
 """
 import torch
 
-from ..capture.model import chosen_parameters, eval_mode
-from ..capture.persample import PerSampleGradients
+from ..capture.model import chosen_parameters
 
 FORMS = ("quadratic", "hinge")
 XI_FACTOR = 0.008  # xi_i = 0.008 F_1i [paper]
@@ -115,25 +114,6 @@ class EWCPenalty:
         for n, p in zip(*chosen_parameters(model, self.names)):
             w1, f = self.w1[n].to(p.device), self.fisher[n].to(p.device)
             p.copy_(w1 + (p - w1) / (1 + lr * self.lam * f))
-
-
-def diagonal_fisher(model, loss_fn, x, y, chunk=4096):
-    """Empirical diagonal Fisher E_p[g_p^2] of every Linear/Conv2d parameter over (x, y) (per-sample
-    gradients from the fused kernels: E[g^2] = Var[g] + E[g]^2, merged over chunks by sample counts)."""
-    total, n = None, 0
-    with eval_mode(model):
-        for s in range(0, x.shape[0], chunk):
-            xs, ys = x[s : s + chunk], y[s : s + chunk]
-            ps = PerSampleGradients(model)
-            with ps:
-                model.zero_grad(set_to_none=True)
-                loss_fn(model(xs), ys).backward()
-            mean, var = ps.mean(), ps.variance()
-            part = {k: (var[k] + mean[k] ** 2) * xs.shape[0] for k in mean}
-            total = part if total is None else {k: total[k] + part[k] for k in total}
-            n += xs.shape[0]
-        model.zero_grad(set_to_none=True)
-    return {k: v / n for k, v in total.items()}
 
 
 def matched_errors(curves, levels):

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analyses.forgetting import XI_FACTOR, EWCPenalty, LDCPenalty, diagonal_fisher, matched_errors
+from ..analyses.forgetting import XI_FACTOR, EWCPenalty, LDCPenalty, matched_errors
 from ..analyses.variance_flatness import flatness_along_pcs, trajectory_pca
 from ..capture.model import chosen_parameters, flat_values
+from ..operators.diagonal import fisher_diagonal
 from ..training.callbacks import WindowRecorder
 from ..training.data import digit_subset, load_dataset
 from ..training.models import mlp
@@ -188,7 +189,8 @@ class ForgettingJob(Job):
         w1 = copy.deepcopy(model)
         w1_flat = flat_values(chosen_parameters(w1, params)[1])  # the constrained weights of w1*
         w1_all = flat_values(w1.parameters())
-        fisher = diagonal_fisher(task_network(w1, cfg.head, 1), F.cross_entropy, *train1)
+        # EWC's exact diagonal empirical Fisher of task 1 (operators.diagonal, the fused per-sample moments)
+        fisher = fisher_diagonal(task_network(w1, cfg.head, 1), F.cross_entropy, tuple(train1), batch_size=4096)
         num_weights = sum(f.numel() for f in fisher.values())
 
         def penalty(method, lam, n_c):

@@ -3,9 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from landscape_kernels.analyses.forgetting import EWCPenalty, LDCPenalty, diagonal_fisher
+from landscape_kernels.analyses.forgetting import EWCPenalty, LDCPenalty
 from landscape_kernels.training.trainer import SGDTrainer
 from testing import small_mlp
 
@@ -53,17 +52,6 @@ def test_ewc_penalty_and_its_strongest_constraints(gen):
     assert float(top(model).detach()) == pytest.approx(0.5 * 4.0 * float(torch.topk(flat, 5).values.sum()) * 0.01, rel=1e-12)
     with pytest.raises(ValueError, match="num_constraints must be in"):
         EWCPenalty(model, fisher, 1.0, num_constraints=0)
-
-
-def test_diagonal_fisher_is_the_mean_squared_per_sample_gradient(gen):
-    model = net()
-    x, y = torch.randn(37, 4, dtype=torch.float64, generator=gen), torch.randint(0, 2, (37,), generator=gen)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    g = vmap(grad(lambda p, xb, yb: F.cross_entropy(functional_call(model, p, (xb[None],)), yb[None])),
-             in_dims=(None, 0, 0))(params, x, y)
-    fisher = diagonal_fisher(model, F.cross_entropy, x, y, chunk=10)
-    for n in params:
-        assert torch.allclose(fisher[n], (g[n] ** 2).mean(0), rtol=1e-10, atol=1e-14), n
 
 
 def test_penalised_full_batch_step_is_gradient_descent_on_loss_plus_penalty(gen):

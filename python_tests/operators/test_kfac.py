@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import landscape_kernels as lk
