@@ -42,6 +42,8 @@ class AnalyseConfig:
                                    "many per model pass (batched), or one by one (loop)",
                                    choices=("auto", "batched", "loop"))
     keep_graph: bool = option(False, "keep each batch's gradient graph across Hessian products (faster, more memory)")
+    kfac_loss: str = option("cross_entropy", "the loss of the kfac stage (KFAC and EKFAC against the exact spectrum), "
+                            "checked against the model's", choices=("cross_entropy", "mse"))
     seed: int = option(0, "seed of every random draw", minimum=0)
     quick: bool = option(False, "fewer eigenpairs, probes and points: a first look in seconds")
 
@@ -60,7 +62,7 @@ class AnalyseConfig:
     def settings(self):
         s = AnalyseSettings(top_k=self.top_k, density_probes=self.density_probes, surface_points=self.surface_points,
                             surface_directions=self.surface_directions, landscape_method=self.landscape_method,
-                            keep_graph=self.keep_graph, seed=self.seed)
+                            keep_graph=self.keep_graph, kfac_loss=self.kfac_loss, seed=self.seed)
         return (s.quick() if self.quick else s).checked()
 
 

@@ -166,7 +166,7 @@ def test_filter_normalised_directions_match_each_filter(problem):
 def test_to_dict_is_json_and_scalars(problem):
     d = problem["result"].to_dict()
     json.dumps(d)
-    assert set(d["stages"]) == set(STAGES)
+    assert set(d["stages"]) == set(STAGES) - {"kfac"}  # "all" leaves out the kfac stage, asked for by name
     assert problem["result"].scalars()["lambda_1"] == d["stages"]["hessian"]["eigenvalues"][0]
 
 
@@ -181,6 +181,28 @@ def test_resume_reads_every_stage_back(problem, tmp_path):
     assert set(again.timings_s.values()) == {0.0} and len(lines) == 3  # hessian, trace, profiles
     assert again.stages == first.stages
     close(again.arrays["eigen_profiles"], first.arrays["eigen_profiles"], rtol=0)
+
+
+def test_kfac_stage_is_exact_where_kfac_is(problem):
+    """Each layer's output is the model's one output, whose squared-error Hessian is constant: KFAC and
+    EKFAC are the exact block-diagonal GGN, 2 X_l^T X_l / N per layer (mean squared error, twice half_mse),
+    and the exact top eigenvalues are those of 2 X^T X / N."""
+    X, y = problem["X"], problem["y"]
+    settings = lk.AnalyseSettings(top_k=3, tol=1e-12, kfac_loss="mse", density_steps=D1 + D2)
+    r = lk.analyse(problem["model"], torch.nn.functional.mse_loss, (X, y), what=["kfac", "trace", "density"],
+                   settings=settings).stages["kfac"]
+    H = 2 * problem["H"].numpy()
+    blocks = np.concatenate([np.linalg.eigvalsh(H[:D1, :D1]), np.linalg.eigvalsh(H[D1:, D1:])])
+    top_blocks = np.sort(blocks)[::-1][:3]
+    assert r["params"] == ["a.weight", "b.weight"] and r["num_params"] == D1 + D2
+    close(r["hessian_top"], np.sort(np.linalg.eigvalsh(H))[::-1][:3], rtol=1e-8)
+    close(r["ggn_top"], r["hessian_top"], rtol=1e-8)
+    for label in ("kfac", "ekfac"):
+        close(r[label]["top"], top_blocks, rtol=1e-10)
+        close(r[label]["trace"], np.trace(H), rtol=1e-10)
+        assert 0 <= r[label]["density_l1_to_hessian"] <= 2
+    with pytest.raises(ValueError, match="set kfac_loss"):  # half the squared error is not the mean squared error
+        lk.analyse(problem["model"], half_mse, (X, y), what="kfac", settings=settings)
 
 
 def test_stage_selection_adds_what_a_stage_needs():
@@ -198,6 +220,7 @@ def test_stage_selection_adds_what_a_stage_needs():
     ({"settings": lk.AnalyseSettings(tol=float("nan"))}, "tol must be a finite number"),
     ({"settings": lk.AnalyseSettings(surface_directions="pca")}, "surface_directions must be one of"),
     ({"settings": lk.AnalyseSettings(landscape_method="vmap")}, "landscape_method must be one of"),
+    ({"settings": lk.AnalyseSettings(kfac_loss="nll")}, "kfac_loss must be one of"),
     ({"settings": {"top_k": 3}}, "settings must be an AnalyseSettings"),
 ])
 def test_bad_arguments_are_named(problem, kwargs, match):

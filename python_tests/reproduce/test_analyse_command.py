@@ -67,6 +67,15 @@ def test_each_preset_end_to_end(preset, tmp_path):
     assert s["stages"]["noise"]["b_simple"] > 0
 
 
+def test_kfac_stage_in_the_report(tmp_path):
+    code, s = run(["--preset", "digits-mlp", "--quick", "--what", "kfac"], tmp_path)
+    assert code == 0 and set(s["stages"]) == {"kfac"}
+    k = s["stages"]["kfac"]
+    assert len(k["kfac"]["top"]) == len(k["hessian_top"]) and k["ekfac"]["trace"] > 0
+    report = open(tmp_path / "report.md").read()
+    assert "KFAC λ_1 … λ_k / exact" in report and "EKFAC λ_1 … λ_k / exact" in report
+
+
 def test_user_function_from_a_file_and_from_a_module(user_module, tmp_path, monkeypatch, capsys):
     code, s = run(["--model", f"{user_module}:build", "--quick", "--what", "hessian,noise"], tmp_path / "a")
     assert code == 0 and set(s["stages"]) == {"hessian", "noise"} and s["num_samples"] == 90

@@ -11,6 +11,7 @@ Under ``torchrun`` each rank passes its shard of the samples and gets the analys
 import time
 from dataclasses import dataclass, field
 
+from .approximations import kfac_stage
 from .cache import StageCache
 from .curvature import density_stage, ggn_stage, hessian_stage, layers_stage, trace_stage
 from .landscape import profiles_stage, surface_stage
@@ -22,7 +23,7 @@ from .settings import AnalyseSettings, resolve_stages
 
 STAGE_FUNCTIONS = {"hessian": hessian_stage, "ggn": ggn_stage, "density": density_stage, "trace": trace_stage,
                    "layers": layers_stage, "noise": noise_stage, "overlap": overlap_stage, "profiles": profiles_stage,
-                   "surface": surface_stage}
+                   "surface": surface_stage, "kfac": kfac_stage}
 
 
 @dataclass
@@ -76,8 +77,8 @@ def analyse(model, loss_fn, data, what="all", params=None, output_fn=None, batch
         data: an (inputs, targets) pair (cut into ``batch_size`` rows) or an iterable of such batches;
             inputs a tensor, tuple or dict (``model(**inputs)``). These samples are used by every stage.
         what: a stage or a list of them (``STAGES``: hessian, ggn, density, trace, layers, noise,
-            overlap, profiles, surface), or a group ("all", "curvature", "landscape"); the stages a
-            chosen one needs run too.
+            overlap, profiles, surface, kfac), or a group ("all": every stage but kfac, "curvature",
+            "landscape"); the stages a chosen one needs run too.
         params: parameter names to analyse (None: every trainable one); output_fn: the tensor the loss
             is taken of (default: the output, its ``.logits`` or its first element).
         settings: ``AnalyseSettings`` (default: its defaults; ``quick`` takes its quick variant).

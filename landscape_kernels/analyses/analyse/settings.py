@@ -2,14 +2,15 @@
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-STAGES = ("hessian", "ggn", "density", "trace", "layers", "noise", "overlap", "profiles", "surface")
+STAGES = ("hessian", "ggn", "density", "trace", "layers", "noise", "overlap", "profiles", "surface", "kfac")
 GROUPS = {
-    "all": STAGES,
+    "all": STAGES[:-1],  # kfac is asked for by name: it needs a cross-entropy or squared-error loss
     "curvature": ("hessian", "ggn", "density", "trace", "layers"),
     "landscape": ("profiles", "surface"),
 }
 SURFACE_DIRECTIONS = ("random", "hessian")
 LANDSCAPE_METHODS = ("auto", "batched", "loop")
+KFAC_LOSSES = ("cross_entropy", "mse")
 
 
 @dataclass
@@ -27,7 +28,8 @@ class AnalyseSettings:
     first two random directions) or "hessian" (the top two eigenvectors, over the eigen range);
     landscape_method: how the profiles and the surface evaluate their points: "batched" (many points
     per pass of the model, ``loss_profiles``), "loop" (the weights written and the model run once per
-    point) or "auto" (each stage times both on its first points and keeps the faster); keep_graph: keep each batch's gradient graph across Hessian products (faster, more memory); seed:
+    point) or "auto" (each stage times both on its first points and keeps the faster); keep_graph: keep each batch's gradient graph across Hessian products (faster, more memory); kfac_loss: the loss
+    the kfac stage assumes ("cross_entropy" or "mse", checked against loss_fn); seed:
     every random draw."""
 
     top_k: int = 10
@@ -45,6 +47,7 @@ class AnalyseSettings:
     surface_directions: str = "random"
     landscape_method: str = "auto"
     keep_graph: bool = False
+    kfac_loss: str = "cross_entropy"
     seed: int = 0
 
     def quick(self):
@@ -71,6 +74,8 @@ class AnalyseSettings:
             raise ValueError("analyse: surface_directions='random' needs random_directions >= 2")
         if self.landscape_method not in LANDSCAPE_METHODS:
             raise ValueError(f"analyse: landscape_method must be one of {LANDSCAPE_METHODS}, got {self.landscape_method!r}")
+        if self.kfac_loss not in KFAC_LOSSES:
+            raise ValueError(f"analyse: kfac_loss must be one of {KFAC_LOSSES}, got {self.kfac_loss!r}")
         if self.keep_graph not in (True, False):
             raise ValueError(f"analyse: keep_graph must be True or False, got {self.keep_graph!r}")
         return self

@@ -66,10 +66,31 @@ def _rows(s):
         if p["random_rise"]:
             rows.append(("loss rise at ±1 filter-normalised step", ", ".join(fmt(v) for v in p["random_rise"]),
                          "Li et al. 2018's flatness along random directions (smaller = flatter)"))
+    if "kfac" in st:
+        rows += _approximation_rows(st["kfac"])
     if "surface" in st:
         sf = st["surface"]
         rows.append(("2-D surface min / max", f"{fmt(sf['min'])} / {fmt(sf['max'])}",
                      f"over ±{fmt(sf['axis_range'])} along two {sf['directions']} directions; centre {fmt(sf['loss'])}"))
+    return rows
+
+
+def _approximation_rows(a):
+    """KFAC's and EKFAC's top eigenvalues against the exact Hessian's and GGN's over the layers they cover."""
+    rows = [("exact λ_1 … λ_k over KFAC's layers", "H: " + ", ".join(fmt(v) for v in a["hessian_top"]) + "; GGN: "
+             + ", ".join(fmt(v) for v in a["ggn_top"]), f"{a['num_params']} weights of {len(a['params'])} parameters "
+             f"(Linear / Conv / Conv1D), {a['loss']}")]
+    for label in ("kfac", "ekfac"):
+        e = a[label]
+        extra = []
+        if "trace_ratio_to_hessian" in e:
+            extra.append(f"tr ratio to H {fmt(e['trace_ratio_to_hessian'])}")
+        if "density_l1_to_hessian" in e:
+            extra.append(f"L1 distance of its density to H's {fmt(e['density_l1_to_hessian'])} (0 same, 2 disjoint)")
+        rows.append((f"{label.upper()} λ_1 … λ_k / exact", ", ".join(fmt(v) for v in e["top"]) + " / GGN ratio "
+                     + ", ".join(fmt(v) for v in e["ratio_to_ggn"]),
+                     "ratio to the Hessian's " + ", ".join(fmt(v) for v in e["ratio_to_hessian"])
+                     + (("; " + "; ".join(extra)) if extra else "") + f"; {e['seconds']:.2g} s"))
     return rows
 
 
