@@ -260,7 +260,29 @@ def render_analyse(report):
     return "\n".join(lines)
 
 
-RENDERERS = {"analyse": render_analyse, "lanczos": render_lanczos, "pca": render_pca, "profiles": render_profiles,
+def render_approximations(report):
+    lines = [f"Measured {report['date']} on {report['device']} ({report['threads']} threads, torch {report['torch']}); "
+             f"median of {report['repeats']} interleaved rounds. `x ours` = time / landscape_kernels; error = relative "
+             "L2 distance to ours (for the estimates: to the exact GGN diagonal); peak = memory added during one call.", ""]
+    for name, m in report["models"].items():
+        lines += [f"**{name}** — {m['parameters']:,} parameters, batch {tuple(m['batch'])}", "",
+                  "| quantity | method | x ours | peak added | rel. error |", "|---|---|---:|---:|---:|"]
+        for quantity, methods in m["quantities"].items():
+            ours = next((r["median_s"] for k, r in methods.items() if k.startswith("landscape_kernels") and "median_s" in r),
+                        None)
+            for method, r in methods.items():
+                if "error" in r:
+                    lines.append(f"| {quantity} | {method} | — | — | {r['error'][:70]} |")
+                    continue
+                ratio = f"{r['median_s'] / ours:.2f}" if ours else "—"
+                peak = f"{r['peak_added_bytes'] / 2**20:.1f} MiB" if r.get("peak_added_bytes") is not None else "—"
+                err = f"{r['rel_err']:.1e}" if "rel_err" in r else "—"
+                lines.append(f"| {quantity} | {method} | {ratio} | {peak} | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+RENDERERS = {"analyse": render_analyse, "approximations": render_approximations, "lanczos": render_lanczos, "pca": render_pca, "profiles": render_profiles,
              "noise_curvature": render_noise_curvature, "scale": render_scale, "scale_memory": render_scale_memory,
              "sharpness": render_sharpness, "sharpness_every4": render_sharpness,
              "variance_flatness": render_variance_flatness, "real_models": render_real_models}
@@ -315,6 +337,9 @@ SECTIONS = [
     ("Sharpest-direction tracking along training", "sharpness.py", ["sharpness", "sharpness_every4"],
      "Warm-started Lanczos (from the previous measurement's eigenvectors) against a cold start and scipy `eigsh` "
      "(the released code's solver)."),
+    ("Curvature approximations: diagonals, KFAC, EKFAC", "approximations.py", ["approximations"],
+     "Exact GGN and Fisher diagonals against BackPACK, Hutchinson and XDiag against curvlinops, KFAC (type-2) "
+     "against curvlinops and BackPACK's KFLR, EKFAC against curvlinops, on an MLP, the SimpleCNN and a tiny GPT-2."),
     ("Trajectory PCA", "pca.py", ["pca"],
      "`StreamingPCA` against scikit-learn's PCA and IncrementalPCA and `torch.pca_lowrank`."),
     ("Loss profiles", "profiles.py", ["profiles"],

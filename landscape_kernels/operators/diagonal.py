@@ -6,7 +6,8 @@ parameters (a dict name -> tensor), without forming any P x P matrix.
   fused per-sample moments of one forward and backward per batch;
 - ``ggn_diagonal``: the generalised Gauss-Newton diagonal of the mean cross-entropy or squared error,
   sum over the columns s_k of the output-Hessian square root of the per-sample (J^T s_k)^2, each column
-  one forward and backward with per-sample capture (so every layer the capture supports, per layer).
+  one batched backward through the recorded Linear / Conv / Conv1D layers, and one forward and backward
+  with per-sample capture for every other parameter (every layer the capture supports).
 
 Data, parameters and output conventions are those of the operators (``ModelOperator``); estimators
 of the diagonal of any operator (Hutchinson, XDiag) are in ``linalg.diagonal``.
@@ -15,6 +16,8 @@ import torch
 
 from ..capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
 from ..capture.persample import PerSampleGradients
+from ..kernels import ops
+from .layer_records import LayerRecording, factor_layers, is_transformers_conv1d
 from .loss_hessian import check_loss, exact_columns
 from .noise import sgd_noise_scale
 
@@ -71,21 +74,68 @@ def _pseudo_loss(output, column):
 
 def ggn_diagonal(model, data, loss="cross_entropy", params=None, batch_size=None, output_fn=None):
     """Exact diagonal of the GGN J^T H J of the mean ``loss`` ("cross_entropy" or "mse", see
-    ``operators.loss_hessian``) over the data, the same matrix as ``GGNOperator`` with that loss: for each
-    column s_k of the square root of H (C per batch for (B, C) outputs, T x C for outputs with T
-    positions), one forward and backward with per-sample capture gives J_n^T s_k for every sample, whose
-    squares are summed. Returns a dict name -> tensor shaped like the parameter."""
+    ``operators.loss_hessian``) over the data, the same matrix as ``GGNOperator`` with that loss: the
+    columns s_k of the square root of H (C per batch for (B, C) outputs, T x C for outputs with T
+    positions, each covering one position) are carried back through J, and the squares of each
+    sample's gradient summed. Linear, ConvNd (groups=1) and transformers' Conv1D layers take one forward
+    and batched backward passes, their per-sample squares from the fused moments of the recorded rows;
+    every other parameter takes one forward and backward with per-sample capture per column. Returns a
+    dict name -> tensor shaped like the parameter."""
     check_loss(loss)
     batches, names, tensors, N = _setup(model, data, params, batch_size)
+    layers, others = factor_layers(model, names)
+    others = [n for n, _ in others]
     diag = {n: torch.zeros_like(t) for n, t in zip(names, tensors)}
     with eval_mode(model):
         for x, _ in batches:
             weight = batch_size_of(x) / N
-            output = _output_of(model, x, output_fn)
-            for column in exact_columns(loss, output, per_position=True):
-                for n, (sq, _) in _squares_and_sums(model, names, _pseudo_loss, x, column, output_fn, "sum").items():
-                    diag[n] += sq.detach() * weight
+            if layers:
+                _factor_layer_squares(model, layers, x, loss, output_fn, diag, weight)
+            if others:
+                output = _output_of(model, x, output_fn)
+                for column in exact_columns(loss, output, per_position=True):
+                    squares = _squares_and_sums(model, others, _pseudo_loss, x, column, output_fn, "sum")
+                    for n, (sq, _) in squares.items():
+                        diag[n] += sq.detach() * weight
     return diag
+
+
+def _factor_layer_squares(model, layers, x, loss, output_fn, diag, weight):
+    """Add ``weight`` times sum over columns and samples of the squared per-sample gradients of the
+    factor layers' parameters (one recorded forward, batched backward passes) to ``diag``."""
+    B = batch_size_of(x)
+    modules = {name: module for name, (module, _) in layers.items()}
+    with torch.enable_grad(), LayerRecording(modules, B) as recording:
+        output = model_output(call_model(model, x), output_fn)
+    recording.check_ran("ggn_diagonal")
+    inputs = recording.input_rows()
+    # one position per sample: sum_n (d_n a_n^T)^2 = (d^2)^T (a^2), so the squared output gradients
+    # of every column are summed first and met by the squared inputs in one product per layer
+    single = {layer for layer, a in inputs.items() if a.shape[1] == 1}
+    summed = {layer: 0.0 for layer in single}
+    for rows in recording.gradient_rows(output, exact_columns(loss, output, per_position=True)):
+        for layer, (module, owned) in layers.items():
+            a, d = inputs[layer], rows[layer]
+            if layer in single:
+                summed[layer] = summed[layer] + d[:, 0] ** 2
+                continue
+            for rel, name in owned.items():
+                if rel == "bias":
+                    sq = d.sum(1).pow(2).sum(0)
+                else:  # G_n = sum_t d^T a (out, in); transformers' Conv1D stores the weight (in, out)
+                    first, second = (d, a) if is_transformers_conv1d(module) else (a, d)
+                    mean, var = ops.per_sample_moments(first.contiguous(), second.contiguous())
+                    sq = (var + mean ** 2) * B
+                diag[name] += sq.reshape(diag[name].shape) * weight
+    for layer in single:
+        module, owned = layers[layer]
+        d2, a2 = summed[layer], inputs[layer][:, 0] ** 2
+        for rel, name in owned.items():
+            if rel == "bias":
+                sq = d2.sum(0)
+            else:
+                sq = a2.T @ d2 if is_transformers_conv1d(module) else d2.T @ a2
+            diag[name] += sq.reshape(diag[name].shape) * weight
 
 
 def _output_of(model, x, output_fn):

@@ -31,44 +31,24 @@ contributes each use's positions. ``kfac_parameters(model)`` lists the parameter
 import math
 
 import torch
-from torch import nn
 
-from ..capture.layers import conv_patches, sample_rows
 from ..capture.model import batch_size_of
 from ..kernels import ops
+from .layer_records import LayerRecording, factor_layers, is_transformers_conv1d
 from .loss_hessian import check_loss, empirical_column, exact_columns, mean_loss, monte_carlo_columns
 from .model import ModelOperator
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _is_transformers_conv1d(module):
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
-
-
-def _covered(module):
-    """None when KFAC covers ``module``'s weight and bias, else the reason."""
-    if isinstance(module, _CONV):
-        return None if module.groups == 1 else f"{type(module).__name__} with groups={module.groups}"
-    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
-        return None
-    return type(module).__name__
 
 
 def kfac_parameters(model, params=None):
     """The names of the trainable parameters (of ``params``, or all) that KFAC covers: weights and biases of
     Linear, ConvNd (groups=1) and transformers' Conv1D layers."""
-    modules = dict(model.named_modules())
     chosen = params if params is not None else [n for n, p in model.named_parameters() if p.requires_grad]
-    out = []
-    for name in chosen:
-        owner, _, rel = name.rpartition(".")
-        module = modules.get(owner)
-        if module is not None and rel in ("weight", "bias") and _covered(module) is None:
-            out.append(name)
-    return out
+    layers, _ = factor_layers(model, chosen)
+    covered = {n for _, names in layers.values() for n in names.values()}
+    return [n for n in chosen if n in covered]
 
 
 def _with_ones(rows):
@@ -173,20 +153,11 @@ class KFACOperator(ModelOperator):
     # ------------------------------------------------------------------------------- set-up
     def _layers(self):
         """{module name: (module, {"weight"/"bias": model parameter name})} for the chosen parameters."""
-        modules = dict(self.model.named_modules())
-        layers, uncovered = {}, []
-        for name in self.param_names:
-            owner, _, rel = name.rpartition(".")
-            module = modules.get(owner)
-            reason = "a parameter outside weight/bias" if module is None or rel not in ("weight", "bias") else _covered(module)
-            if reason is not None:
-                uncovered.append(f"{name} ({reason})")
-                continue
-            layers.setdefault(owner, (module, {}))[1][rel] = name
+        layers, uncovered = factor_layers(self.model, self.param_names)
         if uncovered:
             raise ValueError(f"{type(self).__name__}: KFAC covers Linear, ConvNd (groups=1) and transformers' Conv1D "
-                             f"weights and biases, not {', '.join(uncovered)}; pass params=kfac_parameters(model) "
-                             "(or a list of the covered names)")
+                             f"weights and biases, not {', '.join(f'{n} ({why})' for n, why in uncovered)}; pass "
+                             "params=kfac_parameters(model) (or a list of the covered names)")
         return layers
 
     def _columns(self, output, targets, generator, per_position):
@@ -201,52 +172,14 @@ class KFACOperator(ModelOperator):
         {layer: output-gradient rows (B, T, out)}), the T positions of every use of a layer joined.
         ``per_position``: type-2 columns one output position at a time (see ``exact_columns``)."""
         generator = torch.Generator().manual_seed(self.seed)  # the same draws in every pass
+        modules = {name: module for name, (module, _) in self.layers.items()}
         for x, y in self.batches:
             B = batch_size_of(x)
-            recorded = {name: [] for name in self.layers}
-            handles = [module.register_forward_hook(self._recorder(recorded[name], B))
-                       for name, (module, _) in self.layers.items()]
-            try:
-                with self.eval_mode(), torch.enable_grad():
-                    output = self.output(None, x)
-            finally:
-                for h in handles:
-                    h.remove()
-            missing = [n for n, calls in recorded.items() if not calls]
-            if missing:
-                raise RuntimeError(f"{type(self).__name__}: the layers {missing} did not run in the model's forward")
-            inputs = {n: torch.cat([a for a, _ in calls], 1) for n, calls in recorded.items()}
-            outs = [(n, o) for n, calls in recorded.items() for _, o in calls]
-            yield B, inputs, self._gradient_rows(output, y, generator, outs, B, per_position)
-
-    def _recorder(self, calls, B):
-        def hook(module, args, output):
-            x = args[0].detach()
-            if isinstance(module, _CONV):
-                rows = conv_patches(module, x)[:, :, 0]
-            else:
-                x = sample_rows(x, B)
-                rows = x.reshape(x.shape[0], -1, x.shape[-1])
-            calls.append((rows, output))
-        return hook
-
-    def _gradient_rows(self, output, targets, generator, outs, B, per_position):
-        columns = list(self._columns(output, targets, generator, per_position))
-        tensors = [o for _, o in outs]
-        for i, column in enumerate(columns):
-            grads = torch.autograd.grad(output, tensors, grad_outputs=column.to(output.dtype),
-                                        retain_graph=i < len(columns) - 1, allow_unused=True)
-            rows = {}
-            for (name, o), g in zip(outs, grads):
-                g = torch.zeros_like(o) if g is None else g
-                module = self.layers[name][0]
-                if isinstance(module, _CONV):
-                    g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
-                else:
-                    g = sample_rows(g, B)
-                    g = g.reshape(g.shape[0], -1, g.shape[-1])
-                rows.setdefault(name, []).append(g.detach())
-            yield {n: torch.cat(parts, 1) for n, parts in rows.items()}
+            with self.eval_mode(), torch.enable_grad(), LayerRecording(modules, B) as recording:
+                output = self.output(None, x)
+            recording.check_ran(type(self).__name__)
+            columns = self._columns(output, y, generator, per_position)
+            yield B, recording.input_rows(), recording.gradient_rows(output, columns)
 
     # ----------------------------------------------------------------------------- the factors
     def _factor_pass(self):
@@ -279,7 +212,7 @@ class KFACOperator(ModelOperator):
                 members = chosen if joint else [name]
                 if rel == "bias":
                     blocks[name] = KroneckerBlock(members, G, one, ("gradient", "one"))
-                elif _is_transformers_conv1d(module):
+                elif is_transformers_conv1d(module):
                     blocks[name] = KroneckerBlock(members, A, G, (weight_side, "gradient"))
                 else:
                     blocks[name] = KroneckerBlock(members, G, A, ("gradient", weight_side))
