@@ -234,15 +234,36 @@ class KFACOperator(ModelOperator):
         by_layer = {layer: list({id(self.blocks[n]): self.blocks[n] for n in names.values()}.values())
                     for layer, (_, names) in self.layers.items()}
         for B, a_rows, columns in self._passes(per_position=True):
+            scale = B / self.num_samples
+            # each block's input side rotated once per batch; the gradient side per column
+            rotated = {}
+            for layer, blocks in by_layer.items():
+                for block in blocks:
+                    side = 1 if block.sides[0] == "gradient" else 0
+                    kind = block.sides[side]
+                    if kind != "one":
+                        rows = a_rows[layer] if kind == "input" else _with_ones(a_rows[layer])
+                        rotated[id(block)] = rows @ block.eigen()[1 + 2 * side]
+            squares = {}  # one-position layers: the squared rotated gradients summed over the columns first
             for g_rows in columns:
                 for layer, blocks in by_layer.items():
-                    rows = {"input": a_rows[layer], "gradient": g_rows[layer], "input+1": _with_ones(a_rows[layer])}
-                    rows["one"] = rows["gradient"].new_ones(*rows["gradient"].shape[:2], 1)
                     for block in blocks:
-                        _, Ql, _, Qr = block.eigen()
-                        left, right = rows[block.sides[0]] @ Ql, rows[block.sides[1]] @ Qr
-                        mean, var = ops.per_sample_moments(right.contiguous(), left.contiguous())
-                        refit[id(block)] = refit[id(block)] + (var + mean ** 2) * (B * B / self.num_samples)
+                        grad_side = 0 if block.sides[0] == "gradient" else 1
+                        g = g_rows[layer] @ block.eigen()[1 + 2 * grad_side]
+                        if "one" in block.sides:  # a bias: the per-sample gradient is the sum over positions
+                            refit[id(block)] = refit[id(block)] + g.sum(1).pow(2).sum(0)[:, None] * scale
+                        elif g.shape[1] == 1:
+                            squares[id(block)] = squares.get(id(block), 0.0) + g[:, 0] ** 2
+                        else:
+                            left, right = (g, rotated[id(block)]) if grad_side == 0 else (rotated[id(block)], g)
+                            mean, var = ops.per_sample_moments(right.contiguous(), left.contiguous())
+                            refit[id(block)] = refit[id(block)] + (var + mean ** 2) * (B * scale)
+            for layer, blocks in by_layer.items():
+                for block in blocks:
+                    if id(block) in squares:  # sum_n (g_n a_n^T)^2 = (g^2)^T (a^2) for one position
+                        g2, a2 = squares[id(block)], rotated[id(block)][:, 0] ** 2
+                        product = g2.T @ a2 if block.sides[0] == "gradient" else a2.T @ g2
+                        refit[id(block)] = refit[id(block)] + product * scale
         for block in self.unique_blocks():
             block.refit = refit[id(block)]
 

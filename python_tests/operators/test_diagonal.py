@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape_kernels.operators import fisher_diagonal, ggn_diagonal, noise_diagonal
+from landscape_kernels.operators import kfac_parameters as lk_kfac_parameters
 from landscape_kernels.operators.loss_hessian import exact_columns, mean_loss, monte_carlo_columns
 from testing import flat_parameter_function, seed_from, small_mlp, vmap_per_sample_gradients
 
@@ -94,6 +95,32 @@ def test_ggn_diagonal_of_gpt2():
              "transformer.ln_f.bias"]
     d = ggn_diagonal(case.model, (case.inputs, case.targets), params=names)
     ref = dense_ggn(case.model, case.inputs, "cross_entropy", names).diagonal()
+    assert (flat(d) - ref).abs().max() <= TOL * ref.abs().max()
+
+
+class TiedOutput(nn.Module):
+    """An output layer whose weight is also the input embedding, named after the Linear (as a tied LM head
+    can be): the recorded-layer path must leave it to the per-sample capture, which sees both uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(5, 7, bias=False)
+        self.mid = nn.Linear(5, 5)
+        self.embed = nn.Embedding(7, 5)
+        self.embed.weight = self.out.weight
+
+    def forward(self, tokens):
+        return self.out(self.mid(self.embed(tokens)).tanh())
+
+
+def test_a_weight_shared_between_modules(gen):
+    seed_from(gen)
+    model = TiedOutput().double()
+    tokens = torch.randint(0, 7, (6, 3), generator=gen)
+    assert [n for n, _ in model.named_parameters()] == ["out.weight", "mid.weight", "mid.bias"]
+    assert lk_kfac_parameters(model) == ["mid.weight", "mid.bias"]
+    d = ggn_diagonal(model, (tokens, tokens))
+    ref = dense_ggn(model, tokens, "cross_entropy").diagonal()
     assert (flat(d) - ref).abs().max() <= TOL * ref.abs().max()
 
 

@@ -84,6 +84,10 @@ def test_eigenvalues_trace_inverse_and_solvers(gen):
         assert np.allclose(np.asarray(top, dtype=float), ref[:3].numpy(), rtol=1e-8)
         scipy_top = np.sort(sla.eigsh(op.to_scipy(), k=3, which="LA", tol=1e-12)[0])[::-1]
         assert np.allclose(scipy_top, ref[:3].numpy(), rtol=1e-9)
+        trace, se = lk.hutchinson_trace(op, num_probes=400, seed=1)
+        assert abs(trace - op.trace()) < 5 * se
+        density = lk.spectral_density(op, num_probes=4, num_steps=op.shape[0], seed=0)
+        assert float(density.nodes.max()) == pytest.approx(float(ref[0]), rel=1e-8)  # a full chain finds the top
         d = op.as_parameter_dict(A.diagonal())
         assert list(d) == op.param_names and d["0.weight"].shape == model[0].weight.shape
 
