@@ -199,6 +199,11 @@ class KFACOperator(ModelOperator):
                 for n, g in g_rows.items():
                     g = g.reshape(-1, g.shape[-1]) if self.kfac_approx == "expand" else g.sum(1)
                     gradients[n] = gradients[n] + (g.T @ g) * (B / self.num_samples)
+        bad = [layer for layer in self.layers if not (bool(torch.isfinite(torch.as_tensor(inputs[layer])).all())
+                                                      and bool(torch.isfinite(torch.as_tensor(gradients[layer])).all()))]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: the Kronecker factors of the layers {bad} are not finite: the "
+                             "model's inputs, outputs or output gradients there hold NaN or Inf")
         blocks = {}
         one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
         for layer, (module, names) in self.layers.items():

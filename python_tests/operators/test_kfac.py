@@ -170,12 +170,34 @@ def test_bad_arguments_are_named(gen):
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).double()
     with pytest.raises(ValueError, match="groups=2"):
         KFACOperator(grouped, (torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 1])))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"factors of the layers \['0', '2'\] are not finite"):
+        KFACOperator(model, (bad, y))
     dead = small_mlp((5, 6, 3), nn.ReLU)
     with torch.no_grad():
         dead[0].bias.fill_(-100.0)  # every hidden unit dead: singular factors
     op = KFACOperator(dead, (x, y))
     with pytest.raises(ValueError, match="singular.*damping > 0"):
         op.inverse_matmat(torch.ones(op.shape[0], 1, dtype=torch.float64))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_device_and_dtype_agree_with_float64_on_the_cpu(device, dtype, gen):
+    model, x, y = cnn_problem(gen)
+    ref = {cls: dense(cls(model, (x, y), batch_size=3)) for cls in (KFACOperator, EKFACOperator)}
+    moved = nn.Sequential(*[m for m in model]).to(device, dtype)
+    xs = x.to(device, dtype).transpose(2, 3).contiguous().transpose(2, 3)  # a non-contiguous input
+    assert not xs.is_contiguous()
+    for cls, R in ref.items():
+        op = cls(moved, (xs, y.to(device)), batch_size=3)
+        got = op.matmat(torch.eye(op.shape[0], dtype=dtype, device=device)).double().cpu()
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert (got - R).abs().max() <= tol * R.abs().max(), cls.__name__
 
 
 # ------------------------------------------------------------------------- against curvlinops
