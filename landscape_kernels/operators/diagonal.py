@@ -16,10 +16,12 @@ import torch
 
 from ..capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
 from ..capture.persample import PerSampleGradients
-from ..kernels import ops
-from .layer_records import LayerRecording, factor_layers, is_transformers_conv1d
+from .layer_records import LayerRecording, factor_layers, is_transformers_conv1d, summed_squares
 from .loss_hessian import check_loss, exact_columns
 from .noise import sgd_noise_scale
+
+
+STACKED_COLUMNS = 16  # output-Hessian columns per fused moment call (memory: this many gradient copies)
 
 
 def _squares_and_sums(model, params, loss_fn, x, y, output_fn, loss_reduction):
@@ -110,23 +112,34 @@ def _factor_layer_squares(model, layers, x, loss, output_fn, diag, weight):
     recording.check_ran("ggn_diagonal")
     inputs = recording.input_rows()
     # one position per sample: sum_n (d_n a_n^T)^2 = (d^2)^T (a^2), so the squared output gradients
-    # of every column are summed first and met by the squared inputs in one product per layer
+    # of every column are summed first and met by the squared inputs in one product per layer; layers
+    # with several positions stack up to ``STACKED_COLUMNS`` columns into one fused moment call
     single = {layer for layer, a in inputs.items() if a.shape[1] == 1}
     summed = {layer: 0.0 for layer in single}
-    for rows in recording.gradient_rows(output, exact_columns(loss, output, per_position=True)):
-        for layer, (module, owned) in layers.items():
-            a, d = inputs[layer], rows[layer]
-            if layer in single:
-                summed[layer] = summed[layer] + d[:, 0] ** 2
+    pending = {layer: [] for layer in layers if layer not in single}
+
+    def flush():
+        for layer, ds in pending.items():
+            if not ds:
                 continue
+            module, owned = layers[layer]
             for rel, name in owned.items():
                 if rel == "bias":
-                    sq = d.sum(1).pow(2).sum(0)
-                else:  # G_n = sum_t d^T a (out, in); transformers' Conv1D stores the weight (in, out)
-                    first, second = (d, a) if is_transformers_conv1d(module) else (a, d)
-                    mean, var = ops.per_sample_moments(first.contiguous(), second.contiguous())
-                    sq = (var + mean ** 2) * B
+                    sq = sum(d.sum(1).pow(2).sum(0) for d in ds)
+                else:  # transformers' Conv1D stores the weight (in, out)
+                    sq = summed_squares(inputs[layer], ds, transposed=is_transformers_conv1d(module))
                 diag[name] += sq.reshape(diag[name].shape) * weight
+            ds.clear()
+
+    for count, rows in enumerate(recording.gradient_rows(output, exact_columns(loss, output, per_position=True)), 1):
+        for layer in layers:
+            if layer in single:
+                summed[layer] = summed[layer] + rows[layer][:, 0] ** 2
+            else:
+                pending[layer].append(rows[layer])
+        if count % STACKED_COLUMNS == 0:
+            flush()
+    flush()
     for layer in single:
         module, owned = layers[layer]
         d2, a2 = summed[layer], inputs[layer][:, 0] ** 2

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..capture.layers import conv_patches, sample_rows
+from ..kernels import ops
 
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -124,3 +125,17 @@ class LayerRecording:
             per_column = [torch.autograd.grad(output, tensors, grad_outputs=c, retain_graph=True, allow_unused=True)
                           for c in columns]
         return per_column
+
+
+def summed_squares(a, gradients, transposed=False):
+    """sum over the columns k and the samples n of the squared per-sample gradients
+    G_nk = sum_t d_k[n, t]^T a[n, t] ((out, in); ``transposed``: a^T d_k, (in, out), a weight stored
+    (in, out)), for input rows ``a`` (B, T, in) and one (B, T, out) ``gradients`` entry per column. The
+    columns are stacked along the output features into one call of the fused moment kernel."""
+    K, B = len(gradients), a.shape[0]
+    d = torch.cat(gradients, -1).contiguous()  # (B, T, K out)
+    if transposed:
+        mean, var = ops.per_sample_moments(d, a.contiguous())  # (in, K out)
+        return ((var + mean ** 2) * B).reshape(a.shape[-1], K, -1).sum(1)
+    mean, var = ops.per_sample_moments(a.contiguous(), d)  # (K out, in)
+    return ((var + mean ** 2) * B).reshape(K, -1, a.shape[-1]).sum(0)
