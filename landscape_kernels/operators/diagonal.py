@@ -16,12 +16,9 @@ import torch
 
 from ..capture.model import as_batches, batch_size_of, call_model, chosen_parameters, eval_mode, model_output
 from ..capture.persample import PerSampleGradients
-from .layer_records import LayerRecording, factor_layers, is_transformers_conv1d, summed_squares
+from .layer_records import LayerRecording, SquaredGradientSums, factor_layers, is_transformers_conv1d
 from .loss_hessian import check_loss, exact_columns
 from .noise import sgd_noise_scale
-
-
-STACKED_COLUMNS = 16  # output-Hessian columns per fused moment call (memory: this many gradient copies)
 
 
 def _squares_and_sums(model, params, loss_fn, x, y, output_fn, loss_reduction):
@@ -91,10 +88,9 @@ def ggn_diagonal(model, data, loss="cross_entropy", params=None, batch_size=None
     with eval_mode(model):
         for x, _ in batches:
             weight = batch_size_of(x) / N
-            if layers:
-                _factor_layer_squares(model, layers, x, loss, output_fn, diag, weight)
+            output = _factor_layer_squares(model, layers, x, loss, output_fn, diag, weight) if layers else None
             if others:
-                output = _output_of(model, x, output_fn)
+                output = _output_of(model, x, output_fn) if output is None else output
                 for column in exact_columns(loss, output, per_position=True):
                     squares = _squares_and_sums(model, others, _pseudo_loss, x, column, output_fn, "sum")
                     for n, (sq, _) in squares.items():
@@ -103,52 +99,25 @@ def ggn_diagonal(model, data, loss="cross_entropy", params=None, batch_size=None
 
 
 def _factor_layer_squares(model, layers, x, loss, output_fn, diag, weight):
-    """Add ``weight`` times sum over columns and samples of the squared per-sample gradients of the
-    factor layers' parameters (one recorded forward, batched backward passes) to ``diag``."""
+    """Add ``weight`` times the sum over columns and samples of the squared per-sample gradients of the
+    factor layers' parameters (one recorded forward, batched backward passes) to ``diag``; returns the
+    model's (detached) output."""
     B = batch_size_of(x)
     modules = {name: module for name, (module, _) in layers.items()}
     with torch.enable_grad(), LayerRecording(modules, B) as recording:
         output = model_output(call_model(model, x), output_fn)
     recording.check_ran("ggn_diagonal")
     inputs = recording.input_rows()
-    # one position per sample: sum_n (d_n a_n^T)^2 = (d^2)^T (a^2), so the squared output gradients
-    # of every column are summed first and met by the squared inputs in one product per layer; layers
-    # with several positions stack up to ``STACKED_COLUMNS`` columns into one fused moment call
-    single = {layer for layer, a in inputs.items() if a.shape[1] == 1}
-    summed = {layer: 0.0 for layer in single}
-    pending = {layer: [] for layer in layers if layer not in single}
-
-    def flush():
-        for layer, ds in pending.items():
-            if not ds:
-                continue
-            module, owned = layers[layer]
-            for rel, name in owned.items():
-                if rel == "bias":
-                    sq = sum(d.sum(1).pow(2).sum(0) for d in ds)
-                else:  # transformers' Conv1D stores the weight (in, out)
-                    sq = summed_squares(inputs[layer], ds, transposed=is_transformers_conv1d(module))
-                diag[name] += sq.reshape(diag[name].shape) * weight
-            ds.clear()
-
-    for count, rows in enumerate(recording.gradient_rows(output, exact_columns(loss, output, per_position=True)), 1):
-        for layer in layers:
-            if layer in single:
-                summed[layer] = summed[layer] + rows[layer][:, 0] ** 2
-            else:
-                pending[layer].append(rows[layer])
-        if count % STACKED_COLUMNS == 0:
-            flush()
-    flush()
-    for layer in single:
-        module, owned = layers[layer]
-        d2, a2 = summed[layer], inputs[layer][:, 0] ** 2
+    sums = {layer: SquaredGradientSums(inputs[layer], transposed=is_transformers_conv1d(module))
+            for layer, (module, _) in layers.items()}
+    for rows in recording.gradient_rows(output, exact_columns(loss, output, per_position=True)):
+        for layer, acc in sums.items():
+            acc.add(rows[layer])
+    for layer, (_, owned) in layers.items():
         for rel, name in owned.items():
-            if rel == "bias":
-                sq = d2.sum(0)
-            else:
-                sq = a2.T @ d2 if is_transformers_conv1d(module) else d2.T @ a2
+            sq = sums[layer].bias() if rel == "bias" else sums[layer].weight()
             diag[name] += sq.reshape(diag[name].shape) * weight
+    return output.detach()
 
 
 def _output_of(model, x, output_fn):

@@ -28,13 +28,13 @@ Supported layers: ``nn.Linear`` (inputs of any rank, batch first), ``nn.Conv1d/2
 ``groups=1`` (input patches), transformers' ``Conv1D``. A layer used several times in one forward
 contributes each use's positions. ``kfac_parameters(model)`` lists the parameters KFAC covers.
 """
+import copy
 import math
 
 import torch
 
 from ..capture.model import batch_size_of
-from ..kernels import ops
-from .layer_records import LayerRecording, factor_layers, is_transformers_conv1d
+from .layer_records import LayerRecording, SquaredGradientSums, factor_layers, is_transformers_conv1d
 from .loss_hessian import check_loss, empirical_column, exact_columns, mean_loss, monte_carlo_columns
 from .model import ModelOperator
 
@@ -199,8 +199,8 @@ class KFACOperator(ModelOperator):
                 for n, g in g_rows.items():
                     g = g.reshape(-1, g.shape[-1]) if self.kfac_approx == "expand" else g.sum(1)
                     gradients[n] = gradients[n] + (g.T @ g) * (B / self.num_samples)
-        bad = [layer for layer in self.layers if not (bool(torch.isfinite(torch.as_tensor(inputs[layer])).all())
-                                                      and bool(torch.isfinite(torch.as_tensor(gradients[layer])).all()))]
+        bad = [layer for layer in self.layers
+               if not (bool(torch.isfinite(inputs[layer]).all()) and bool(torch.isfinite(gradients[layer]).all()))]
         if bad:
             raise ValueError(f"{type(self).__name__}: the Kronecker factors of the layers {bad} are not finite: the "
                              "model's inputs, outputs or output gradients there hold NaN or Inf")
@@ -208,21 +208,20 @@ class KFACOperator(ModelOperator):
         one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
         for layer, (module, names) in self.layers.items():
             A, G = inputs[layer], gradients[layer]
-            joint = self._joint(layer)
-            weight_side = "input+1" if joint else "input"
-            chosen = [names[r] for r in ("weight", "bias") if r in names] if joint else None
-            for rel, name in names.items():
-                if joint and rel == "bias":
-                    continue
-                members = chosen if joint else [name]
-                if rel == "bias":
-                    blocks[name] = KroneckerBlock(members, G, one, ("gradient", "one"))
-                elif is_transformers_conv1d(module):
-                    blocks[name] = KroneckerBlock(members, A, G, (weight_side, "gradient"))
-                else:
-                    blocks[name] = KroneckerBlock(members, G, A, ("gradient", weight_side))
-            if joint:
-                blocks[names["bias"]] = blocks[names["weight"]]
+
+            def weight_block(members, side):  # transformers' Conv1D stores the weight (in, out)
+                if is_transformers_conv1d(module):
+                    return KroneckerBlock(members, A, G, (side, "gradient"))
+                return KroneckerBlock(members, G, A, ("gradient", side))
+
+            if self._joint(layer):
+                blocks[names["weight"]] = blocks[names["bias"]] = weight_block([names["weight"], names["bias"]],
+                                                                                 "input+1")
+                continue
+            if "weight" in names:
+                blocks[names["weight"]] = weight_block([names["weight"]], "input")
+            if "bias" in names:
+                blocks[names["bias"]] = KroneckerBlock([names["bias"]], G, one, ("gradient", "one"))
         return blocks
 
     def _joint(self, layer):
@@ -235,42 +234,33 @@ class KFACOperator(ModelOperator):
         outputs with positions, each column covers one position (T x C backward passes per batch): a
         column over every position at once would add the products of different positions, which the GGN
         does not have (Monte-Carlo labels, drawn independently per position, average them away)."""
+        by_layer = {layer: self._layer_blocks(layer) for layer in self.layers}
         refit = {id(b): 0.0 for b in self.unique_blocks()}
-        by_layer = {layer: list({id(self.blocks[n]): self.blocks[n] for n in names.values()}.values())
-                    for layer, (_, names) in self.layers.items()}
         for B, a_rows, columns in self._passes(per_position=True):
-            scale = B / self.num_samples
-            # each block's input side rotated once per batch; the gradient side per column
-            rotated = {}
+            # per block: its input side rotated once per batch, the gradient side per column
+            sums = {}
             for layer, blocks in by_layer.items():
                 for block in blocks:
-                    side = 1 if block.sides[0] == "gradient" else 0
-                    kind = block.sides[side]
-                    if kind != "one":
-                        rows = a_rows[layer] if kind == "input" else _with_ones(a_rows[layer])
-                        rotated[id(block)] = rows @ block.eigen()[1 + 2 * side]
-            squares = {}  # one-position layers: the squared rotated gradients summed over the columns first
+                    grad_side = 0 if block.sides[0] == "gradient" else 1
+                    kind = block.sides[1 - grad_side]
+                    rows = None if kind == "one" else a_rows[layer] if kind == "input" else _with_ones(a_rows[layer])
+                    rotated = None if rows is None else rows @ block.eigen()[3 - 2 * grad_side]
+                    sums[id(block)] = SquaredGradientSums(rotated, transposed=grad_side == 1)
             for g_rows in columns:
                 for layer, blocks in by_layer.items():
                     for block in blocks:
                         grad_side = 0 if block.sides[0] == "gradient" else 1
-                        g = g_rows[layer] @ block.eigen()[1 + 2 * grad_side]
-                        if "one" in block.sides:  # a bias: the per-sample gradient is the sum over positions
-                            refit[id(block)] = refit[id(block)] + g.sum(1).pow(2).sum(0)[:, None] * scale
-                        elif g.shape[1] == 1:
-                            squares[id(block)] = squares.get(id(block), 0.0) + g[:, 0] ** 2
-                        else:
-                            left, right = (g, rotated[id(block)]) if grad_side == 0 else (rotated[id(block)], g)
-                            mean, var = ops.per_sample_moments(right.contiguous(), left.contiguous())
-                            refit[id(block)] = refit[id(block)] + (var + mean ** 2) * (B * scale)
-            for layer, blocks in by_layer.items():
-                for block in blocks:
-                    if id(block) in squares:  # sum_n (g_n a_n^T)^2 = (g^2)^T (a^2) for one position
-                        g2, a2 = squares[id(block)], rotated[id(block)][:, 0] ** 2
-                        product = g2.T @ a2 if block.sides[0] == "gradient" else a2.T @ g2
-                        refit[id(block)] = refit[id(block)] + product * scale
+                        sums[id(block)].add(g_rows[layer] @ block.eigen()[1 + 2 * grad_side])
+            for block in self.unique_blocks():
+                acc = sums[id(block)]
+                part = acc.bias()[:, None] if "one" in block.sides else acc.weight()
+                refit[id(block)] = refit[id(block)] + part * (B / self.num_samples)
         for block in self.unique_blocks():
             block.refit = refit[id(block)]
+
+    def _layer_blocks(self, layer):
+        """The layer's blocks, each once (its weight and bias may share one)."""
+        return list({id(self.blocks[n]): self.blocks[n] for n in self.layers[layer][1].values()}.values())
 
     # ------------------------------------------------------------------------------ the operator
     def unique_blocks(self):
@@ -314,3 +304,19 @@ class EKFACOperator(KFACOperator):
     gradients (a second data pass); the same arguments and methods as ``KFACOperator``."""
 
     refit_eigenvalues = True
+
+    @classmethod
+    def from_kfac(cls, kfac):
+        """EKFAC on the factors an existing ``KFACOperator`` computed: only the refit pass runs (the same
+        data and settings; ``kfac`` itself is left as it is)."""
+        if not isinstance(kfac, KFACOperator) or isinstance(kfac, EKFACOperator):
+            raise TypeError(f"EKFACOperator.from_kfac: kfac must be a KFACOperator, got {type(kfac).__name__}")
+        op = copy.copy(kfac)
+        op.__class__ = cls
+        fresh = {}
+        for block in kfac.unique_blocks():
+            fresh[id(block)] = KroneckerBlock(block.names, block.left, block.right, block.sides)
+            fresh[id(block)]._eigen = block.eigen()  # the same factors: the same eigendecompositions
+        op.blocks = {n: fresh[id(b)] for n, b in kfac.blocks.items()}
+        op._refit_pass()
+        return op

@@ -127,15 +127,52 @@ class LayerRecording:
         return per_column
 
 
-def summed_squares(a, gradients, transposed=False):
-    """sum over the columns k and the samples n of the squared per-sample gradients
+class SquaredGradientSums:
+    """The sum over columns k and samples n of the squared per-sample gradients of one layer's weight,
     G_nk = sum_t d_k[n, t]^T a[n, t] ((out, in); ``transposed``: a^T d_k, (in, out), a weight stored
-    (in, out)), for input rows ``a`` (B, T, in) and one (B, T, out) ``gradients`` entry per column. The
-    columns are stacked along the output features into one call of the fused moment kernel."""
-    K, B = len(gradients), a.shape[0]
-    d = torch.cat(gradients, -1).contiguous()  # (B, T, K out)
-    if transposed:
-        mean, var = ops.per_sample_moments(d, a.contiguous())  # (in, K out)
-        return ((var + mean ** 2) * B).reshape(a.shape[-1], K, -1).sum(1)
-    mean, var = ops.per_sample_moments(a.contiguous(), d)  # (K out, in)
-    return ((var + mean ** 2) * B).reshape(K, -1, a.shape[-1]).sum(0)
+    (in, out)), and of its bias, sum_t d_k[n, t], for input rows ``a`` (B, T, in; None for a bias alone)
+    and the output-gradient rows d_k (B, T, out) given column by column to ``add``.
+
+    With one position per sample sum_n (d_n a_n^T)^2 = (d^2)^T (a^2): the squared gradients of every
+    column are summed first and meet the squared inputs in one product. With several, up to ``stack``
+    columns are joined along the output features into one call of the fused moment kernel."""
+
+    def __init__(self, a, transposed=False, stack=16):
+        self.a, self.transposed, self.stack = a, transposed, stack
+        self.single = a is not None and a.shape[1] == 1
+        self._weight, self._bias, self._square, self._pending = 0.0, 0.0, 0.0, []
+
+    def add(self, d):
+        self._bias = self._bias + d.sum(1).pow(2).sum(0)
+        if self.a is None:
+            return
+        if self.single:
+            self._square = self._square + d[:, 0] ** 2
+            return
+        self._pending.append(d)
+        if len(self._pending) == self.stack:
+            self._flush()
+
+    def _flush(self):
+        if not self._pending:
+            return
+        K, B, a = len(self._pending), self.a.shape[0], self.a.contiguous()
+        d = torch.cat(self._pending, -1).contiguous()  # (B, T, K out)
+        if self.transposed:
+            mean, var = ops.per_sample_moments(d, a)  # (in, K out)
+            part = ((var + mean ** 2) * B).reshape(a.shape[-1], K, -1).sum(1)
+        else:
+            mean, var = ops.per_sample_moments(a, d)  # (K out, in)
+            part = ((var + mean ** 2) * B).reshape(K, -1, a.shape[-1]).sum(0)
+        self._weight = self._weight + part
+        self._pending = []
+
+    def weight(self):
+        if self.single:
+            d2, a2 = self._square, self.a[:, 0] ** 2
+            return a2.T @ d2 if self.transposed else d2.T @ a2
+        self._flush()
+        return self._weight
+
+    def bias(self):
+        return self._bias

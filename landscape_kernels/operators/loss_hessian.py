@@ -15,6 +15,7 @@ is sum_k (J^T s_k)(J^T s_k)^T: one backward pass per column. ``empirical_column`
 batch loss scaled so that its per-sample pieces are the per-sample loss gradients over sqrt(B), for
 the empirical Fisher (1/N) sum_n g_n g_n^T.
 """
+import itertools
 import math
 
 import torch
@@ -80,14 +81,12 @@ def exact_columns(loss, output, per_position=False):
         for k in range(C):
             yield column(k)
         return
-    positions = out.shape[1:-1]
     for k in range(C):
         full = column(k)
-        for idx in range(int(torch.Size(positions).numel())):
-            where = torch.unravel_index(torch.tensor(idx), positions)
+        for where in itertools.product(*map(range, out.shape[1:-1])):
+            at = (slice(None), *where)
             s = torch.zeros_like(full)
-            sel = (slice(None),) + tuple(int(i) for i in where)
-            s[sel] = full[sel]
+            s[at] = full[at]
             yield s
 
 

@@ -42,7 +42,7 @@ class ModelOperator(Operator):
         """A (P,) vector (a diagonal, a gradient) as a dict name -> tensor shaped like the parameter."""
         if flat.dim() != 1 or flat.shape[0] != self.shape[0]:
             raise ValueError(f"as_parameter_dict: expected a ({self.shape[0]},) vector, got {tuple(flat.shape)}")
-        return {n: c.reshape(p.shape) for n, c, p in zip(self.param_names, torch.split(flat, self.sizes), self.params)}
+        return {n: part[0] for n, part in zip(self.param_names, self.unflatten(flat[:, None]))}
 
     @staticmethod
     def flatten(parts):

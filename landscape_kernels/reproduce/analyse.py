@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch.distributed as dist
 
 from ..analyses.analyse import GROUPS, STAGES, AnalyseSettings, analyse
+from ..analyses.analyse.settings import KFAC_LOSSES
 from ..training.checkpoints import checkpoint_series, load_checkpoint
 from ..training.presets import PRESETS
 from .job import Job, option
@@ -43,7 +44,7 @@ class AnalyseConfig:
                                    choices=("auto", "batched", "loop"))
     keep_graph: bool = option(False, "keep each batch's gradient graph across Hessian products (faster, more memory)")
     kfac_loss: str = option("cross_entropy", "the loss of the kfac stage (KFAC and EKFAC against the exact spectrum), "
-                            "checked against the model's", choices=("cross_entropy", "mse"))
+                            "checked against the model's", choices=KFAC_LOSSES)
     seed: int = option(0, "seed of every random draw", minimum=0)
     quick: bool = option(False, "fewer eigenpairs, probes and points: a first look in seconds")
 

@@ -92,6 +92,20 @@ def test_eigenvalues_trace_inverse_and_solvers(gen):
         assert list(d) == op.param_names and d["0.weight"].shape == model[0].weight.shape
 
 
+def test_ekfac_from_an_existing_kfac(gen):
+    model, x, y = mlp_problem(gen)
+    for separate in (True, False):
+        kfac = KFACOperator(model, (x, y), batch_size=5, damping=0.01, separate_weight_and_bias=separate)
+        before = dense(kfac)
+        from_kfac = EKFACOperator.from_kfac(kfac)
+        direct = EKFACOperator(model, (x, y), batch_size=5, damping=0.01, separate_weight_and_bias=separate)
+        assert isinstance(from_kfac, EKFACOperator)
+        assert torch.allclose(dense(from_kfac), dense(direct), rtol=0, atol=1e-14)
+        assert torch.equal(dense(kfac), before)  # the KFAC operator is unchanged
+    with pytest.raises(TypeError, match="kfac must be a KFACOperator"):
+        EKFACOperator.from_kfac(direct)
+
+
 def test_monte_carlo_fisher_approaches_type_2(gen):
     model, x, y = mlp_problem(gen)
     K2 = dense(KFACOperator(model, (x, y)))

@@ -2,6 +2,8 @@
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from ...operators.loss_hessian import LOSSES as KFAC_LOSSES
+
 STAGES = ("hessian", "ggn", "density", "trace", "layers", "noise", "overlap", "profiles", "surface", "kfac")
 GROUPS = {
     "all": STAGES[:-1],  # kfac is asked for by name: it needs a cross-entropy or squared-error loss
@@ -10,7 +12,6 @@ GROUPS = {
 }
 SURFACE_DIRECTIONS = ("random", "hessian")
 LANDSCAPE_METHODS = ("auto", "batched", "loop")
-KFAC_LOSSES = ("cross_entropy", "mse")
 
 
 @dataclass
