@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from landscape_kernels import DistributedOperator, HessianOperator, NoiseCovarianceOperator, lanczos_eigs
+from landscape_kernels.reproduce.torchrun import exit_past_teardown
 from landscape_kernels.training.data import load_digits
 from landscape_kernels.training.models import mlp
 
@@ -42,9 +43,13 @@ def main():
             print("top-5 Hessian eigenvalues:", " ".join(f"{v:.6g}" for v in hess.eigenvalues.tolist()))
             print(f"top-5 SGD noise covariance eigenvalues (B = {args.batch_size}):",
                   " ".join(f"{v:.6g}" for v in noise.eigenvalues.tolist()))
+        dist.barrier()  # rank 0 has printed before any rank tears its group down
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # everything is printed; a normal interpreter exit can abort in gloo's C++ teardown now and then,
+    # and torchrun would then report the whole job failed
+    exit_past_teardown(0)
