@@ -181,31 +181,36 @@ inline at::Tensor batch_mean(const at::Tensor& A, const at::Tensor& D, const Lay
   return at::mm(flat(D, L).t().mul(1.0 / double(L.B)), flat(A, L));
 }
 
-// One pass over (B, ot, it) tiles of per-sample gradients (T > 1): the variance of every element and,
-// when asked for, the squared norms and the Gram matrix from the same tiles.
+// One pass over (B, ot, it) tiles of per-sample gradients (T > 1): the mean and the variance of every
+// element (each tile's mean is the sum of its rows, not a GEMM of its own: the corrected two-pass sum
+// needs no exact mean) and, when asked for, the Gram matrix or else the squared norms from the same
+// tiles (with the Gram matrix the norms are its diagonal).
 template <class Kernels>
-at::Tensor tile_pass(const at::Tensor& A, const at::Tensor& D, const Layout& L, const at::Tensor& mean,
-                     at::Tensor* sq_norms, at::Tensor* gram) {
+std::tuple<at::Tensor, at::Tensor> tile_pass(const at::Tensor& A, const at::Tensor& D, const Layout& L,
+                                             at::Tensor* sq_norms, at::Tensor* gram) {
+  at::Tensor mean = at::empty({L.out, L.in}, A.options());
   at::Tensor var = at::empty({L.out, L.in}, A.options());
   const at::Tensor A3 = A.contiguous(), D3 = D.contiguous();
   const double inv_b = 1.0 / double(L.B);
   for_each_gradient_tile(L, [&](int64_t o0, int64_t ot, int64_t i0, int64_t it) {
     const at::Tensor g = gradient_tile(A3, D3, o0, ot, i0, it).reshape({L.B, ot * it});
-    const at::Tensor m = mean.narrow(0, o0, ot).narrow(1, i0, it).reshape({1, ot * it}).contiguous();
+    const at::Tensor m = g.sum(0, true).mul_(inv_b);
+    mean.narrow(0, o0, ot).narrow(1, i0, it).copy_(m.reshape({ot, it}));
     var.narrow(0, o0, ot).narrow(1, i0, it).copy_(Kernels::centred_sq_sum(g, at::Tensor(), m, inv_b).reshape({ot, it}));
-    if (sq_norms) sq_norms->add_(g.mul(g).sum(1));
     if (gram) gram->addmm_(g, g.t());
+    else if (sq_norms) sq_norms->add_(g.mul(g).sum(1));
   });
-  return var;
+  return std::make_tuple(mean, var);
 }
 
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& A, const at::Tensor& D) {
   const Layout L = check_pair(A, D, "per_sample_moments");
-  // Two passes: the mean by one GEMM, then centred squares (never E[G^2] - E[G]^2, which cancels).
+  // Two passes (never E[G^2] - E[G]^2, which cancels): for T = 1 the mean by one GEMM, then centred
+  // squares; for T > 1 both from each tile of per-sample gradients.
+  if (L.T > 1) return tile_pass<Kernels>(A, D, L, nullptr, nullptr);
   const at::Tensor mean = batch_mean(A, D, L);
-  if (L.T == 1) return std::make_tuple(mean, Kernels::centred_sq_sum(flat(A, L), flat(D, L), mean, 1.0 / double(L.B)));
-  return std::make_tuple(mean, tile_pass<Kernels>(A, D, L, mean, nullptr, nullptr));
+  return std::make_tuple(mean, Kernels::centred_sq_sum(flat(A, L), flat(D, L), mean, 1.0 / double(L.B)));
 }
 
 // Squared norms, Gram matrix, mean and variance together: for T > 1 every tile of per-sample
@@ -217,12 +222,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats(const at::Tenso
     const auto mv = moments<Kernels>(A, D);
     return std::make_tuple(sq_norms<Kernels>(A, D), gram<Kernels>(A, D), std::get<0>(mv), std::get<1>(mv));
   }
-  const at::Tensor mean = batch_mean(A, D, L);
   at::Tensor norms = at::zeros({L.B}, A.options());
   const bool gram_from_tiles = gram_direct_is_cheaper(L);
   at::Tensor g = gram_from_tiles ? at::zeros({L.B, L.B}, A.options()) : gram<Kernels>(A, D);
-  const at::Tensor var = tile_pass<Kernels>(A, D, L, mean, &norms, gram_from_tiles ? &g : nullptr);
-  return std::make_tuple(norms, g, mean, var);
+  const auto mv = tile_pass<Kernels>(A, D, L, &norms, gram_from_tiles ? &g : nullptr);
+  if (gram_from_tiles) norms = g.diagonal().clone();
+  return std::make_tuple(norms, g, std::get<0>(mv), std::get<1>(mv));
 }
 
 // P[b, k] = <G_b, V_k> computed as sum_t d_bt^T V_k a_bt through the smaller of in / out.

@@ -66,6 +66,8 @@ struct CentredSqTile {
   int64_t o0, no, j0;  // tile rows o0 .. o0 + no, columns from j0
   double* total;       // (kRows, kCols) float64 totals of the squared deviations of the tile
   double* dev_total;   // (kRows, kCols) float64 totals of the deviations
+  const scalar_t* strip;  // columns j0 .. j0 + kCols of X packed row after row (R, kCols): rows of X are
+                          // n apart, often a multiple of 4 KiB, and would all fall into the same L1 sets
   scalar_t dval(int64_t r, int64_t o) const { return dt ? dt[(o0 + o) * R + r] : scalar_t(1); }
 };
 
@@ -171,20 +173,21 @@ const bool kCpuHasAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supp
 template <typename scalar_t>
 int64_t centred_sq_columns_avx2(const CentredSqTile<scalar_t>& t, int64_t nj) {
   using Ops = Avx2<scalar_t>;
-  constexpr int VECS = 1;
-  constexpr int64_t step = Ops::W * VECS;
-  const int64_t done = nj - nj % step;
-  for (int64_t j = t.j0; j < t.j0 + done; j += step) {
-    const scalar_t* xs = t.x + j;
-    if (t.dt == nullptr) {  // d == 1: a single output row (the T > 1 tiles)
-      for (int64_t o = 0; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, VECS, false>(t, o, j, xs, t.n);
-      continue;
-    }
-    int64_t o = 0;
-    for (; o + 4 <= t.no; o += 4) centred_sq_block_avx2<Ops, 4, VECS, true>(t, o, j, xs, t.n);
-    for (; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, VECS, true>(t, o, j, xs, t.n);
+  int64_t j = t.j0;
+  if (t.dt == nullptr) {  // d == 1: one output row (the T > 1 tiles); four vectors for four FMA chains
+    for (; j + 4 * Ops::W <= t.j0 + nj; j += 4 * Ops::W)
+      for (int64_t o = 0; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, 4, false>(t, o, j, t.strip + (j - t.j0), kCols);
+    for (; j + Ops::W <= t.j0 + nj; j += Ops::W)
+      for (int64_t o = 0; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, 1, false>(t, o, j, t.strip + (j - t.j0), kCols);
+    return j;
   }
-  return t.j0 + done;
+  for (; j + Ops::W <= t.j0 + nj; j += Ops::W) {
+    const scalar_t* xs = t.strip + (j - t.j0);
+    int64_t o = 0;
+    for (; o + 4 <= t.no; o += 4) centred_sq_block_avx2<Ops, 4, 1, true>(t, o, j, xs, kCols);
+    for (; o < t.no; ++o) centred_sq_block_avx2<Ops, 1, 1, true>(t, o, j, xs, kCols);
+  }
+  return j;
 }
 #endif
 
@@ -200,14 +203,17 @@ struct CpuKernels {
       scalar_t* s = S.data_ptr<scalar_t>();
       at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
         std::vector<double> total(kRows * kCols), dev_total(kRows * kCols);
+        std::vector<scalar_t> strip(R * kCols);
         for (int64_t tile = begin; tile < end; ++tile) {
           CentredSqTile<scalar_t> t{X.data_ptr<scalar_t>(), dt.defined() ? dt.data_ptr<scalar_t>() : nullptr,
                                     M.data_ptr<scalar_t>(), R, n, m, (tile / col_tiles) * kRows, 0,
-                                    (tile % col_tiles) * kCols, total.data(), dev_total.data()};
+                                    (tile % col_tiles) * kCols, total.data(), dev_total.data(), strip.data()};
           t.no = std::min(kRows, m - t.o0);
           const int64_t nj = std::min(kCols, n - t.j0);
-          std::fill(total.begin(), total.end(), 0.0);
-          std::fill(dev_total.begin(), dev_total.end(), 0.0);
+          const scalar_t* x = X.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < R; ++r) std::copy(x + r * n + t.j0, x + r * n + t.j0 + nj, strip.data() + r * kCols);
+          std::fill(total.begin(), total.begin() + t.no * kCols, 0.0);  // only the tile's rows: a one-row
+          std::fill(dev_total.begin(), dev_total.begin() + t.no * kCols, 0.0);  // tile must not clear 64
           int64_t j = t.j0;
 #ifdef LK_HAVE_AVX2_KERNEL
           if (kCpuHasAvx2Fma) j = centred_sq_columns_avx2(t, nj);
