@@ -75,6 +75,23 @@ def test_large_mean_with_unit_spread_stays_accurate(mode):
     assert rel_err(pca.explained_variance_, var[:10]) <= 1e-8
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset1e3"])
+def test_float32_precision_keeps_float32_accuracy(offset):
+    """precision='float32': every variance within ~1e-6 of the largest, the leading directions as float32
+    snapshots allow, whatever the chunking and a common offset of the weights."""
+    X = trajectory(600, 80, seed=5, offset=offset).float()
+    var, vt = numpy_pca(X)
+    pca = StreamingPCA(n_components=40, mode="exact", precision="float32")
+    for c in X.split([100, 37, 300, 163]):
+        pca.partial_fit(c)
+    assert pca.explained_variance_.dtype == torch.float64 and pca.components_.dtype == torch.float64
+    assert float((pca.explained_variance_ - var[:40]).abs().max()) <= 2e-6 * float(var[0])
+    assert rel_err(pca.explained_variance_[:5], var[:5]) <= 1e-5
+    assert float(subspace_angles(pca.components_[:3], vt[:3]).max()) <= 1e-3
+    assert torch.allclose(pca.mean_, X.double().mean(0), rtol=1e-12, atol=1e-9)
+    assert abs(float(pca.explained_variance_ratio_.sum()) - float(var[:40].sum() / var.sum())) <= 1e-5
+
+
 def test_sketch_within_its_stated_bound_and_float32_input():
     X = trajectory(400, 300, seed=4)
     var, vt = numpy_pca(X)
@@ -111,6 +128,12 @@ def test_bad_input():
         _ = StreamingPCA(n_components=5).partial_fit(torch.randn(4, 10)).components_
     with pytest.raises(ValueError, match="mode must be one of"):
         StreamingPCA(mode="svd")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        StreamingPCA(precision="half")
+    with pytest.raises(ValueError, match="precision='float32' is a form of exact mode"):
+        StreamingPCA(mode="sketch", n_components=2, precision="float32")
+    with pytest.raises(ValueError, match="precision='float32' needs exact mode"):
+        StreamingPCA(n_components=2, memory_budget=1000, precision="float32").partial_fit(torch.randn(5, 30))
     with pytest.raises(ValueError, match="sketch mode .* needs n_components or sketch_size"):
         StreamingPCA(mode="sketch").partial_fit(torch.randn(3, 4))
     with pytest.raises(ValueError, match="transform: X has N = 3"):
