@@ -4,8 +4,9 @@ Two cases on synthetic float32 trajectories (a drift along one dense direction p
 per-coordinate step variance falls as a power law, like SGD weight trajectories):
 
 - Feng–Tu scale (Feng & Tu 2021): T = 12,000 snapshots of N = 2,500 weights, all components. Ours streams
-  the snapshots in chunks of 1,000 (``mode="exact"``). The others get the whole matrix; scikit-learn in
-  float64 (the accuracy of ours) and, as an extra row, in float32.
+  the snapshots in chunks of 1,000 (``mode="exact"``, float64 and ``precision="float32"``). The others
+  get the whole matrix: scikit-learn's full SVD and its ``covariance_eigh`` solver (its fastest for
+  T >> N), each in float64 and float32, IncrementalPCA and torch.pca_lowrank.
 - Large: N = 1,000,000, T = 1,000, k = 50, streamed in chunks of 100 snapshots (``mode="sketch"``,
   sketch_size l = 100) against IncrementalPCA fed the same chunks and torch.pca_lowrank on the whole
   matrix (which must fit in memory).
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from landscape_kernels.trajectory.pca import StreamingPCA, subspace_angles  # noqa: E402
-from results_io import base_parser, write_json  # noqa: E402
+from results_io import base_parser, keep_earlier_parts, write_json  # noqa: E402
 from timing import PeakRSS, timed  # noqa: E402
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -101,15 +102,15 @@ def feng_tu_case(T, N, repeats):
     ref_var, ref_comps = s**2 / (T - 1), torch.from_numpy(vt[:10])
     chunks = X.split(1000)
 
-    def ours():
-        pca = StreamingPCA(mode="exact")
+    def ours(precision="float64"):
+        pca = StreamingPCA(mode="exact", precision=precision)
         for c in chunks:
             pca.partial_fit(c)
         return pca.explained_variance_.numpy(), pca.components_
 
-    def sklearn_pca(data):
+    def sklearn_pca(data, solver="full"):
         from sklearn.decomposition import PCA
-        pca = PCA(svd_solver="full").fit(data)
+        pca = PCA(svd_solver=solver).fit(data)
         return pca.explained_variance_, pca.components_
 
     def sklearn_ipca():
@@ -124,8 +125,13 @@ def feng_tu_case(T, N, repeats):
 
     X32 = X.numpy()
     rows = {"landscape_kernels": run_method(ours, repeats)}
+    rows['landscape_kernels precision="float32"'] = run_method(lambda: ours("float32"), repeats)
     rows["scikit-learn PCA (full SVD, float64)"] = _optional(lambda: run_method(lambda: sklearn_pca(Xd), repeats))
     rows["scikit-learn PCA (full SVD, float32)"] = _optional(lambda: run_method(lambda: sklearn_pca(X32), repeats))
+    rows["scikit-learn PCA (covariance_eigh, float64)"] = _optional(
+        lambda: run_method(lambda: sklearn_pca(Xd, "covariance_eigh"), repeats))
+    rows["scikit-learn PCA (covariance_eigh, float32)"] = _optional(
+        lambda: run_method(lambda: sklearn_pca(X32, "covariance_eigh"), repeats))
     rows[f"scikit-learn IncrementalPCA (batch {N}, float64)"] = _optional(lambda: run_method(sklearn_ipca, repeats))
     rows["torch.pca_lowrank (q = N, niter 2, float64)"] = _optional(lambda: run_method(lowrank, repeats))
     return summarise(rows, ref_var, ref_comps)
@@ -188,7 +194,8 @@ def large_case(T, N, k, ell, chunk, repeats):
 
 def main(argv=None):
     parser = base_parser(__doc__)
-    parser.add_argument("--large-n", type=int, default=1_000_000, help="N of the large case (0 skips it)")
+    parser.add_argument("--large-n", type=int, default=1_000_000,
+                        help="N of the large case (0 skips it, keeping the large case of an earlier --json file)")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else 3
     report = {"benchmark": "pca", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "CPU",
@@ -206,6 +213,8 @@ def main(argv=None):
         print(f"    sketch error bound: {ours['sketch_error_bound']:.3e} ({ours['sketch_error_bound_rel_min_var']:.1e} of the "
               f"{k}-th variance); memory bound 2(k+l)N floats = {report['large']['bound_bytes'] / 2**20:.0f} MiB "
               f"(+ the {chunk}-snapshot input chunk, {chunk * N * 4 / 2**20:.0f} MiB)")
+    else:
+        keep_earlier_parts(args.json, report, ["large"])
     if args.json:
         write_json(args.json, report)
     return 0

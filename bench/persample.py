@@ -262,7 +262,50 @@ def run_case(name, case, device, repeats, warmup, methods):
             entry["x_plain_backward"] = med / floor
         if ours:
             entry["x_landscape_kernels"] = med / ours
+    if OURS in active:
+        result["profile"] = profile_ours(copies[OURS], x, y, device, repeats)
     return result
+
+
+def profile_ours(model, x, y, device, repeats):
+    """Where our time goes, in multiples of the plain backward and of the weight-gradient GEMMs (one
+    sum_b D_b^T A_b per recorded block, the product the backward itself computes once): the recording
+    forward + backward, then the statistics (norms, Gram, mean and variance of every block)."""
+    ps = lk.PerSampleGradients(model)
+
+    def capture():
+        with ps:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+
+    def stats():
+        ps._cache.clear()  # recompute from the recorded factors
+        ps.stats()
+
+    def floor():
+        plain_backward(model, x, y)
+
+    def weight_gemms():
+        for _, A, D in ps.factors():
+            torch.mm(D.reshape(-1, D.shape[-1]).T, A.reshape(-1, A.shape[-1]))
+
+    capture()
+    fns = {"floor": floor, "capture": capture, "stats": stats, "weight_gemms": weight_gemms}
+    times = {k: [] for k in fns}
+    for r in range(2 + repeats):
+        for k, fn in fns.items():
+            if k == "stats":
+                capture()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= 2:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"capture_x_floor": med["capture"] / med["floor"], "stats_x_floor": med["stats"] / med["floor"],
+            "stats_in_weight_gemms": med["stats"] / med["weight_gemms"],
+            "floor_in_weight_gemms": med["floor"] / med["weight_gemms"]}
 
 
 def print_table(name, res, device):
@@ -277,6 +320,14 @@ def print_table(name, res, device):
         shown = f"{t:8.2f}ms" if device.type == "cuda" else f"{t:8.1f}ms"
         print(f"  {mname:32s} {shown:>10s} {e.get('x_plain_backward', 0):8.2f} {e.get('x_landscape_kernels', 0):8.2f} "
               f"{e['peak_added_bytes'] / 2**20:10.1f} {e.get('max_rel_err_vs_vmap', 0):9.1e}")
+    if "profile" in res:
+        print("  " + profile_text(res["profile"]))
+
+
+def profile_text(p):
+    return (f"profile of ours: recording forward + backward {p['capture_x_floor']:.2f}x the plain backward, then the "
+            f"statistics {p['stats_x_floor']:.2f}x ({p['stats_in_weight_gemms']:.1f} weight-gradient GEMMs; the plain "
+            f"backward is {p['floor_in_weight_gemms']:.1f})")
 
 
 def main(argv=None):

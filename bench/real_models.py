@@ -41,7 +41,7 @@ from torch import nn
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message="There is a performance drop")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from results_io import base_parser, write_json  # noqa: E402
+from results_io import base_parser, keep_earlier_parts, write_json  # noqa: E402
 from anchors import curvlinops_eigsh_top, eigenthings_top  # noqa: E402
 from timing import PeakRSS  # noqa: E402
 
@@ -283,6 +283,8 @@ def main():
     print(report["per_sample"], flush=True)
     if not args.skip_top5:
         report["top5"] = top5_part(size, args.device)
+    else:
+        keep_earlier_parts(args.json, report, ["top5"])
     if args.json:
         write_json(args.json, report)
 

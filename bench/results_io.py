@@ -21,3 +21,23 @@ def base_parser(doc, data_dir=False):
     parser.add_argument("--quick", action="store_true", help="one repeat per method")
     parser.add_argument("--json", help="write the results here")
     return parser
+
+
+def keep_earlier_parts(path, report, keys):
+    """Copy the parts ``keys`` of the earlier results at ``path`` (a run that skipped them) into
+    ``report``, saying in its notes where they come from."""
+    import json
+
+    if not path or not os.path.exists(path):
+        return report
+    with open(path) as f:
+        earlier = json.load(f)
+    kept = [k for k in keys if k in earlier and k not in report]
+    for k in kept:
+        report[k] = earlier[k]
+    if kept:
+        note = f"The {', '.join(kept)} part{'s' if len(kept) > 1 else ''} {'are' if len(kept) > 1 else 'is'} from the run of {earlier['date']} (this run skipped {'them' if len(kept) > 1 else 'it'})."
+        if earlier.get("notes") and any(k in ("top5",) for k in kept):
+            note += " " + earlier["notes"]
+        report["notes"] = (report.get("notes", "") + " " + note).strip()
+    return report

@@ -90,6 +90,8 @@ def render_pca(report):
                   f"{ours['sketch_error_bound_rel_min_var']:.2f} of the {g['k']}-th variance). Memory bound "
                   f"2(k + l)N float32 = {_mib(g['bound_bytes'])}, plus the input chunk ({_mib(g['input_chunk_bytes'])}).", ""]
         lines += _pca_table(g["methods"])
+    if report.get("notes"):
+        lines += [f"Note: {report['notes']}", ""]
     return "\n".join(lines)
 
 
@@ -282,7 +284,29 @@ def render_approximations(report):
     return "\n".join(lines)
 
 
-RENDERERS = {"analyse": render_analyse, "approximations": render_approximations, "lanczos": render_lanczos, "pca": render_pca, "profiles": render_profiles,
+def render_products(report):
+    lines = [_measured(report) + f"; median of {report['repeats']} runs. Product times in training steps (forward + backward of the same "
+             "loss on the same samples): the physical ratio.", ""]
+    for name, c in report["cases"].items():
+        lines += [f"**{name}** — {c['params']:,} parameters", "",
+                  "| Hessian-vector product | steps per product | steps per column, 8 columns per call |", "|---|---:|---:|"]
+        for route, r in c["products"].items():
+            if "error" in r:
+                lines.append(f"| {route} | — | {r['error'][:80]} |")
+                continue
+            cols = f"{r['per_column_of_8_x_step']:.2f}" if "per_column_of_8_x_step" in r else "—"
+            lines.append(f"| {route} | {r['per_product_x_step']:.2f} | {cols} |")
+        t, s = c["topk"], c["slq"]
+        o, e = t["ours"], t["double-backward eigsh"]
+        lines += ["", f"Top-{t['k']} eigenvalues at tol {t['tol']:g}: ours {o['products']} products, "
+                  f"{100 * o['outside_products_share']:.0f} % of the time outside products; double-backward `eigsh` "
+                  f"{e['products']} products, {e['x_ours']:.2f}× our time (eigenvalues within {e['max_rel_diff']:.0e}). "
+                  f"SLQ, {s['probes']} probes × {s['steps']} steps: one block of probes {s['x_batched']:.2f}× faster "
+                  "than the same probes one by one.", ""]
+    return "\n".join(lines)
+
+
+RENDERERS = {"analyse": render_analyse, "approximations": render_approximations, "lanczos": render_lanczos, "pca": render_pca, "products": render_products, "profiles": render_profiles,
              "noise_curvature": render_noise_curvature, "scale": render_scale, "scale_memory": render_scale_memory,
              "sharpness": render_sharpness, "sharpness_every4": render_sharpness,
              "variance_flatness": render_variance_flatness, "real_models": render_real_models}
@@ -318,6 +342,13 @@ def render(path):
                          f"{e.get('x_landscape_kernels', float('nan')):.2f} | {e['peak_added_bytes'] / 2**20:.1f} MiB | "
                          f"{e.get('max_rel_err_vs_vmap', 0):.1e} |")
         lines.append("")
+        if "profile" in case:
+            p = case["profile"]
+            lines += [f"Profile of ours: the recording forward + backward takes {p['capture_x_floor']:.2f}× the plain "
+                      f"backward, the statistics {p['stats_x_floor']:.2f}× more: {p['stats_in_weight_gemms']:.1f} times "
+                      f"the blocks' weight-gradient GEMMs (the plain backward is {p['floor_in_weight_gemms']:.1f}).", ""]
+    if report.get("notes"):
+        lines += [f"Note: {report['notes']}", ""]
     return "\n".join(lines)
 
 
@@ -329,6 +360,10 @@ SECTIONS = [
     ("Curvature: top-k Hessian eigenvalues, spectral density, traces", "lanczos.py", ["lanczos"],
      "Every method at the accuracy the comparison asks for, on the same model and data: PyHessian, "
      "hessian-eigenthings, curvlinops + scipy `eigsh`, a double-backward HVP in `eigsh`."),
+    ("Hessian products on a CNN and a transformer", "products.py", ["products"],
+     "Where the product is not one GEMM: each route's Hessian-vector product in training steps, 8 columns per call "
+     "against one, top-k eigenvalues against double-backward `eigsh` with the share of time outside products, "
+     "and SLQ probes in one block against one by one, on the SimpleCNN and a GPT."),
     ("analyse: the curvature stage and the surface", "analyse.py", ["analyse"],
      "The curvature stage of `landscape-kernels analyse` (top-5 eigenvalues, Hutch++ trace, SLQ density) against "
      "PyHessian's `eigenvalues` + `trace` + `density` on the same model and samples, and the 2-D surface through the "
@@ -341,7 +376,9 @@ SECTIONS = [
      "Exact GGN and Fisher diagonals against BackPACK, Hutchinson and XDiag against curvlinops, KFAC (type-2) "
      "against curvlinops and BackPACK's KFLR, EKFAC against curvlinops, on an MLP, the SimpleCNN and a tiny GPT-2."),
     ("Trajectory PCA", "pca.py", ["pca"],
-     "`StreamingPCA` against scikit-learn's PCA and IncrementalPCA and `torch.pca_lowrank`."),
+     "`StreamingPCA` (float64, and `precision=\"float32\"`) against scikit-learn's PCA (full SVD and "
+     "`covariance_eigh`, its fastest solver for T ≫ N, each in float64 and float32), IncrementalPCA and "
+     "`torch.pca_lowrank`."),
     ("Loss profiles", "profiles.py", ["profiles"],
      "`loss_profiles` with one layer moving against a point-by-point loop; `flatness` timed on the same directions."),
     ("Noise against curvature", "noise_curvature.py", ["noise_curvature"],
