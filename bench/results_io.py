@@ -25,7 +25,8 @@ def base_parser(doc, data_dir=False):
 
 def keep_earlier_parts(path, report, keys):
     """Copy the parts ``keys`` of the earlier results at ``path`` (a run that skipped them) into
-    ``report``, saying in its notes where they come from."""
+    ``report``, with the date each was measured (``kept_from``, carried over repeated skips), a note
+    saying so, and the earlier run's own notes (``kept_notes``), which are about those parts."""
     import json
 
     if not path or not os.path.exists(path):
@@ -33,11 +34,12 @@ def keep_earlier_parts(path, report, keys):
     with open(path) as f:
         earlier = json.load(f)
     kept = [k for k in keys if k in earlier and k not in report]
+    if not kept:
+        return report
     for k in kept:
         report[k] = earlier[k]
-    if kept:
-        note = f"The {', '.join(kept)} part{'s' if len(kept) > 1 else ''} {'are' if len(kept) > 1 else 'is'} from the run of {earlier['date']} (this run skipped {'them' if len(kept) > 1 else 'it'})."
-        if earlier.get("notes") and any(k in ("top5",) for k in kept):
-            note += " " + earlier["notes"]
-        report["notes"] = (report.get("notes", "") + " " + note).strip()
+        report.setdefault("kept_from", {})[k] = earlier.get("kept_from", {}).get(k, earlier["date"])
+    report["kept_notes"] = earlier.get("kept_notes") if "kept_from" in earlier else earlier.get("notes")
+    said = " ".join(f"The {k} part is from the run of {report['kept_from'][k]} (this run skipped it)." for k in kept)
+    report["notes"] = " ".join(n for n in (report.get("notes"), said, report["kept_notes"]) if n)
     return report
