@@ -20,6 +20,8 @@ namespace landscape_kernels {
                                      const at::Tensor& W);                               \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_sample_stats(           \
       const at::Tensor& A, const at::Tensor& D);                                         \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_sample_stats_about(     \
+      const at::Tensor& A, const at::Tensor& D, const at::Tensor& M);                    \
   }
 
 LK_DECLARE_PERSAMPLE_OPS(cpu)

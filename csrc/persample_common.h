@@ -9,7 +9,8 @@
 //       (d undefined means d == 1, m == 1): the squared deviations about M, corrected by the summed
 //       deviations (the corrected two-pass algorithm, Chan, Golub & LeVeque 1983), so that the rounding
 //       of a mean M in X's dtype does not bias the result (identical rows give 0, not (eps M)^2);
-//       accumulated in float64 and rounded once at the end
+//       accumulated in float64 and rounded once at the end; with mean_out (optional last argument) also
+//       the mean of the rows about M, M + sum_r (v[r] - M) / R, from the same totals
 //   Kernels::batched_dot(U (R, K, J), X (R, J), T) -> (R / T, K)
 //       out[b, k] = sum_{t < T} sum_j U[b*T + t, k, j] * X[b*T + t, j]
 //
@@ -230,6 +231,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats(const at::Tenso
   return std::make_tuple(norms, g, std::get<0>(mv), std::get<1>(mv));
 }
 
+// per_sample_stats with a centre M (out, in) close to the batch mean (autograd's gradient): for T = 1 the
+// mean is M + the mean deviation from it, out of the variance pass itself, instead of a GEMM of its own;
+// for T > 1 the tiles give the mean and M is not read. The results are those of per_sample_stats up to
+// rounding; a centre far from the mean costs precision, as the deviations about it then cancel.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_about(const at::Tensor& A, const at::Tensor& D,
+                                                                       const at::Tensor& M) {
+  const char* op = "per_sample_stats_about";
+  const Layout L = check_pair(A, D, op);
+  TORCH_CHECK_VALUE(M.defined() && M.dim() == 2 && M.size(0) == L.out && M.size(1) == L.in, op,
+                    ": M (the centre) must have shape (out, in) = (", L.out, ", ", L.in, "), got shape ",
+                    M.defined() ? M.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_TYPE(M.scalar_type() == A.scalar_type(), op, ": M must have A's dtype ", A.scalar_type(), ", got ",
+                   M.scalar_type());
+  TORCH_CHECK_VALUE(M.device() == A.device(), op, ": M must be on A's device ", A.device(), ", got ", M.device());
+  if (L.T > 1) return stats<Kernels>(A, D);
+  at::Tensor mean;
+  const at::Tensor var = Kernels::centred_sq_sum(flat(A, L), flat(D, L), M, 1.0 / double(L.B), &mean);
+  return std::make_tuple(sq_norms<Kernels>(A, D), gram<Kernels>(A, D), mean, var);
+}
+
 // P[b, k] = <G_b, V_k> computed as sum_t d_bt^T V_k a_bt through the smaller of in / out.
 inline at::Tensor project_impl_check(const at::Tensor& A, const at::Tensor& D, const at::Tensor& V, const char* op,
                                      Layout& L) {
@@ -348,5 +370,10 @@ at::Tensor cov_matvec(const at::Tensor& A, const at::Tensor& D, const at::Tensor
                                                                               const at::Tensor& D) {   \
     GUARD;                                                                                             \
     return detail::stats<Kernels>(A, D);                                                               \
+  }                                                                                                    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_sample_stats_about(                  \
+      const at::Tensor& A, const at::Tensor& D, const at::Tensor& M) {                                 \
+    GUARD;                                                                                             \
+    return detail::stats_about<Kernels>(A, D, M);                                                      \
   }                                                                                                    \
   }

@@ -48,10 +48,19 @@ def assert_close(out, ref, dtype, factor=1.0, what=""):
     assert err <= TOL[dtype] * factor, f"{what}: relative error {err:.3e} > {TOL[dtype] * factor:.1e}"
 
 
+def batch_mean_centre(A, D):
+    """The batch mean of G_b = sum_t D[b,t]^T A[b,t] in A's dtype, as autograd's gradient would give it:
+    the centre of per_sample_stats_about."""
+    A3, D3 = (t.unsqueeze(1) if t.dim() == 2 else t for t in (A, D))
+    return torch.einsum("bto,bti->oi", D3, A3).div(A.shape[0]).contiguous()
+
+
 def per_sample_op_args(name, A, D, V, W):
     """The arguments of the per-sample op ``name`` out of a layer's (A, D), directions V and weights W."""
     if name in ("per_sample_project", "per_sample_cov_matvec"):
         return A, D, V
+    if name == "per_sample_stats_about":
+        return A, D, batch_mean_centre(A, D)
     return (A, D, W) if name == "per_sample_weighted_sum" else (A, D)
 
 

@@ -192,15 +192,19 @@ int64_t centred_sq_columns_avx2(const CentredSqTile<scalar_t>& t, int64_t nj) {
 #endif
 
 struct CpuKernels {
-  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale) {
+  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale,
+                                   at::Tensor* mean_out = nullptr) {
     const at::Tensor X = X_.contiguous(), M = M_.contiguous();
     // d is read down its columns: transposed once so that each output row reads a contiguous stream.
     const at::Tensor dt = d_.defined() ? d_.t().contiguous() : d_;
     const int64_t R = X.size(0), n = X.size(1), m = M.size(0);
     at::Tensor S = at::empty({m, n}, X.options());
+    if (mean_out) *mean_out = at::empty({m, n}, X.options());
     const int64_t row_tiles = (m + kRows - 1) / kRows, col_tiles = (n + kCols - 1) / kCols;
     AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "centred_sq_sum_cpu", [&] {
       scalar_t* s = S.data_ptr<scalar_t>();
+      scalar_t* mean = mean_out ? mean_out->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* centre = M.data_ptr<scalar_t>();
       at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
         std::vector<double> total(kRows * kCols), dev_total(kRows * kCols);
         std::vector<scalar_t> strip(R * kCols);
@@ -221,8 +225,9 @@ struct CpuKernels {
           centred_sq_columns_portable(t, j, t.j0 + nj);
           for (int64_t o = 0; o < t.no; ++o)
             for (int64_t jj = 0; jj < nj; ++jj) {
-              const int64_t k = o * kCols + jj;
-              s[(t.o0 + o) * n + t.j0 + jj] = scalar_t(detail::corrected_sq_sum(total[k], dev_total[k], R) * scale);
+              const int64_t k = o * kCols + jj, idx = (t.o0 + o) * n + t.j0 + jj;
+              s[idx] = scalar_t(detail::corrected_sq_sum(total[k], dev_total[k], R) * scale);
+              if (mean) mean[idx] = scalar_t(double(centre[idx]) + dev_total[k] / double(R));
             }
         }
       });

@@ -92,7 +92,8 @@ __global__ void batched_dot_kernel(const scalar_t* __restrict__ U, const scalar_
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct CudaKernels {
-  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale) {
+  static at::Tensor centred_sq_sum(const at::Tensor& X_, const at::Tensor& d_, const at::Tensor& M_, double scale,
+                                   at::Tensor* mean_out = nullptr) {
     const at::Tensor X = X_.contiguous(), M = M_.contiguous();
     const at::Tensor d = d_.defined() ? d_.contiguous() : d_;
     const int64_t R = X.size(0), n = X.size(1), m = M.size(0);
@@ -113,6 +114,8 @@ struct CudaKernels {
           S.data_ptr<double>(), S_dev.data_ptr<double>(), R, n, m, rows_per_split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    // the mean of the rows about M, from the summed deviations, before they are squared below
+    if (mean_out) *mean_out = S_dev.div(double(R)).add_(M).to(X.scalar_type());
     // the corrected two-pass sum (detail::corrected_sq_sum) over the whole of R, after every split is in
     return S.sub_(S_dev.square_().div_(double(R))).clamp_min_(0.0).mul_(scale).to(X.scalar_type());
   }

@@ -446,9 +446,23 @@ class PerSampleGradients:
         Later calls of sq_norms(), gram(), mean() and variance() reuse the results."""
         for b in self._blocks():
             if ("stats", b.name) not in self._cache:
-                sq, gram, mean, var = ops.per_sample_stats(b.A, b.D, check_finite=False)
+                centre = self._centre(b)
+                if centre is None:
+                    sq, gram, mean, var = ops.per_sample_stats(b.A, b.D, check_finite=False)
+                else:
+                    sq, gram, mean, var = ops.per_sample_stats_about(b.A, b.D, centre, check_finite=False)
                 self._cache[("stats", b.name)] = {"sq_norms": sq, "gram": gram, "mean": mean, "variance": var}
         return {"sq_norms": self.sq_norms(), "gram": self.gram(), "mean": self.mean(), "variance": self.variance()}
+
+    def _centre(self, block):
+        """The batch gradient autograd computed, as the (out, in) mean of the block's per-sample gradients,
+        for blocks of one position per sample: their variance pass then also gives the mean (a GEMM
+        saved). None where there is no such gradient or the block has several positions."""
+        ref = self._reference.get(block.name)
+        if ref is None or (block.A.dim() == 3 and block.A.shape[1] != 1):
+            return None
+        centre = ref.detach().reshape(block.D.shape[-1], block.A.shape[-1]).to(block.A.dtype)
+        return (centre if self.loss_reduction == "mean" else centre / block.A.shape[0]).contiguous()
 
     def factors(self):
         """[(parameter name, A, D)]: the recorded factors of every parameter's per-sample gradients,

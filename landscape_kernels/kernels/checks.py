@@ -63,6 +63,15 @@ def check_directions(V, A, out_features, in_features, op):
     _check_like_A(V, "V", A, op)
 
 
+def check_centre(M, A, out_features, in_features, op):
+    """M (out, in), A's dtype and device: the centre of per_sample_stats_about."""
+    check_tensor(M, "M", op)
+    if tuple(M.shape) != (out_features, in_features):
+        raise ValueError(f"{op}: M (the centre) must have shape (out, in) = ({out_features}, {in_features}), "
+                         f"got shape {tuple(M.shape)}")
+    _check_like_A(M, "M", A, op)
+
+
 def _check_like_A(x, name, A, op):
     if x.dtype != A.dtype:
         raise TypeError(f"{op}: {name} must have A's dtype {A.dtype}, got {x.dtype}")

@@ -138,6 +138,13 @@ def _(A, D):
     return A.new_empty(B), A.new_empty(B, B), A.new_empty(D.shape[-1], A.shape[-1]), A.new_empty(D.shape[-1], A.shape[-1])
 
 
+@torch.library.register_fake(f"{NAMESPACE}::per_sample_stats_about")
+def _(A, D, M):
+    B, _, n_in, n_out = checks.check_layer_pair(A, D, "per_sample_stats_about")
+    checks.check_centre(M, A, n_out, n_in, "per_sample_stats_about")
+    return A.new_empty(B), A.new_empty(B, B), A.new_empty(n_out, n_in), A.new_empty(n_out, n_in)
+
+
 @torch.library.register_fake(f"{NAMESPACE}::lanczos_reorth")
 def _(Q, W, j):
     checks.check_reorth(Q, W, j)
@@ -272,6 +279,18 @@ def per_sample_stats(A, D, *, check_finite=True):
     once for all four (the separate ops would build it up to three times)."""
     _checked_pair(A, D, "per_sample_stats", check_finite)
     return _call("per_sample_stats", A, D)
+
+
+def per_sample_stats_about(A, D, M, *, check_finite=True):
+    """``per_sample_stats`` with M (out, in), a centre close to the batch mean such as the gradient
+    autograd computed: for one position per sample (T = 1) the mean then comes out of the variance pass
+    (M plus the mean deviation from it) instead of a GEMM of its own. Same results up to rounding; a
+    centre far from the mean costs precision (the deviations about it cancel). For T > 1, M is not read."""
+    _, _, n_in, n_out = _checked_pair(A, D, "per_sample_stats_about", check_finite)
+    checks.check_centre(M, A, n_out, n_in, "per_sample_stats_about")
+    if check_finite:
+        checks.check_finite(M, "M", "per_sample_stats_about")
+    return _call("per_sample_stats_about", A, D, M)
 
 
 def lanczos_reorth(Q, W, j):

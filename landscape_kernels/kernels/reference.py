@@ -5,8 +5,8 @@ of output rows at a time, so memory stays bounded by ``_SLICE_ELEMENTS`` and eac
 """
 import torch
 
-from .checks import (check_cov_update, check_directions, check_layer_pair, check_profile, check_project, check_reorth,
-                      check_weights)
+from .checks import (check_centre, check_cov_update, check_directions, check_layer_pair, check_profile, check_project,
+                      check_reorth, check_weights)
 
 _SLICE_ELEMENTS = 1 << 22
 
@@ -76,6 +76,13 @@ def per_sample_stats(A, D):
     """(sq_norms, gram, mean, var) together."""
     check_layer_pair(A, D, "per_sample_stats")
     return (per_sample_sq_norms(A, D), per_sample_gram(A, D)) + per_sample_moments(A, D)
+
+
+def per_sample_stats_about(A, D, M):
+    """per_sample_stats with a centre M (out, in) for the variance pass: the same values (here exactly)."""
+    _, _, n_in, n_out = check_layer_pair(A, D, "per_sample_stats_about")
+    check_centre(M, A, n_out, n_in, "per_sample_stats_about")
+    return per_sample_stats(A, D)
 
 
 def lanczos_reorth(Q, W, j):

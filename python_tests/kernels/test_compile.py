@@ -21,6 +21,8 @@ def arguments(name, B, T, n_in, n_out, K=3, dtype=torch.float64):
     A, D = r(B, T, n_in), r(B, T, n_out)
     if name in ("per_sample_sq_norms", "per_sample_gram", "per_sample_moments", "per_sample_stats"):
         return (A, D)
+    if name == "per_sample_stats_about":
+        return (A, D, r(n_out, n_in))
     if name in ("per_sample_project", "per_sample_cov_matvec"):
         return (A, D, r(K, n_out, n_in))
     if name == "per_sample_weighted_sum":

@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from landscape_kernels import ops, reference
-from testing import DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, per_sample_op_args, randn, zero_variance_floor
+from testing import (DEVICE_BACKENDS, DEVICES, DTYPES, assert_close, batch_mean_centre, per_sample_op_args, randn,
+                     zero_variance_floor)
 
 OPS = ["per_sample_sq_norms", "per_sample_gram", "per_sample_moments", "per_sample_project",
-       "per_sample_cov_matvec", "per_sample_weighted_sum", "per_sample_stats"]
+       "per_sample_cov_matvec", "per_sample_weighted_sum", "per_sample_stats", "per_sample_stats_about"]
 
 # (B, T, in, out); T None means 2-D inputs. Chosen to take every route of the kernels: T = 1, the Gram
 # and the direct forms for T > 1, projections through the smaller of in / out, scaling of A or of D.
@@ -81,6 +82,27 @@ def test_variance_stable_when_mean_dwarfs_spread(dtype, T, device, backend, gen)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("T", [None, 4], ids=["T1", "T4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stats_about_a_centre_match_stats_when_the_mean_dwarfs_the_spread(dtype, T, device, backend, gen):
+    # the centre as autograd would give it (rounded to the dtype), and one off by 1e-3 of the spread
+    B, n_in, n_out = 50, 37, 9
+    lead = (B,) if T is None else (B, T)
+    a0 = torch.rand(n_in, dtype=torch.float64, generator=gen) + 0.5
+    d0 = torch.rand(n_out, dtype=torch.float64, generator=gen) + 0.5
+    A = (a0 + 1e-4 * torch.randn(*lead, n_in, dtype=torch.float64, generator=gen)).to(dtype).to(device)
+    D = (d0 + 1e-4 * torch.randn(*lead, n_out, dtype=torch.float64, generator=gen)).to(dtype).to(device)
+    ref = oracle("per_sample_stats", (A, D))
+    factor = 100.0 if (dtype == torch.float32 and T is not None) else 1.0  # as for per_sample_moments above
+    M = batch_mean_centre(A, D)
+    for centre in (M, M + 1e-7 * torch.randn(M.shape, dtype=dtype, generator=gen).to(device)):
+        with ops.use_backend(backend):
+            out = ops.per_sample_stats_about(A, D, centre)
+        for o, r, what in zip(out, ref, ("sq_norms", "gram", "mean", "variance")):
+            assert_close(o, r, dtype, factor=factor if what == "variance" else 1.0, what=what)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("T", [None, 3], ids=["T1", "T3"])
 @pytest.mark.parametrize("B", [1, 6])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -93,8 +115,10 @@ def test_variance_of_identical_samples_is_zero(dtype, B, T, device, backend, gen
     with ops.use_backend(backend):
         mean, var = ops.per_sample_moments(A, D)
         stats_var = ops.per_sample_stats(A, D)[3]
+        about_var = ops.per_sample_stats_about(A, D, batch_mean_centre(A, D))[3]
     floor = zero_variance_floor(mean, dtype)
     assert (var.double().abs() <= floor).all() and (stats_var.double().abs() <= floor).all()
+    assert (about_var.double().abs() <= floor).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,6 +131,8 @@ def test_opcheck(name, shape, device, gen):
 
 def test_raw_ops_check_their_arguments():
     # the C++ kernels raise what the reference raises (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE)
+    with pytest.raises(ValueError, match="M \\(the centre\\) must have shape"):
+        torch.ops.landscape_kernels.per_sample_stats_about(torch.randn(4, 3), torch.randn(4, 2), torch.randn(3, 2))
     A, D = torch.randn(4, 3), torch.randn(5, 2)
     with pytest.raises(ValueError, match="same batch size"):
         torch.ops.landscape_kernels.per_sample_gram(A, D)
@@ -140,6 +166,9 @@ def _bad_inputs():
         ("per_sample_weighted_sum", (A, D, W.double()), TypeError, "W must have A's dtype"),
         ("per_sample_gram", (A, D.to("meta")), ValueError, "D must be on A's device cpu, got meta"),
         ("per_sample_project", (A, D, V.to("meta")), ValueError, "V must be on A's device"),
+        ("per_sample_stats_about", (A, D, torch.randn(3, 2)), ValueError, "M \\(the centre\\) must have shape"),
+        ("per_sample_stats_about", (A, D, torch.randn(2, 3).double()), TypeError, "M must have A's dtype"),
+        ("per_sample_stats_about", (A, D, torch.full((2, 3), float("nan"))), ValueError, "M contains 6 NaN/Inf"),
     ]
 
 

@@ -34,6 +34,10 @@ def weights_args():
     return {**_pair(), "W": torch.randn(5, 2, dtype=f64, generator=_gen())}
 
 
+def centre_args():
+    return {**_pair(), "M": torch.randn(4, 7, dtype=f64, generator=_gen())}
+
+
 def reorth_args():
     g = _gen()
     Q = torch.linalg.qr(torch.randn(10, 6, dtype=f64, generator=g)).Q.T.unsqueeze(0).contiguous()
@@ -95,6 +99,12 @@ PAIR_CASES = [
     ("NaN in A", replace(A=nan_at("A")), ValueError, "A contains", "finite"),
     ("Inf in D", replace(D=lambda a: a["D"].index_fill(0, torch.tensor([2]), float("inf"))), ValueError, "D contains",
      "finite"),
+]
+CENTRE_CASES = [
+    ("M wrong shape", replace(M=lambda a: a["M"][:, :6]), ValueError, "M (the centre) must have shape", ""),
+    ("M float32", replace(M=lambda a: a["M"].float()), TypeError, "M must have A's dtype", ""),
+    ("M on meta", on_meta("M"), ValueError, "M must be on A's device", "real"),
+    ("NaN in M", replace(M=nan_at("M")), ValueError, "M contains", "finite"),
 ]
 DIRECTION_CASES = [
     ("V wrong in", replace(V=lambda a: a["V"][..., :6]), ValueError, "V (directions) must have shape", ""),
@@ -168,6 +178,7 @@ TABLE = {
     "per_sample_gram": (pair_args, PAIR_CASES),
     "per_sample_moments": (pair_args, PAIR_CASES),
     "per_sample_stats": (pair_args, PAIR_CASES),
+    "per_sample_stats_about": (centre_args, PAIR_CASES + CENTRE_CASES),
     "per_sample_project": (directions_args, PAIR_CASES + DIRECTION_CASES),
     "per_sample_cov_matvec": (directions_args, PAIR_CASES + DIRECTION_CASES),
     "per_sample_weighted_sum": (weights_args, PAIR_CASES + WEIGHT_CASES),
