@@ -59,17 +59,24 @@ def test_tiled_paths_large_layer(device, gen):
             assert_close(o, r, torch.float64, what=name)
 
 
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("T", [None, 4], ids=["T1", "T4"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_variance_stable_when_mean_dwarfs_spread(dtype, T, device, backend, gen):
-    # Per-sample gradients with mean ~1 and spread ~1e-4: E[G^2] - E[G]^2 would lose ~8 digits.
+def mean_dwarfing_spread(dtype, T, device, gen):
+    """(A, D) of 50 samples (T positions, or 2-D for None) whose per-sample gradients have mean ~1 and
+    spread ~1e-4."""
     B, n_in, n_out = 50, 37, 9
     lead = (B,) if T is None else (B, T)
     a0 = torch.rand(n_in, dtype=torch.float64, generator=gen) + 0.5
     d0 = torch.rand(n_out, dtype=torch.float64, generator=gen) + 0.5
     A = (a0 + 1e-4 * torch.randn(*lead, n_in, dtype=torch.float64, generator=gen)).to(dtype).to(device)
     D = (d0 + 1e-4 * torch.randn(*lead, n_out, dtype=torch.float64, generator=gen)).to(dtype).to(device)
+    return A, D
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("T", [None, 4], ids=["T1", "T4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variance_stable_when_mean_dwarfs_spread(dtype, T, device, backend, gen):
+    # Per-sample gradients with mean ~1 and spread ~1e-4: E[G^2] - E[G]^2 would lose ~8 digits.
+    A, D = mean_dwarfing_spread(dtype, T, device, gen)
     mean_ref, var_ref = oracle("per_sample_moments", (A, D))
     assert float(mean_ref.abs().mean() / var_ref.sqrt().mean()) > 1e3
     with ops.use_backend(backend):
@@ -86,12 +93,7 @@ def test_variance_stable_when_mean_dwarfs_spread(dtype, T, device, backend, gen)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stats_about_a_centre_match_stats_when_the_mean_dwarfs_the_spread(dtype, T, device, backend, gen):
     # the centre as autograd would give it (rounded to the dtype), and one off by 1e-3 of the spread
-    B, n_in, n_out = 50, 37, 9
-    lead = (B,) if T is None else (B, T)
-    a0 = torch.rand(n_in, dtype=torch.float64, generator=gen) + 0.5
-    d0 = torch.rand(n_out, dtype=torch.float64, generator=gen) + 0.5
-    A = (a0 + 1e-4 * torch.randn(*lead, n_in, dtype=torch.float64, generator=gen)).to(dtype).to(device)
-    D = (d0 + 1e-4 * torch.randn(*lead, n_out, dtype=torch.float64, generator=gen)).to(dtype).to(device)
+    A, D = mean_dwarfing_spread(dtype, T, device, gen)
     ref = oracle("per_sample_stats", (A, D))
     factor = 100.0 if (dtype == torch.float32 and T is not None) else 1.0  # as for per_sample_moments above
     M = batch_mean_centre(A, D)
