@@ -1,5 +1,6 @@
 """Writing benchmark results: atomically (a temporary file renamed into place, the library's own
 writer), so an interrupted run never leaves a truncated JSON behind."""
+import json
 import os
 
 from landscape_kernels.reproduce.job import write_json as write_json_atomically
@@ -27,8 +28,6 @@ def keep_earlier_parts(path, report, keys):
     """Copy the parts ``keys`` of the earlier results at ``path`` (a run that skipped them) into
     ``report``, with the date each was measured (``kept_from``, carried over repeated skips), a note
     saying so, and the earlier run's own notes (``kept_notes``), which are about those parts."""
-    import json
-
     if not path or not os.path.exists(path):
         return report
     with open(path) as f:

@@ -383,21 +383,18 @@ class PerSampleGradients:
         the GEMM that forming sum_b G_b would cost (as much as the statistics of a wide layer)."""
         bad = []
         for b in blocks:
-            ref = self._reference.get(b.name)
+            ref = self._reference_mean(b)
             if ref is None:
                 continue
             D, A = (t.unsqueeze(1) if t.dim() == 2 else t for t in (b.D, b.A))
-            ref = ref.reshape(D.shape[-1], A.shape[-1]).to(A.dtype)
             gen = torch.Generator(device=A.device).manual_seed(0)
             u = torch.randn(D.shape[-1], _CHECK_PROBES, dtype=A.dtype, device=A.device, generator=gen)
             w = torch.randn(A.shape[-1], _CHECK_PROBES, dtype=A.dtype, device=A.device, generator=gen)
-            total = ((D @ u) * (A @ w)).sum((0, 1))
-            if self.loss_reduction == "mean":
-                total = total / A.shape[0]
+            mean = ((D @ u) * (A @ w)).sum((0, 1)) / A.shape[0]
             tol = 1e-6 if A.dtype == torch.float64 else 2e-3
-            diff = float((total - ((u.t() @ ref) * w.t()).sum(1)).double().square().mean().sqrt())
-            size = float(ref.detach().norm())
-            if diff > tol * size + 1e-12 * max(1.0, float(total.detach().abs().max())):
+            diff = float((mean - ((u.t() @ ref) * w.t()).sum(1)).double().square().mean().sqrt())
+            size = float(ref.norm())
+            if diff > tol * size + 1e-12 * max(1.0, float(mean.detach().abs().max())):
                 bad.append(f"{b.name} (relative difference about {diff / max(size, 1e-300):.2g})")
         if bad:
             raise RuntimeError(
@@ -454,15 +451,21 @@ class PerSampleGradients:
                 self._cache[("stats", b.name)] = {"sq_norms": sq, "gram": gram, "mean": mean, "variance": var}
         return {"sq_norms": self.sq_norms(), "gram": self.gram(), "mean": self.mean(), "variance": self.variance()}
 
-    def _centre(self, block):
-        """The batch gradient autograd computed, as the (out, in) mean of the block's per-sample gradients,
-        for blocks of one position per sample: their variance pass then also gives the mean (a GEMM
-        saved). None where there is no such gradient or the block has several positions."""
+    def _reference_mean(self, block):
+        """The batch gradient autograd computed for the block's parameter, as the (out, in) batch mean of
+        its per-sample gradients in their dtype (None where autograd computed none)."""
         ref = self._reference.get(block.name)
-        if ref is None or (block.A.dim() == 3 and block.A.shape[1] != 1):
+        if ref is None:
             return None
-        centre = ref.detach().reshape(block.D.shape[-1], block.A.shape[-1]).to(block.A.dtype)
-        return (centre if self.loss_reduction == "mean" else centre / block.A.shape[0]).contiguous()
+        mean = ref.detach().reshape(block.D.shape[-1], block.A.shape[-1]).to(block.A.dtype)
+        return (mean if self.loss_reduction == "mean" else mean / block.A.shape[0]).contiguous()
+
+    def _centre(self, block):
+        """For blocks of one position per sample, the mean autograd gave: their variance pass then also
+        gives the mean (a GEMM saved). None where there is none or the block has several positions."""
+        if block.A.dim() == 3 and block.A.shape[1] != 1:
+            return None
+        return self._reference_mean(block)
 
     def factors(self):
         """[(parameter name, A, D)]: the recorded factors of every parameter's per-sample gradients,

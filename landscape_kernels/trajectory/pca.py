@@ -178,16 +178,16 @@ class StreamingPCA:
             ell = self.sketch_size or 2 * self.n_components
             self._buffer = torch.zeros(2 * ell, N, dtype=X.dtype, device=X.device)
 
-    def _merge_mean(self, X):
+    def _merge_mean(self, X, chunk_mean=None):
         n, T = self.n_samples_seen_, X.shape[0]
-        self._mean += (_mean64(X) - self._mean) * (T / (n + T))
+        self._mean += ((_mean64(X) if chunk_mean is None else chunk_mean) - self._mean) * (T / (n + T))
 
     def _merge_exact(self, X):
         if self.precision == "float64" and X.device.type != "cpu":
             ops.trajectory_cov_update(self._M2, self._mean, self.n_samples_seen_, X, check_finite=False)
             return
-        # Chan et al.'s merge with the chunk's scatter about its own mean, in the scatter's dtype (on the CPU
-        # BLAS syrk does half the work of the compiled op's GEMM; both keep float64 statistics)
+        # Chan et al.'s merge with the chunk's scatter about its own float64 mean, in the scatter's dtype
+        # (on the CPU through BLAS syrk, half the work of the compiled op's GEMM)
         n, T = self.n_samples_seen_, X.shape[0]
         chunk_mean = _mean64(X)
         centred = X.to(self._M2.dtype) - chunk_mean.to(self._M2.dtype)
@@ -197,7 +197,7 @@ class StreamingPCA:
         add_scatter_upper(self._M2, s[None], alpha=-1.0 / T)
         if n:
             add_scatter_upper(self._M2, d[None], alpha=n * T / (n + T))
-        self._mean += d * (T / (n + T))
+        self._merge_mean(X, chunk_mean)
 
     def _merge_gram(self, X):
         C = X.double() - self._shift
