@@ -80,3 +80,26 @@ def test_hessian_of_an_attention_model_switches_to_the_math_attention_backend():
     fd = HessianOperator(model, lm_loss, (idx, targets), method="finite_difference").matmat(V)
     torch.testing.assert_close(fwd, exact, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(fd, exact, rtol=1e-7, atol=1e-9)
+
+
+def test_the_failed_fused_attention_attempt_is_freed_before_the_retry():
+    """The retry on the math backend runs once the failed attempt's traceback (and with it the
+    attempt's gradient graph) is gone: the first product's peak memory holds one graph, not two."""
+    import weakref
+
+    from landscape_kernels import HessianOperator
+
+    model = TinyGPT(layers=1).double()
+    op = HessianOperator(model, lm_loss, (torch.randint(0, 19, (3, 7)), torch.randint(0, 19, (3, 7))))
+    first_graph = []
+
+    def product():
+        if not first_graph:
+            graph = torch.ones(1000)  # stands for the failed attempt's graph, alive in its frame
+            first_graph.append(weakref.ref(graph))
+            raise RuntimeError("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward "
+                               "is not implemented")
+        return first_graph[0]() is None
+
+    assert op.attention_safe(product) is True and op.math_attention is True
+

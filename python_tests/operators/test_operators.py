@@ -185,6 +185,57 @@ def test_products_hold_one_batch_at_a_time_unless_graphs_are_kept(method, gen):
         assert _product_handovers(model, x, y, V, method, keep) == [keep, keep]  # three batches: two hand-overs
 
 
+@pytest.mark.parametrize("method", ["double_backward", "rop"])
+def test_one_batch_keeps_its_graph_by_default_and_several_do_not(method, gen):
+    model, x, y = problem("mlp", gen)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64, generator=gen)
+    assert _product_handovers(model, x, y, V, method, None) == [False, False]  # three batches: none kept
+    op = HessianOperator(model, F.cross_entropy, (x, y), method=method)
+    name = "_rop_state" if method == "rop" else "_gradient_with_graph"  # what builds a batch's graph or state
+    builds, build = [], getattr(op, name)
+    setattr(op, name, lambda *args: builds.append(1) or build(*args))
+    first = op.matmat(V)
+    assert rel_err(op.matmat(V), first) == 0 and builds == [1]  # the second product reused the first's
+    with pytest.raises(ValueError, match="keep_graph must be None, True or False"):
+        HessianOperator(model, F.cross_entropy, (x, y), keep_graph="yes")
+
+
+@pytest.mark.parametrize("method", ["double_backward", "rop"])
+@pytest.mark.parametrize("change", ["optimiser step", "load_state_dict", "new storage"])
+def test_a_kept_graph_is_rebuilt_after_the_parameters_change(method, change, gen):
+    model, x, y = problem("mlp", gen)
+    op = HessianOperator(model, F.cross_entropy, (x, y), method=method, keep_graph=True)
+    V = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=gen)
+    before = dense_hessian(model, F.cross_entropy, x, y, op.param_names)
+    assert rel_err(op.matmat(V), before @ V) <= 1e-12
+    if change == "optimiser step":
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+    elif change == "load_state_dict":
+        model.load_state_dict({k: v + 0.1 for k, v in model.state_dict().items()})
+    else:
+        model[0].weight.data = model[0].weight.data * 1.5
+    after = dense_hessian(model, F.cross_entropy, x, y, op.param_names)
+    assert rel_err(after @ V, before @ V) > 1e-3  # the change matters
+    assert rel_err(op.matmat(V), after @ V) <= 1e-12
+
+
+def test_a_kept_graph_follows_new_batch_norm_statistics(gen):
+    """Products run in eval mode, on the running statistics: a train-mode forward that updates them
+    makes the kept graph stale, so it is rebuilt."""
+    seed_from(gen)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(21, 6, dtype=torch.float64, generator=gen), torch.randint(0, 3, (21,), generator=gen)
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    V = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=gen)
+    op.matmat(V)
+    model.train()
+    model(3 * x + 1)  # new running statistics
+    model.eval()
+    assert rel_err(op.matmat(V), dense_hessian(model, F.cross_entropy, x, y, op.param_names) @ V) <= 1e-12
+
+
 def test_lanczos_on_the_hessian_and_the_scipy_bridge(gen):
     from scipy.sparse.linalg import eigsh
 
