@@ -229,6 +229,40 @@ def test_estimated_residuals_equal_the_true_ones(block_size, num_iter, dtype, rt
         assert float(est.residuals.max()) == 0.0
 
 
+@pytest.mark.parametrize("which,block_size,max_basis", [("LA", 1, None), ("LA", 3, None), ("LA", 1, 30),
+                                                         ("SA", 1, None), ("BE", 1, None)])
+def test_the_eigenvalue_criterion_meets_tol_in_fewer_products(which, block_size, max_basis, gen):
+    """criterion="eigenvalue" stops when min(r, r^2 / gap) <= tol ||A||: the eigenvalues are then within
+    tol ||A|| of the true ones (known spectra), in fewer products than the residual criterion needs."""
+    lam = geometric(400, gen) if which == "LA" else indefinite(400, gen)
+    A, lam = matrix_with_spectrum(lam, gen)
+    k, tol = (5 if which == "LA" else 3), 1e-6
+    norm = float(lam.abs().max())
+    kw = dict(which=which, tol=tol, seed=4, block_size=block_size, max_basis=max_basis, num_iter=400)
+    by_value = lanczos_eigs(A, k, criterion="eigenvalue", **kw)
+    by_residual = lanczos_eigs(A, k, **kw)
+    want = expected(lam, k, which)
+    assert by_value.converged and by_residual.converged
+    error = (by_value.eigenvalues - want).abs()
+    assert float(error.max()) <= tol * norm
+    assert bool((error <= by_value.eigenvalue_errors * (1 + 1e-6) + 1e-13 * norm).all())  # the estimates bound them
+    assert float(by_value.eigenvalue_errors.max()) <= tol * norm
+    assert float(by_value.residuals.max()) > tol * norm  # a real difference: the vectors are not to tol
+    assert by_value.num_products < by_residual.num_products, (by_value.num_products, by_residual.num_products)
+
+
+def test_eigenvalue_error_bounds_are_the_smaller_of_r_and_r_squared_over_the_gap():
+    from landscape_kernels.linalg.lanczos import eigenvalue_error_bounds
+
+    theta = torch.tensor([0.0, 1.0, 1.5, 4.0], dtype=torch.float64)
+    res = torch.tensor([0.1, 0.2, 1e-3], dtype=torch.float64)
+    got = eigenvalue_error_bounds(theta, torch.tensor([3, 2, 1]), res)
+    want = torch.tensor([min(0.1, 0.01 / 2.5), min(0.2, 0.04 / 0.5), min(1e-3, 1e-6 / 0.5)], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-15)
+    single = eigenvalue_error_bounds(theta[:1], torch.tensor([0]), res[:1])
+    assert torch.equal(single, res[:1])  # no other Ritz value: no gap to use
+
+
 def test_eigs_bad_input(gen):
     A, _ = matrix_with_spectrum(geometric(20, gen), gen)
     with pytest.raises(ValueError, match="k must be an int in \\[1, 20\\]"):
@@ -237,6 +271,8 @@ def test_eigs_bad_input(gen):
         lanczos_eigs(A, 2, which="largest")
     with pytest.raises(ValueError, match="residuals must be one of"):
         lanczos_eigs(A, 2, residuals="exact")
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        lanczos_eigs(A, 2, criterion="value")
     with pytest.raises(ValueError, match="not symmetric"):
         lanczos_eigs(DenseOperator(torch.triu(A)), 2, check_symmetry=True)
     with pytest.raises(ValueError, match="op must be a symmetric matrix"):
