@@ -49,7 +49,7 @@ def render_lanczos(report):
                  f"{s['sequential_s'] / s['batched_s']:.2f}× ({s['pyhessian'].get('note', '')}).  ")
     if "default_operator" in s:
         d = s["default_operator"]
-        lines.append(f"With the default operator (gradient graph rebuilt per product) batched chains are "
+        lines.append(f"With the gradient graph rebuilt per product (`keep_graph=False`, the default before 2026-12-08) batched chains are "
                      f"{d['sequential_s'] / d['batched_s']:.2f}× faster; the first-layer GEMM shared by {s['probes']} "
                      f"columns is only {s['gemm_bound']:.2f}× faster per column on this CPU, which bounds what batching "
                      "can save here.  ")
@@ -304,6 +304,12 @@ def render_products(report):
                   f"each inside the solver, {100 * o['outside_products_share']:.0f} % of the time outside products; "
                   f"double-backward `eigsh` {e['products']} products, {e['s'] / e['products'] / c['step_s']:.2f} steps per "
                   f"product with ARPACK's own work, {e['x_ours']:.2f}× our time (eigenvalues within {e['max_rel_diff']:.0e}). "
+                  + (f"Ours stopping on the eigenvalues' error estimates (`criterion=\"eigenvalue\"` at tol "
+                     f"{t['ours, eigenvalue criterion']['tol']:g}, no true-residual "
+                     f"products): {t['ours, eigenvalue criterion']['products']} products, `eigsh` "
+                     f"{e['x_ours_eigenvalue_criterion']:.2f}× its time (eigenvalues within "
+                     f"{t['ours, eigenvalue criterion']['max_rel_diff']:.0e} of the verified ones). "
+                     if "ours, eigenvalue criterion" in t else "") +
                   f"SLQ, {s['probes']} probes × {s['steps']} steps: one block of probes {s['x_batched']:.2f}× faster "
                   "than the same probes one by one.", ""]
     return "\n".join(lines)
