@@ -123,7 +123,7 @@ def test_eigs_degenerate_with_block(gen):
 
 @pytest.mark.parametrize("block_size", [1, 3])
 def test_a_basis_in_many_segments_gives_the_same_eigenpairs(block_size, gen, monkeypatch):
-    """The basis of a large model is kept in segments of 16+ rows (no copy as it grows); small problems
+    """The basis of a large model is kept in segments of 4+ rows (no copy as it grows); small problems
     fit one segment, so force many here: a clustered top (slow convergence, many steps) and a breakdown."""
     from landscape_kernels.linalg import lanczos
 
@@ -153,7 +153,13 @@ def test_thick_restarts_bound_the_basis_and_find_the_same_eigenpairs(which, bloc
     A, lam = matrix_with_spectrum(lam, gen)
     sizes = []
 
+    bases = []
+
     class Recorded(lanczos._Basis):
+        def __init__(self, *args):
+            super().__init__(*args)
+            bases.append(self)
+
         def _segment(self, row):
             sizes.append(row + 1)
             return super()._segment(row)
@@ -165,6 +171,7 @@ def test_thick_restarts_bound_the_basis_and_find_the_same_eigenpairs(which, bloc
     r = lanczos_eigs(A, 4, which=which, block_size=block_size, max_basis=24, num_iter=600, tol=1e-9, seed=4,
                      residuals="estimate")
     assert r.converged and max(sizes) <= 24  # no basis row beyond max_basis was ever touched
+    assert sum(s.shape[0] for s in bases[-1].segments) == 24  # the last segment stops at the bound: no unused rows
     want = expected(lam, 4, which)
     torch.testing.assert_close(r.eigenvalues, want, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(full.eigenvalues, want, rtol=1e-9, atol=1e-9)
