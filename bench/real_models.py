@@ -217,9 +217,9 @@ def child(part, method, size, device):
 
 
 # ---------------------------------------------------------------------------------- Hessian top-5
-def top5_ours(model, ids, max_basis=None, **kw):
+def top5_ours(model, ids, max_basis=None, tol=TOL, **kw):
     H = lk.HessianOperator(model, lm_loss, ({"input_ids": ids}, ids))
-    r = lk.lanczos_eigs(H, K, tol=kw.pop("tol", TOL), seed=0, num_iter=400, max_basis=max_basis, **kw)
+    r = lk.lanczos_eigs(H, K, tol=tol, seed=0, num_iter=400, max_basis=max_basis, **kw)
     return r.eigenvalues.tolist(), r.num_products
 
 

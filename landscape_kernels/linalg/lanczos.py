@@ -192,14 +192,12 @@ def eigenvalue_error_bounds(theta, wanted, res):
     are at least ``gap`` away, within r^2 / gap (Kato-Temple; Parlett, The Symmetric Eigenvalue Problem,
     ch. 11). The gap is estimated from the Ritz values, as eigensolvers with an eigenvalue criterion do:
     an eigenvalue that no Ritz value has approached yet can make it an underestimate."""
-    n = theta.numel()
-    if n == 1:
+    if theta.numel() == 1:  # no other Ritz value: no gap to use
         return res.clone()
-    position = wanted.clamp(0, n - 1)
-    below = torch.where(position > 0, theta[position] - theta[(position - 1).clamp_min(0)], torch.inf)
-    above = torch.where(position < n - 1, theta[(position + 1).clamp_max(n - 1)] - theta[position], torch.inf)
-    gap = torch.minimum(below, above).clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.minimum(res, res * res / gap)
+    step = theta.diff()
+    none = torch.full((1,), torch.inf, dtype=theta.dtype)
+    gap = torch.minimum(torch.cat([none, step]), torch.cat([step, none]))[wanted]  # to the neighbour below, above
+    return torch.minimum(res, res * res / gap.clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def rounding_floor(P, dtype):
